@@ -1,0 +1,279 @@
+"""GPT-2 in Flax NNX whose parameter tree and numbers are Hugging Face's.
+
+Shape letters: B batch, T query positions, S key positions (cache slots), D n_embd, H heads,
+K head width, F MLP width, V vocabulary.
+
+Parameter paths read like Hugging Face's (`transformer/h/0/attn/c_attn/kernel`). Kernels are stored
+[in, out], as in PyTorch's `Conv1D.weight`, so safetensors import is a key copy and only the Flax
+msgpack format needs transposes (see hf.py).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gpt2_jax.cache import KVCache
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.errors import GPT2JaxError
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+# Hugging Face's ACT2FN, formula for formula.
+ACT_FNS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+}
+
+
+def _named(init, axes: tuple):
+    # Logical axis names ride along as metadata; sharding.py maps them to a mesh when there is one,
+    # so building the model never needs a mesh (eager_sharding=False).
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def _normal(std: float, axes: tuple):
+    return _named(nnx.initializers.normal(std), axes)
+
+
+def _zeros(axes: tuple):
+    return _named(nnx.initializers.zeros_init(), axes)
+
+
+def _linear(cfg: ModelConfig, din: int, dout: int, axes: tuple, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                      kernel_init=_normal(std, axes), bias_init=_zeros(axes[1:]), rngs=rngs)
+
+
+def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # use_fast_variance=False: E[(x - mean)^2] as PyTorch computes it, not E[x^2] - mean^2.
+    return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype,
+                         param_dtype=cfg.params_dtype, use_fast_variance=False,
+                         scale_init=_named(nnx.initializers.ones_init(), ("embed",)),
+                         bias_init=_zeros(("embed",)), rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention with an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        self.c_attn = _linear(cfg, cfg.n_embd, 3 * cfg.n_embd, ("embed", "heads"), cfg.initializer_range, rngs)
+        self.c_proj = _linear(cfg, cfg.n_embd, cfg.n_embd, ("heads", "embed"), proj_std, rngs)
+        self.attn_dropout = nnx.Dropout(cfg.attn_pdrop, deterministic=True, rngs=rngs)
+        self.resid_dropout = nnx.Dropout(cfg.resid_pdrop, deterministic=True, rngs=rngs)
+
+    @property
+    def scale(self) -> float:
+        scale = 1.0 / math.sqrt(self.cfg.head_dim) if self.cfg.scale_attn_weights else 1.0
+        if self.cfg.scale_attn_by_inverse_layer_idx:
+            scale /= float(self.layer_idx + 1)
+        return scale
+
+    def __call__(self, x_BTD, mask_BTS, kv=None, index=None):
+        """Returns the output [B, T, D] and, with a cache, this layer's updated (k, v)."""
+        cfg = self.cfg
+        B, T, _ = x_BTD.shape
+        qkv = self.c_attn(x_BTD).reshape(B, T, 3, cfg.n_head, cfg.head_dim)
+        q_BTHK, k_BTHK, v_BTHK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_BSHK = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BTHK.astype(k_cache.dtype), index, axis=1)
+            v_BSHK = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BTHK.astype(v_cache.dtype), index, axis=1)
+            kv = (k_BSHK, v_BSHK)
+        else:
+            k_BSHK, v_BSHK = k_BTHK, v_BTHK
+        out_BTHK = self._attend(q_BTHK, k_BSHK.astype(q_BTHK.dtype), v_BSHK.astype(q_BTHK.dtype), mask_BTS)
+        out_BTD = self.resid_dropout(self.c_proj(out_BTHK.reshape(B, T, cfg.n_embd)))
+        return out_BTD, kv
+
+    def _attend(self, q_BTHK, k_BSHK, v_BSHK, mask_BTS):
+        dtype = q_BTHK.dtype
+        if self.cfg.reorder_and_upcast_attn:
+            q_BTHK, k_BSHK, v_BSHK = (a.astype(jnp.float32) for a in (q_BTHK, k_BSHK, v_BSHK))
+        mask_B1TS = None if mask_BTS is None else mask_BTS[:, None]
+        if self.attn_dropout.deterministic or self.cfg.attn_pdrop == 0.0:
+            out = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask_B1TS, scale=self.scale,
+                                               is_causal=mask_BTS is None)
+        else:
+            # Dropout on the attention probabilities needs them materialised.
+            s_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) * self.scale
+            if mask_B1TS is None:
+                T, S = s_BHTS.shape[-2:]
+                mask_B1TS = jnp.tril(jnp.ones((T, S), bool))[None, None]
+            s_BHTS = jnp.where(mask_B1TS, s_BHTS, jnp.finfo(s_BHTS.dtype).min)
+            p_BHTS = self.attn_dropout(jax.nn.softmax(s_BHTS.astype(jnp.float32), axis=-1).astype(v_BSHK.dtype))
+            out = jnp.einsum("bhts,bshk->bthk", p_BHTS, v_BSHK)
+        return out.astype(dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        self.c_fc = _linear(cfg, cfg.n_embd, cfg.inner_dim, ("embed", "mlp"), cfg.initializer_range, rngs)
+        self.c_proj = _linear(cfg, cfg.inner_dim, cfg.n_embd, ("mlp", "embed"), proj_std, rngs)
+        self.act = ACT_FNS[cfg.activation_function]
+        self.dropout = nnx.Dropout(cfg.resid_pdrop, deterministic=True, rngs=rngs)
+
+    def __call__(self, x_BTD):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x_BTD))))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(cfg, rngs)
+        self.attn = Attention(cfg, layer_idx, rngs)
+        self.ln_2 = _layer_norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BTD, mask_BTS, kv=None, index=None):
+        a_BTD, kv = self.attn(self.ln_1(x_BTD), mask_BTS, kv, index)
+        x_BTD = x_BTD + a_BTD
+        x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD))
+        return x_BTD, kv
+
+
+class GPT2Model(nnx.Module):
+    """Embeddings, blocks and the final LayerNorm: Hugging Face's `transformer`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        std = cfg.initializer_range
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                             embedding_init=_normal(std, ("vocab", "embed")), rngs=rngs)
+        self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                             embedding_init=_normal(std, (None, "embed")), rngs=rngs)
+        self.drop = nnx.Dropout(cfg.embd_pdrop, deterministic=True, rngs=rngs)
+        self.h = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layer)])
+        self.ln_f = _layer_norm(cfg, rngs)
+
+    def __call__(self, input_ids_BT, attention_mask_BT=None, position_ids_BT=None, cache: Optional[KVCache] = None):
+        B, T = input_ids_BT.shape
+        if cache is None:
+            offset = 0
+            if attention_mask_BT is None:
+                mask_BTS = None  # plain causal: lets cuDNN use its causal kernel
+            else:
+                causal_TT = jnp.tril(jnp.ones((T, T), bool))
+                mask_BTS = causal_TT[None] & attention_mask_BT.astype(bool)[:, None, :]
+        else:
+            offset = cache.index
+            new_valid_BT = (jnp.ones((B, T), bool) if attention_mask_BT is None
+                            else attention_mask_BT.astype(bool))
+            valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BS, new_valid_BT, offset, axis=1)
+            slot_S = jnp.arange(cache.max_length)
+            causal_TS = slot_S[None, :] <= (offset + jnp.arange(T))[:, None]
+            mask_BTS = causal_TS[None] & valid_BS[:, None, :]
+        if position_ids_BT is None:
+            position_ids_BT = jnp.broadcast_to(offset + jnp.arange(T, dtype=jnp.int32), (B, T))
+        x_BTD = self.drop(self.wte(input_ids_BT) + self.wpe(position_ids_BT))
+        new_k, new_v = [], []
+        for i, block in enumerate(self.h):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x_BTD, kv = block(x_BTD, mask_BTS, kv, offset)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x_BTD = self.ln_f(x_BTD)
+        if cache is not None:
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid_BS=valid_BS, index=offset + T)
+        return x_BTD, cache
+
+
+class GPT2LMHeadModel(nnx.Module):
+    """GPT-2 with the LM head tied to the token embedding.
+
+    `model(input_ids, attention_mask, position_ids)` gives the logits of `transformers.GPT2LMHeadModel`.
+    With `cache=`, the tokens are written into the cache at `cache.index` and `(logits, cache)` comes back;
+    `attention_mask` then marks which of the new tokens are real, and earlier slots keep their marks.
+    Built in evaluation mode: `model.train()` turns dropout on.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: Optional[nnx.Rngs] = None, seed: int = 0):
+        rngs = rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1)
+        self.config = config
+        self.transformer = GPT2Model(config, rngs)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """The final-LayerNorm output [B, T, D] (and the cache), before the LM head."""
+        return self.transformer(jnp.asarray(input_ids), attention_mask, position_ids, cache)
+
+    def logits(self, h_BTD):
+        """The tied LM head: [..., D] -> [..., V] in the compute dtype."""
+        return self.transformer.wte.attend(h_BTD)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, cache: Optional[KVCache] = None):
+        h_BTD, new_cache = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        logits_BTV = self.logits(h_BTD)
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+
+def abstract_model(config: ModelConfig) -> GPT2LMHeadModel:
+    """The model with ShapeDtypeStructs for parameters: shapes and counts without allocating."""
+    return nnx.eval_shape(lambda: GPT2LMHeadModel(config))
+
+
+def num_params(model: GPT2LMHeadModel) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def resize_token_embeddings(model: GPT2LMHeadModel, new_vocab_size: int) -> GPT2LMHeadModel:
+    """Grow (or shrink) the tied embedding to `new_vocab_size` rows, in place.
+
+    Old rows are kept exactly; new rows are the mean of the old ones, so the logits of old tokens do not
+    change and new tokens start as an average token. Updates `model.config.vocab_size`.
+    """
+    wte = model.transformer.wte
+    old = wte.embedding[...]
+    old_vocab = old.shape[0]
+    if new_vocab_size <= 0:
+        raise GPT2JaxError(f"new vocabulary size must be positive, got {new_vocab_size}")
+    if new_vocab_size <= old_vocab:
+        new = old[:new_vocab_size]
+    else:
+        mean = jnp.mean(old.astype(jnp.float32), axis=0, keepdims=True).astype(old.dtype)
+        new = jnp.concatenate([old, jnp.repeat(mean, new_vocab_size - old_vocab, axis=0)], axis=0)
+    wte.embedding = nnx.Param(new, **wte.embedding.get_metadata())
+    wte.num_embeddings = new_vocab_size
+    model.config = model.config.replace(vocab_size=new_vocab_size)
+    return model
+
+
+ParamPath = tuple  # ('transformer', 'h', 0, 'attn', 'c_attn', 'kernel')
+
+
+def param_shapes(config: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:
+    """Every parameter's path and shape, computed abstractly."""
+    flat = nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))
+    return {tuple(path): tuple(var.shape) for path, var in flat}
+
+
+def model_from_params(config: ModelConfig, params: dict[ParamPath, jax.Array], *, seed: int = 0) -> GPT2LMHeadModel:
+    """A model holding `params` (every path of `param_shapes(config)`), without random-initialising them."""
+    graphdef, abs_params, abs_rest = nnx.split(abstract_model(config), nnx.Param, ...)
+    # Only the non-parameter state (dropout RNG keys) is built for real; XLA drops the unused initialisers.
+    rest = jax.jit(lambda: nnx.split(GPT2LMHeadModel(config, seed=seed), nnx.Param, ...)[2])()
+    flat = nnx.to_flat_state(abs_params)
+    dtype = config.params_dtype
+    leaves = []
+    for path, var in flat:
+        value = jnp.asarray(params[tuple(path)], dtype=dtype)
+        if value.shape != var.shape:
+            raise GPT2JaxError(f"parameter {'/'.join(map(str, path))} has shape {value.shape}, expected {var.shape}")
+        leaves.append((path, var.replace(value)))
+    state = nnx.from_flat_state(leaves)
+    return nnx.merge(graphdef, state, rest)

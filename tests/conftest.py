@@ -1,0 +1,57 @@
+"""Shared test helpers: tiny random Hugging Face GPT-2 models built and saved locally."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+TINY = dict(vocab_size=97, n_positions=48, n_embd=32, n_layer=3, n_head=4)
+
+
+def make_hf_model(seed: int = 0, attn_gain: float = 25.0, **overrides) -> transformers.GPT2LMHeadModel:
+    """A random PyTorch GPT2LMHeadModel (eager attention) whose attention is far from uniform.
+
+    A fresh init gives near-uniform attention (the largest weight of the last row is 0.026 against a
+    uniform 0.025), which would hide mask and scaling bugs, so the query/key projections are scaled by
+    `attn_gain` (25: the largest weight averages 0.6); LayerNorm parameters and biases are randomised too, so a
+    transposed or swapped tensor cannot pass.
+    """
+    # Eager attention: the SDPA path silently ignores scale_attn_by_inverse_layer_idx.
+    cfg = transformers.GPT2Config(**{**TINY, **overrides}, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    assert model.config._attn_implementation == "eager"
+    d = cfg.n_embd
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("c_attn.weight"):
+                p[:, : 2 * d] *= attn_gain
+            elif name.endswith("wte.weight"):
+                p *= 10.0  # logits of order 1-10, so that an absolute tolerance means something
+            elif name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def torch_logits(model, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
+    as_t = lambda a: None if a is None else torch.as_tensor(np.asarray(a))
+    with torch.no_grad():
+        out = model(as_t(input_ids), attention_mask=as_t(attention_mask), position_ids=as_t(position_ids))
+    return out.logits.float().numpy()
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """Factory: save a tiny random HF GPT-2 and return (directory, torch model)."""
+
+    def make(name="hf", safe=True, **overrides):
+        model = make_hf_model(**overrides)
+        path = tmp_path / name
+        model.save_pretrained(path, safe_serialization=safe)
+        return str(path), model
+
+    return make
