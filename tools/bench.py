@@ -1,0 +1,159 @@
+"""Benchmarks that print one JSON object per measurement.
+
+    python tools/bench.py generate [--preset tiny gpt2] [--batch 1 8] [--impl jax torch flax]
+
+`generate` times sampling (prompt 32, 64 new tokens, top-k 50, top-p 0.9 by default) for gpt2-jax and,
+on the same randomly initialised weights, transformers' PyTorch `generate` and its Flax `generate`
+wrapped in `jax.jit`. Each implementation runs in its own process, so peak RSS is its own.
+Fields: impl, preset, batch, prompt, new_tokens, compile_s (first call minus a steady call), steady_s
+(median of --repeats calls), tokens_per_s (batch * new_tokens / steady_s), peak_rss_mb.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PRESETS = {
+    "tiny": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=1000, n_positions=256),
+    "gpt2": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+}
+
+
+def _weights_dir(preset: str, root: str) -> str:
+    """Random GPT-2 weights saved by transformers, shared by all implementations."""
+    path = os.path.join(root, f"weights-{preset}")
+    if not os.path.isdir(path):
+        import torch
+        import transformers
+        torch.manual_seed(0)
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(**PRESETS[preset])).save_pretrained(path)
+    return path
+
+
+def _prompts(batch: int, prompt: int, vocab: int, seed: int = 0):
+    """Left-padded prompts of unequal length (the last row is full length)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab - 1, size=(batch, prompt)).astype(np.int32)
+    mask = np.ones_like(ids)
+    for row in range(batch - 1):
+        pad = int(rng.integers(0, prompt // 4))
+        mask[row, :pad] = 0
+        ids[row, :pad] = vocab - 1
+    return ids, mask
+
+
+def _time(fn, repeats: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    steady = statistics.median(times)
+    return max(first - steady, 0.0), steady
+
+
+def _runner(impl: str, path: str, args, ids, mask):
+    """A no-argument callable that generates `args.new_tokens` tokens for every row and waits for them."""
+    pad = PRESETS[args.preset]["vocab_size"] - 1
+    # min_new_tokens = new_tokens: every implementation produces exactly as many tokens.
+    kw = dict(do_sample=True, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+    if impl == "jax":
+        import gpt2_jax
+        model = gpt2_jax.load_pretrained(path)
+        return lambda: np.asarray(gpt2_jax.generate(model, ids, mask, max_new_tokens=args.new_tokens,
+                                                    min_new_tokens=args.new_tokens, pad_token_id=pad, **kw))
+    if impl == "torch":
+        import torch
+        import transformers
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+        t_ids, t_mask = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask)
+        return lambda: model.generate(t_ids, attention_mask=t_mask, max_new_tokens=args.new_tokens,
+                                      min_new_tokens=args.new_tokens, pad_token_id=pad, **kw).numpy()
+    if impl == "flax":
+        import jax
+        import transformers
+        model = transformers.FlaxGPT2LMHeadModel.from_pretrained(path, from_pt=True)
+        total = ids.shape[1] + args.new_tokens
+
+        # Plain Flax generate retraces its loop on every call; under jit it compiles once.
+        @jax.jit
+        def gen(params, ids, mask, key):
+            return model.generate(ids, attention_mask=mask, params=params, prng_key=key, max_length=total,
+                                  min_length=total, pad_token_id=pad, **kw).sequences
+
+        keys = iter(jax.random.split(jax.random.PRNGKey(0), 1000))
+        return lambda: np.asarray(gen(model.params, ids, mask, next(keys)))
+    raise SystemExit(f"unknown impl {impl!r}")
+
+
+def _child(args) -> None:
+    args.preset = args.preset[0]
+    ids, mask = _prompts(args.batch[0], args.prompt, PRESETS[args.preset]["vocab_size"])
+    run = _runner(args.impl[0], args.weights, args, ids, mask)
+    compile_s, steady_s = _time(run, args.repeats)  # the first timed call is the very first call
+    out = run()
+    assert out.shape == (ids.shape[0], ids.shape[1] + args.new_tokens), out.shape
+    print(json.dumps(dict(
+        impl={"jax": "gpt2-jax", "torch": "transformers-pytorch", "flax": "transformers-flax-jit"}[args.impl[0]],
+        preset=args.preset, batch=args.batch[0], prompt=args.prompt, new_tokens=args.new_tokens,
+        compile_s=round(compile_s, 3), steady_s=round(steady_s, 4),
+        tokens_per_s=round(args.batch[0] * args.new_tokens / steady_s, 1),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))), flush=True)
+
+
+def generate_bench(args) -> None:
+    if args.child:
+        return _child(args)
+    root = args.cache_dir or tempfile.mkdtemp(prefix="gpt2-jax-bench-")
+    for preset in args.preset:
+        weights = _weights_dir(preset, root)
+        for batch in args.batch:
+            for impl in args.impl:
+                cmd = [sys.executable, __file__, "generate", "--child", "--weights", weights, "--preset", preset,
+                       "--batch", str(batch), "--impl", impl, "--prompt", str(args.prompt),
+                       "--new-tokens", str(args.new_tokens), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
+                       "--temperature", str(args.temperature), "--repeats", str(args.repeats)]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
+                if res.returncode or not lines:
+                    err = (res.stderr.strip().splitlines() or ["no output"])[-1]
+                    print(json.dumps(dict(impl=impl, preset=preset, batch=batch, error=err)), flush=True)
+                else:
+                    print(lines[-1], flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="bench", required=True)
+    g = sub.add_parser("generate", help="sampling speed against transformers (PyTorch and jitted Flax)")
+    g.add_argument("--preset", nargs="+", default=["tiny", "gpt2"], choices=sorted(PRESETS))
+    g.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    g.add_argument("--impl", nargs="+", default=["jax", "torch", "flax"], choices=["jax", "torch", "flax"])
+    g.add_argument("--prompt", type=int, default=32)
+    g.add_argument("--new-tokens", type=int, default=64)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--cache-dir", help="where the random weights are written (default: a temporary directory)")
+    g.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--weights", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    generate_bench(args)
+
+
+if __name__ == "__main__":
+    main()
