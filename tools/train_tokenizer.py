@@ -1,0 +1,38 @@
+"""Train a tokenizer on a corpus's titles, keywords and texts.
+
+    python tools/train_tokenizer.py --corpus data/sample.csv --kind sentencepiece --vocab-size 8000 --out runs/tok
+"""
+from __future__ import annotations
+
+import argparse
+
+from gpt2_jax.data import FORMATS, read_rows
+from gpt2_jax.errors import run_cli
+from gpt2_jax.tokenizer import train_bpe, train_sentencepiece
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", required=True, help="CSV, JSONL or text file")
+    p.add_argument("--format", choices=FORMATS, help="corpus format (default: from the file extension)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of failing")
+    p.add_argument("--kind", required=True, choices=("sentencepiece", "bpe"),
+                   help="sentencepiece: DIR/spm.model; bpe: GPT-2 byte-level BPE as a Hugging Face directory")
+    p.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"), help="SentencePiece model type")
+    p.add_argument("--vocab-size", required=True, type=int,
+                   help="target size; SentencePiece makes it smaller when the corpus is too small")
+    p.add_argument("--out", required=True, help="output directory")
+    args = p.parse_args()
+
+    rows = read_rows(args.corpus, args.format, skip_bad_rows=args.skip_bad_rows)
+    texts = [s for r in rows for s in (r.title, " ".join(r.keywords), r.text) if s]
+    if args.kind == "sentencepiece":
+        tok = train_sentencepiece(texts, args.out, args.vocab_size, model_type=args.model_type)
+    else:
+        tok = train_bpe(texts, args.out, args.vocab_size)
+    print(f"wrote {args.out}: {args.kind} tokenizer, {len(tok)} tokens "
+          f"(bos {tok.bos_id}, sep {tok.sep_id}, eos {tok.eos_id}, pad {tok.pad_id}), trained on {len(rows)} rows")
+
+
+if __name__ == "__main__":
+    run_cli(main)
