@@ -104,7 +104,9 @@ class Attention(nnx.Module):
 
     def _attend(self, q_BTHK, k_BSHK, v_BSHK, mask_BTS):
         dtype = q_BTHK.dtype
-        if self.cfg.reorder_and_upcast_attn:
+        # XLA:CPU has no float16 matmul with float32 accumulation, which dot_product_attention asks for.
+        cpu_f16 = dtype == jnp.float16 and jax.default_backend() == "cpu"
+        if self.cfg.reorder_and_upcast_attn or cpu_f16:
             q_BTHK, k_BSHK, v_BSHK = (a.astype(jnp.float32) for a in (q_BTHK, k_BSHK, v_BSHK))
         mask_B1TS = None if mask_BTS is None else mask_BTS[:, None]
         if self.attn_dropout.deterministic or self.cfg.attn_pdrop == 0.0:

@@ -114,13 +114,15 @@ def test_dropout_only_in_training_mode():
     np.testing.assert_array_equal(np.asarray(model(IDS[:1])), a)
 
 
-def test_bfloat16_compute_close_to_float32(hf_dir):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_close_to_float32(hf_dir, dtype):
     path, ref = hf_dir()
     want = torch_logits(ref, IDS)
-    got = np.asarray(load_pretrained(path, dtype="bfloat16")(IDS)).astype(np.float32)
-    assert got.dtype == np.float32
-    # bf16 keeps ~3 significant digits; compare relative to the logit scale.
-    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    model = load_pretrained(path, dtype=dtype)
+    got = np.asarray(jax.jit(lambda x: model(x))(IDS))
+    assert got.dtype == np.dtype(dtype)
+    # bf16 keeps ~3 significant digits, fp16 ~4; compare relative to the logit scale.
+    assert np.abs(got.astype(np.float32) - want).max() < 0.05 * np.abs(want).max()
 
 
 def test_resize_keeps_old_logits(hf_dir):

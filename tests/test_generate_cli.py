@@ -1,0 +1,88 @@
+"""tools/generate.py on a tiny random model with a tiny byte-level BPE tokenizer, run in-process."""
+import importlib.util
+import io
+import os
+
+import pytest
+import torch
+import transformers
+
+from gpt2_jax.errors import run_cli
+from gpt2_jax.hf import load_pretrained
+from gpt2_jax.sampling import generate
+from gpt2_jax.tokenizer import load_tokenizer, train_bpe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("generate_cli", os.path.join(ROOT, "tools", "generate.py"))
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+
+CORPUS = ["the quick brown fox jumps over the lazy dog", "a title about foxes and dogs", "keywords make prompts",
+          "sampling from a language model", "jax compiles one loop"] * 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random GPT-2 sized to a BPE tokenizer with [BOS] [SEP] [EOS] [PAD], saved together."""
+    path = tmp_path_factory.mktemp("cli") / "model"
+    tok = train_bpe(CORPUS, path, vocab_size=300)
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                  initializer_range=0.4, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    return str(path)
+
+
+def expected_texts(path, prompt_ids, **kw):
+    model, tok = load_pretrained(path), load_tokenizer(path)
+    out = generate(model, [prompt_ids], eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **kw)
+    texts = []
+    for row in out[:, len(prompt_ids):].tolist():
+        row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
+        texts.append(tok.decode(row))
+    return texts
+
+
+def test_title_and_keywords(model_dir, capsys):
+    args = ["--model", model_dir, "--title", "foxes", "--keywords", "dog  jax", "--num-return-sequences", "2",
+            "--seed", "3", "--max-new-tokens", "12", "--top-k", "30", "--top-p", "0.7", "--temperature", "0.9",
+            "--repetition-penalty", "2.0"]
+    cli.main(args)
+    out = capsys.readouterr().out
+    tok = load_tokenizer(model_dir)
+    want = expected_texts(model_dir, tok.format_prompt("foxes", "dog jax"), max_new_tokens=12, do_sample=True,
+                          top_k=30, top_p=0.7, temperature=0.9, repetition_penalty=2.0, num_return_sequences=2,
+                          seed=3)
+    assert out == "".join(f"[{i + 1}] {t}\n" for i, t in enumerate(want))
+    assert any(want)
+    cli.main(args)
+    assert capsys.readouterr().out == out  # a fixed seed repeats
+
+
+def test_plain_prompt_greedy(model_dir, capsys):
+    cli.main(["--model", model_dir, "--prompt", "the quick", "--greedy", "--max-new-tokens", "10"])
+    tok = load_tokenizer(model_dir)
+    want = expected_texts(model_dir, tok.encode("the quick"), max_new_tokens=10)
+    assert capsys.readouterr().out == want[0] + "\n"
+
+
+def test_interactive(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("foxes\ndog\nlazy dogs\n\n\n"))
+    cli.main(["--model", model_dir, "--seed", "0", "--max-new-tokens", "6"])
+    out = capsys.readouterr().out
+    assert out.count("title: ") == 3 and out.count("keywords: ") == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "model path does not exist"),
+    (["--prompt", "", "--seed", "0"], "empty prompt"),
+    (["--title", "t", "--top-p", "0", "--seed", "0"], "top_p must be in"),
+])
+def test_errors_are_one_line(model_dir, capsys, args, message):
+    if "--model" not in args:
+        args = ["--model", model_dir, *args]
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: cli.main(args))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

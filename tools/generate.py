@@ -1,0 +1,108 @@
+"""Generate text from a title and keywords (or plain text) with a GPT-2 model.
+
+    python tools/generate.py --model PATH --title "..." --keywords "k1 k2" [--num-return-sequences 3]
+    python tools/generate.py --model PATH --prompt "Once upon a time"
+    python tools/generate.py --model PATH          # interactive: title, then keywords, until an empty title
+
+Prints only the generated text: no prompt, no special tokens. Logic lives in gpt2_jax.sampling.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gpt2_jax.errors import GPT2JaxError, run_cli  # noqa: E402
+
+EPILOG = """\
+sampling defaults are those of Hugging Face's GenerationConfig (top-k 50, top-p 1.0, temperature 1.0,
+repetition penalty 1.0). The seed project sampled with:
+  --top-k 30 --top-p 0.7 --temperature 0.9 --repetition-penalty 2.0 --min-new-tokens 50 --num-return-sequences 10
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Generate text with a GPT-2 model (sampling unless --greedy).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a Hugging Face model directory")
+    p.add_argument("--tokenizer", help="tokenizer path (default: the model directory)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--title", help="the title to write about (with --keywords)")
+    src.add_argument("--prompt", help="plain text to continue, instead of a title and keywords")
+    p.add_argument("--keywords", default="", help='space-separated keywords, e.g. "k1 k2" (with --title)')
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="EOS is not allowed before this many (default 0)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0: off (default 50)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1: off (default 1.0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="> 0; below 1 is more conservative (default 1.0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already present (default 1.0: off)")
+    p.add_argument("--num-return-sequences", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed on stderr)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: float32)")
+    args = p.parse_args(argv)
+    if args.keywords and args.title is None:
+        p.error("--keywords needs --title")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from gpt2_jax.hf import load_pretrained
+    from gpt2_jax.sampling import generate_text
+    from gpt2_jax.tokenizer import load_tokenizer
+
+    model = load_pretrained(args.model, dtype=args.dtype)
+    tok = load_tokenizer(args.tokenizer or args.model)
+    vocab = model.config.vocab_size
+    # A stock GPT-2 with our tokenizer: the added special tokens lie past its vocabulary, so EOS is the model's.
+    eos = tok.eos_id if tok.eos_id < vocab else model.config.eos_token_id
+    pad = tok.pad_id if tok.pad_id < vocab else eos
+    seed = args.seed
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+        print(f"seed: {seed}", file=sys.stderr)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                  do_sample=not args.greedy, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                  repetition_penalty=args.repetition_penalty, num_return_sequences=args.num_return_sequences,
+                  eos_token_id=eos, pad_token_id=pad)
+
+    def titled(title: str, keywords: str) -> list[int]:
+        if tok.bos_id >= vocab or tok.sep_id >= vocab:
+            raise GPT2JaxError(f"the tokenizer's [BOS]/[SEP] ids ({tok.bos_id}, {tok.sep_id}) are outside the "
+                               f"model's vocabulary ({vocab}): --title needs a model trained with them; "
+                               f"use --prompt for plain text")
+        return tok.format_prompt(title, keywords)
+
+    def show(prompt_ids: list[int], call: int) -> None:
+        texts = generate_text(model, tok, [prompt_ids], seed=seed + call, **kwargs)
+        for i, text in enumerate(texts):
+            print(text if len(texts) == 1 else f"[{i + 1}] {text}", flush=True)
+
+    if args.prompt is not None:
+        show(tok.encode(args.prompt), 0)
+    elif args.title is not None:
+        show(titled(args.title, args.keywords), 0)
+    else:
+        call = 0
+        while True:
+            try:
+                title = input("title: ").strip()
+                if not title:
+                    break
+                keywords = input("keywords: ").strip()
+            except EOFError:
+                break
+            try:
+                show(titled(title, keywords), call)
+            except GPT2JaxError as e:  # a bad prompt ends one round, not the session
+                print(f"error: {e}", file=sys.stderr)
+            call += 1
+
+
+if __name__ == "__main__":
+    run_cli(main)
