@@ -21,6 +21,15 @@ CORPUS = ["the quick brown fox jumps over the lazy dog", "a title about foxes an
           "sampling from a language model", "jax compiles one loop"] * 20
 
 
+@pytest.fixture(autouse=True)
+def cache_calls(monkeypatch):
+    """In-process runs must not switch this whole test session onto a disk cache: record the call instead."""
+    import gpt2_jax.runtime
+    calls = []
+    monkeypatch.setattr(gpt2_jax.runtime, "enable_compilation_cache", lambda path=None: calls.append(path))
+    return calls
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A random GPT-2 sized to a BPE tokenizer with [BOS] [SEP] [EOS] [PAD], saved together."""
@@ -86,3 +95,22 @@ def test_errors_are_one_line(model_dir, capsys, args, message):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_compilation_cache_on_by_default(model_dir, cache_calls, capsys):
+    base = ["--model", model_dir, "--prompt", "the fox", "--max-new-tokens", "3", "--seed", "0"]
+    cli.main(base + ["--no-compile-cache"])
+    assert cache_calls == []
+    cli.main(base)
+    assert cache_calls == [None]
+
+
+def test_compilation_cache_is_written(model_dir, tmp_path):
+    import subprocess
+    import sys
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--model", model_dir, "--prompt", "the fox",
+           "--max-new-tokens", "3", "--seed", "0"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert os.listdir(tmp_path / "gpt2-jax" / "xla")  # the compiled generation loop is on disk

@@ -9,13 +9,10 @@ Prints only the generated text: no prompt, no special tokens. Logic lives in gpt
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from gpt2_jax.errors import GPT2JaxError, run_cli  # noqa: E402
+from gpt2_jax.errors import GPT2JaxError, run_cli
 
 EPILOG = """\
 sampling defaults are those of Hugging Face's GenerationConfig (top-k 50, top-p 1.0, temperature 1.0,
@@ -44,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed on stderr)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: float32)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep compiled programs in ~/.cache/gpt2-jax/xla (kept by default: later runs "
+                        "skip most of the compile time)")
     args = p.parse_args(argv)
     if args.keywords and args.title is None:
         p.error("--keywords needs --title")
@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if not args.no_compile_cache:
+        from gpt2_jax.runtime import enable_compilation_cache
+        enable_compilation_cache()
     from gpt2_jax.hf import load_pretrained
     from gpt2_jax.sampling import generate_text
     from gpt2_jax.tokenizer import load_tokenizer
