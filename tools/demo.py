@@ -9,11 +9,12 @@ for a title and keywords from it (random weights: the text is noise, the pipelin
 import argparse
 import os
 
-from gpt2_jax import generate, load_pretrained, load_tokenizer, save_pretrained
+from gpt2_jax import load_pretrained, load_tokenizer, save_pretrained
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.data import read_rows
 from gpt2_jax.errors import run_cli
 from gpt2_jax.model import GPT2LMHeadModel
+from gpt2_jax.sampling import generate_text
 from gpt2_jax.tokenizer import train_sentencepiece
 
 
@@ -38,11 +39,11 @@ def main() -> None:
 
     model, tok = load_pretrained(model_dir), load_tokenizer(model_dir)
     prompts = [tok.format_prompt(r.title, r.keywords) for r in rows[:2]]
-    out = generate(model, prompts, max_new_tokens=40, do_sample=True, top_k=30, top_p=0.7, temperature=0.9,
-                   repetition_penalty=2.0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, seed=0)
-    width = max(len(x) for x in prompts)
-    for r, ids in zip(rows[:2], out):
-        print(f"\ntitle: {r.title}\nkeywords: {' '.join(r.keywords)}\ntext: {tok.decode(list(ids[width:]))}")
+    # The seed project's sampling settings.
+    texts = generate_text(model, tok, prompts, max_new_tokens=40, do_sample=True, top_k=30, top_p=0.7,
+                          temperature=0.9, repetition_penalty=2.0, seed=0)
+    for r, text in zip(rows[:2], texts):
+        print(f"\ntitle: {r.title}\nkeywords: {' '.join(r.keywords)}\ntext: {text}")
 
 
 if __name__ == "__main__":
