@@ -456,3 +456,31 @@ def test_temperature_ignored_when_greedy(models):
 def test_missing_model_path(tmp_path):
     with pytest.raises(GPT2JaxError, match="does not exist"):
         load_pretrained(str(tmp_path / "nope"))
+
+
+def test_generate_with_parameters_sharded_by_logical_axes(models):
+    """On 8 (fake CPU) devices, parameters sharded over a mesh by their logical axis names: the same tokens."""
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    _, model = models
+    ids, mask = left_padded(LENGTHS, pad=0)
+    want = generate(model, ids, mask, max_new_tokens=8, eos_token_id=CFG_EOS, pad_token_id=0)
+    sharded = nnx.clone(model)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+    rules = {"embed": "fsdp", "mlp": "data", "heads": "data"}  # a logical -> mesh rule set, as sharding will use
+
+    def place(var):
+        axes = var.get_metadata()["out_sharding"]
+        spec = [rules.get(a) if a in rules and n % mesh.shape[rules[a]] == 0 else None
+                for a, n in zip(axes, var.shape)]
+        return jax.device_put(var[...], NamedSharding(mesh, PartitionSpec(*spec)))
+
+    state = nnx.state(sharded, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(place(var))
+    nnx.update(sharded, state)
+    kernel = sharded.transformer.h[0].mlp.c_fc.kernel[...]
+    assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+    got = generate(sharded, ids, mask, max_new_tokens=8, eos_token_id=CFG_EOS, pad_token_id=0)
+    np.testing.assert_array_equal(got, want)
