@@ -11,6 +11,11 @@ class GPT2JaxError(ValueError):
     """Bad input (a missing file, a wrong config, a malformed row, ...): the message says what and where."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if empty), for one-line error messages."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def suggest(name: str, known: Iterable[str]) -> str:
     """' (did you mean "x"?)' for the closest known name, or ''."""
     close = difflib.get_close_matches(name, list(known), n=1)

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.errors import GPT2JaxError, first_line
 from gpt2_jax.model import GPT2LMHeadModel, model_from_params, param_shapes
 
 # Our leaf name -> PyTorch leaf name. Flax msgpack keeps our leaf names.
@@ -63,7 +63,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
-        raise GPT2JaxError(f"cannot read {path}: {e}") from None
+        raise GPT2JaxError(f"cannot read {path}: {first_line(e)}") from None
 
 
 def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
@@ -76,7 +76,7 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
         # weights_only: never execute code from a pickle.
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
-        raise GPT2JaxError(f"cannot read {path} safely: {str(e).splitlines()[0]}") from None
+        raise GPT2JaxError(f"cannot read {path} safely: {first_line(e)}") from None
     import ml_dtypes
     out = {}
     for k, t in sd.items():
@@ -93,7 +93,7 @@ def _read_flax_msgpack(path: str) -> dict[str, np.ndarray]:
         with open(path, "rb") as f:
             tree = serialization.msgpack_restore(f.read())
     except Exception as e:  # msgpack raises several types for truncated or foreign files
-        raise GPT2JaxError(f"cannot read {path} as Flax msgpack: {e}") from None
+        raise GPT2JaxError(f"cannot read {path} as Flax msgpack: {first_line(e)}") from None
     out = {}
 
     def walk(node, prefix):
@@ -104,7 +104,7 @@ def _read_flax_msgpack(path: str) -> dict[str, np.ndarray]:
                 leaf = np.asarray(v)
                 if k in _FLAX_TRANSPOSED_LEAVES:
                     leaf = leaf.T
-                out[".".join(prefix[:] + (_TO_TORCH_LEAF.get(k, k),))] = leaf
+                out[".".join(prefix + (_TO_TORCH_LEAF.get(k, k),))] = leaf
 
     walk(tree, ())
     return out

@@ -497,7 +497,7 @@ def _generate(model, input_ids, attention_mask, *, max_new_tokens, do_sample, te
     eos_mask[eos_ids] = True
     params = dict(  # every one traced: new values reuse the compiled program
         temperature=np.float32(temperature if do_sample else 1.0), top_k=np.int32(min(top_k, V)),
-        top_p=np.float32(top_p), top_p_cut=np.float32(1.0 - float(top_p)),
+        top_p=np.float32(top_p), top_p_cut=_one_minus(top_p),
         repetition_penalty=np.float32(repetition_penalty), min_new_tokens=np.int32(min(min_new_tokens, 2**30)),
         max_new_tokens=np.int32(max_new_tokens), pad_token_id=np.int32(pad_id),
         seed=np.uint32(seed % 2**32))

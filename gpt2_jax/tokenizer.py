@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.errors import GPT2JaxError, first_line
 
 SPECIAL_TOKENS = ("[BOS]", "[SEP]", "[EOS]", "[PAD]")
 SP_MODEL_FILE = "spm.model"
@@ -119,7 +119,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         except (RuntimeError, OSError) as e:
-            raise GPT2JaxError(f"{model_file}: not a readable SentencePiece model ({_first_line(e)})") from None
+            raise GPT2JaxError(f"{model_file}: not a readable SentencePiece model ({first_line(e)})") from None
         self.base_vocab_size = n = self.sp.get_piece_size()
         specials_file = model_file.parent / SP_SPECIALS_FILE
         if specials_file.is_file():
@@ -206,7 +206,7 @@ def _load_hf(d: Path) -> HFTokenizer:
     try:
         hf = cls.from_pretrained(str(d))
     except Exception as e:  # transformers and tokenizers raise many types for a corrupt file
-        raise GPT2JaxError(f"{d}: cannot load the Hugging Face tokenizer ({_first_line(e)})") from None
+        raise GPT2JaxError(f"{d}: cannot load the Hugging Face tokenizer ({first_line(e)})") from None
     return HFTokenizer(hf)
 
 
@@ -214,7 +214,7 @@ def _read_special_ids(file: Path, sp) -> dict[str, int]:
     try:
         ids = json.loads(file.read_text())
     except (OSError, ValueError) as e:
-        raise GPT2JaxError(f"{file}: unreadable ({_first_line(e)})") from None
+        raise GPT2JaxError(f"{file}: unreadable ({first_line(e)})") from None
     if (not isinstance(ids, dict) or sorted(ids) != sorted(SPECIAL_TOKENS)
             or not all(isinstance(i, int) and i >= 0 for i in ids.values()) or len(set(ids.values())) != 4):
         raise GPT2JaxError(f"{file}: expected distinct non-negative ids for exactly {', '.join(SPECIAL_TOKENS)}")
@@ -248,7 +248,7 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: i
         if need:
             raise GPT2JaxError(f"vocab size {vocab_size} is too small for this corpus: SentencePiece needs at "
                                f"least {need.group(1)} (its characters, 256 byte pieces and special tokens)") from None
-        raise GPT2JaxError(f"SentencePiece training failed: {_first_line(e)}") from None
+        raise GPT2JaxError(f"SentencePiece training failed: {first_line(e)}") from None
     tok = SentencePieceTokenizer(out / SP_MODEL_FILE)
     tok.save(out)
     return tok
@@ -276,7 +276,3 @@ def train_bpe(texts: Iterable[str], out_dir: str | Path, vocab_size: int) -> Tok
     tok = HFTokenizer(hf)
     tok.save(out_dir)
     return tok
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
