@@ -1,4 +1,5 @@
-"""Training data: reading the corpus into rows (title, keywords, text).
+"""Training data: reading the corpus into rows (title, keywords, text), tokenizing them once into a
+memory-mapped cache, and the batches (keyword augmentation, shuffling, per-process slices, loss masks).
 
 Formats: ``csv`` (title,keywords,text; optional header), ``jsonl`` (one object per line, or a JSON
 array of objects) and ``text`` (plain text for unconditional language modelling).
@@ -6,14 +7,22 @@ array of objects) and ``text`` (plain text for unconditional language modelling)
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import itertools
 import json
 import logging
+import os
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Sequence, Union
 
-from gpt2_jax.errors import GPT2JaxError, suggest
+import numpy as np
+
+from gpt2_jax.errors import GPT2JaxError, first_line, suggest
 
 log = logging.getLogger(__name__)
 
@@ -170,3 +179,433 @@ def _text(content: str) -> _Parsed:
         elif block:
             yield n - len(block), Row("", (), "\n".join(block).strip())
             block = []
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizing once, caching, and batching.
+#
+# Shape letters: A micro-batches per step (grad_accum), M examples of a micro-batch held by this
+# process, T tokens per sequence (max_length).
+
+LOSS_ON = ("all", "text")
+_CACHE_VERSION = 1
+_CHUNK = 4096  # strings per encode_batch call: bounds the Python lists held at once
+_ARRAYS = ("tokens", "piece_off", "kw_tokens", "kw_off", "row_kw", "row_kw_off")
+# The first word of every seed sequence, so that the streams of randomness never coincide.
+_SHUFFLE, _AUGMENT, _SPLIT = 0, 1, 2
+
+
+class TokenizedCorpus:
+    """Every row's title, keywords and text as token ids, memory-mapped from a cache directory.
+
+    N rows, K distinct keywords. Piece p is ``tokens[piece_off[p]:piece_off[p + 1]]``; row r's pieces are
+    3r (title), 3r + 1 (its keywords joined by spaces, in their order) and 3r + 2 (text), stored one
+    after another. Keyword k is encoded once as a first keyword (``kw_tokens`` piece 2k: ``encode(k)``)
+    and once as a later one (piece 2k + 1: ``encode(" " + k)``), so that any subset in any order
+    assembles to ``encode(" ".join(subset))`` for tokenizers that split words at spaces.
+    Row r's keywords are the ids ``row_kw[row_kw_off[r]:row_kw_off[r + 1]]``.
+    """
+
+    def __init__(self, directory: Path, arrays: dict, meta: dict):
+        self.directory = directory
+        self.meta = meta
+        self.tokens, self.piece_off = arrays["tokens"], arrays["piece_off"]  # int32 [*], int64 [3N+1]
+        self.kw_tokens, self.kw_off = arrays["kw_tokens"], arrays["kw_off"]  # int32 [*], int64 [2K+1]
+        self.row_kw, self.row_kw_off = arrays["row_kw"], arrays["row_kw_off"]  # int32 [*], int64 [N+1]
+        self.special_ids: dict[str, int] = meta["special_ids"]
+        # Rows whose keywords tokenize differently one by one than joined (0 for space-splitting tokenizers).
+        self.keyword_mismatches: int = meta["keyword_mismatches"]
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "TokenizedCorpus":
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / "meta.json").read_text())
+            if meta.get("version") != _CACHE_VERSION:
+                raise ValueError(f"version {meta.get('version')}, expected {_CACHE_VERSION}")
+            arrays = {k: np.load(directory / f"{k}.npy", mmap_mode="r") for k in _ARRAYS}
+            n, k = meta["rows"], meta["keywords"]
+            if (len(arrays["piece_off"]) != 3 * n + 1 or len(arrays["row_kw_off"]) != n + 1
+                    or len(arrays["kw_off"]) != 2 * k + 1 or len(arrays["tokens"]) != arrays["piece_off"][-1]):
+                raise ValueError("array sizes disagree")
+        except (OSError, ValueError, KeyError) as e:
+            raise GPT2JaxError(f"{directory}: a broken tokenized-corpus cache ({first_line(e)}); delete it "
+                               f"and it will be rebuilt") from None
+        return cls(directory, arrays, meta)
+
+    def __len__(self) -> int:
+        return len(self.row_kw_off) - 1
+
+    def _piece(self, p: int) -> np.ndarray:
+        return self.tokens[self.piece_off[p]:self.piece_off[p + 1]]
+
+    def title(self, r: int) -> np.ndarray:
+        return self._piece(3 * r)
+
+    def keywords(self, r: int) -> np.ndarray:
+        """All of row r's keywords in their order: exactly ``encode(" ".join(keywords))``."""
+        return self._piece(3 * r + 1)
+
+    def text(self, r: int) -> np.ndarray:
+        return self._piece(3 * r + 2)
+
+    def num_keywords(self, r: int) -> int:
+        return int(self.row_kw_off[r + 1] - self.row_kw_off[r])
+
+    def keywords_in_order(self, r: int, order: Sequence[int]) -> np.ndarray:
+        """Row r's keywords ``order`` (positions in the row's list) as ``encode(" ".join(chosen))`` gives them."""
+        ids = self.row_kw[self.row_kw_off[r] + np.asarray(order, np.int64)]
+        pieces = 2 * ids.astype(np.int64) + (np.arange(len(ids)) > 0)  # first keyword: no leading space
+        return np.concatenate([self.kw_tokens[self.kw_off[p]:self.kw_off[p + 1]] for p in pieces] or
+                              [np.zeros(0, np.int32)])
+
+    def sequence(self, r: int, keyword_order: Sequence[int] | None = None, *, bos_id: int, sep_id: int,
+                 eos_id: int, limit: int | None = None) -> tuple[np.ndarray, int]:
+        """``[BOS] title [SEP] keywords [SEP] text [EOS]`` of row r, cut to ``limit`` tokens (the text
+        first), and the position of its first text token. ``keyword_order=None``: all, in order."""
+        title = self.title(r)
+        kw = self.keywords(r) if keyword_order is None else self.keywords_in_order(r, keyword_order)
+        text_start = len(title) + len(kw) + 3
+        text = self.text(r)
+        if limit is not None:
+            text = text[:max(0, limit - text_start)]  # do not copy a long document only to cut it
+        one = lambda i: np.array([i], np.int32)  # noqa: E731
+        seq = np.concatenate([one(bos_id), title, one(sep_id), kw, one(sep_id), text, one(eos_id)])
+        return (seq if limit is None else seq[:limit]), text_start
+
+
+def tokenize_corpus(rows: Sequence[Row], tokenizer, cache_dir: str | Path) -> TokenizedCorpus:
+    """Tokenize the rows once and cache them under ``cache_dir``; later calls load the cache.
+
+    The cache directory is named by a hash of the rows and the tokenizer, and written atomically (a
+    temporary directory renamed into place), so a killed run never leaves a half cache that is used.
+    """
+    if not len(rows):
+        raise GPT2JaxError("no rows to tokenize (an empty corpus)")
+    cache_dir = Path(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GPT2JaxError(f"cannot create the data cache directory {cache_dir} ({first_line(e)})") from None
+    key = hashlib.sha256(f"v{_CACHE_VERSION} {rows_digest(rows)} {tokenizer_digest(tokenizer)}".encode())
+    final = cache_dir / f"tokens-{key.hexdigest()[:24]}"
+    if final.is_dir():
+        log.info("tokenized corpus: loading the cache %s", final)
+    else:
+        t0 = time.time()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=cache_dir))
+        try:
+            _write_corpus(tmp, rows, tokenizer)
+            tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache is read by other users' runs too
+            _publish(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("tokenized %d rows in %.1f s into %s", len(rows), time.time() - t0, final)
+    return TokenizedCorpus.load(final)
+
+
+def rows_digest(rows: Sequence[Row]) -> str:
+    """A hash of the rows' content (JSON escapes newlines, so one line per row is unambiguous)."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.title, list(r.keywords), r.text], ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A hash of what decides a tokenizer's ids: the files it saves, and its special token ids.
+
+    When it saves a ``tokenizer.json`` (a Hugging Face fast tokenizer), that file alone is hashed: it
+    serializes everything that encodes, while the other files differ cosmetically between a freshly
+    trained tokenizer and the same one loaded back, which would make a needless second cache.
+    """
+    h = hashlib.sha256(json.dumps([tokenizer.kind, tokenizer.special_ids], sort_keys=True).encode())
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(d)
+        files = sorted(p for p in Path(d).rglob("*") if p.is_file())
+        if any(p.name == "tokenizer.json" for p in files):
+            files = [Path(d) / "tokenizer.json"]
+        for p in files:
+            content = p.read_bytes()
+            h.update(f"\n{p.relative_to(d).as_posix()} {len(content)}\n".encode() + content)
+    return h.hexdigest()
+
+
+def _write_corpus(out: Path, rows: Sequence[Row], tokenizer) -> None:
+    vocab: dict[str, int] = {}  # distinct keyword -> id
+    row_kw = np.fromiter((vocab.setdefault(k, len(vocab)) for r in rows for k in r.keywords), np.int32)
+    row_kw_off = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum([len(r.keywords) for r in rows], out=row_kw_off[1:])
+    kw_chunks, kw_len = _encode(tokenizer, [s for k in vocab for s in (k, " " + k)])
+    kw_tokens = np.concatenate(kw_chunks)
+    tok_chunks, tok_len = _encode(tokenizer, [s for r in rows for s in (r.title, " ".join(r.keywords), r.text)])
+    piece_off, kw_off = _offsets(tok_len), _offsets(kw_len)
+
+    tokens = np.lib.format.open_memmap(out / "tokens.npy", mode="w+", dtype=np.int32, shape=(int(piece_off[-1]),))
+    for chunk, start in zip(tok_chunks, itertools.accumulate((len(c) for c in tok_chunks), initial=0)):
+        tokens[start:start + len(chunk)] = chunk
+    tokens.flush()
+    mismatches = _keyword_mismatches(tokens, piece_off, kw_tokens, kw_off, row_kw, row_kw_off)
+    del tokens
+    if mismatches:
+        log.warning("%d of %d rows' keywords tokenize differently one by one than joined by spaces (the "
+                    "tokenizer does not split words at spaces): keyword augmentation uses the one-by-one "
+                    "ids for them", mismatches, len(rows))
+    for name, a in (("piece_off", piece_off), ("kw_tokens", kw_tokens), ("kw_off", kw_off),
+                    ("row_kw", row_kw), ("row_kw_off", row_kw_off)):
+        np.save(out / f"{name}.npy", a)
+    meta = dict(version=_CACHE_VERSION, rows=len(rows), keywords=len(vocab), tokens=int(piece_off[-1]),
+                keyword_mismatches=mismatches, special_ids=dict(tokenizer.special_ids), kind=tokenizer.kind)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for p in out.iterdir():  # on disk before the rename publishes them, even if the machine fails
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final``; if another process got there first, keep its copy."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _encode(tokenizer, strings: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
+    """``encode_batch`` in chunks: the ids as int32 chunks, and each string's length."""
+    chunks, lengths = [np.zeros(0, np.int32)], np.zeros(len(strings), np.int64)
+    for a in range(0, len(strings), _CHUNK):
+        ids = tokenizer.encode_batch(strings[a:a + _CHUNK])
+        lengths[a:a + len(ids)] = [len(x) for x in ids]
+        chunks.append(np.fromiter(itertools.chain.from_iterable(ids), np.int32,
+                                  count=int(lengths[a:a + len(ids)].sum())))
+    return chunks, lengths
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    off = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=off[1:])
+    return off
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenation of ``arange(s, s + c)`` over (starts, counts): index arrays for vectorised gathers."""
+    counts = np.asarray(counts, np.int64)
+    ends = np.cumsum(counts)
+    return np.arange(ends[-1] if len(ends) else 0) + np.repeat(np.asarray(starts, np.int64) - ends + counts, counts)
+
+
+def _keyword_mismatches(tokens, piece_off, kw_tokens, kw_off, row_kw, row_kw_off) -> int:
+    """How many rows' keywords, assembled from the per-keyword pieces, differ from the joined encoding."""
+    n = len(row_kw_off) - 1
+    occ_row = np.repeat(np.arange(n), np.diff(row_kw_off))  # the row of each keyword occurrence
+    piece = 2 * row_kw.astype(np.int64) + (np.arange(len(row_kw)) != row_kw_off[occ_row])
+    occ_len = kw_off[piece + 1] - kw_off[piece]
+    assembled = kw_tokens[_ranges(kw_off[piece], occ_len)]
+    a_len = np.bincount(occ_row, weights=occ_len, minlength=n).astype(np.int64)
+    j_start, j_len = piece_off[1::3][:n], np.diff(piece_off)[1::3]
+    same = np.flatnonzero(a_len == j_len)  # only rows of equal length need a token comparison
+    differs = assembled[_ranges(_offsets(a_len)[same], a_len[same])] != tokens[_ranges(j_start[same], j_len[same])]
+    bad_tokens = np.bincount(np.repeat(np.arange(len(same)), a_len[same]), weights=differs, minlength=len(same))
+    return int(n - len(same) + np.count_nonzero(bad_tokens))
+
+
+class Batches:
+    """The batches of one split, each a pure function of (seed, step): resuming needs only the step.
+
+    The examples form an endless stream, epoch after epoch (epoch e: ``indices`` permuted by (seed, e),
+    or in the given order without ``shuffle``); step s's global batch is stream examples
+    ``s * batch_size`` to ``(s + 1) * batch_size - 1``, so batches may straddle epochs. It is split into
+    ``grad_accum`` micro-batches of ``m`` consecutive examples, and process p holds rows
+    ``p * m / P`` to ``(p + 1) * m / P - 1`` of each; it assembles only those. With ``repeat=False``
+    the stream is one epoch, and the last batch is filled up with padding rows (no loss).
+    """
+
+    def __init__(self, corpus: TokenizedCorpus, indices: Sequence[int], *, bos_id: int, sep_id: int,
+                 eos_id: int, pad_id: int, max_length: int, batch_size: int, grad_accum: int = 1, seed: int = 0,
+                 shuffle: bool = True, keyword_augment: bool = True, loss_on: str = "all", process_index: int = 0,
+                 process_count: int = 1, repeat: bool = True):
+        _check_loss_on(loss_on)
+        _check_max_length(max_length)
+        if batch_size < 1 or grad_accum < 1:
+            raise GPT2JaxError(f"batch_size={batch_size} and grad_accum={grad_accum} must be at least 1")
+        if batch_size % grad_accum:
+            raise GPT2JaxError(f"batch_size={batch_size} is not divisible by grad_accum={grad_accum}")
+        micro = batch_size // grad_accum
+        if not 0 <= process_index < process_count:
+            raise GPT2JaxError(f"process_index={process_index} is not in [0, process_count={process_count})")
+        if micro % process_count:
+            raise GPT2JaxError(f"a micro-batch of {micro} examples (batch_size={batch_size} / grad_accum="
+                               f"{grad_accum}) cannot be split evenly over {process_count} processes")
+        self.corpus = corpus
+        self.indices = _check_indices(indices, len(corpus))
+        self.bos_id, self.sep_id, self.eos_id, self.pad_id = bos_id, sep_id, eos_id, pad_id
+        self.max_length, self.batch_size, self.grad_accum = max_length, batch_size, grad_accum
+        self.micro_batch, self.local_rows = micro, micro // process_count  # m, and M = m / P
+        self.seed = int(seed) % 2**64  # seed sequences take non-negative words
+        self.shuffle, self.keyword_augment, self.loss_on, self.repeat = shuffle, keyword_augment, loss_on, repeat
+        self.process_index, self.process_count = process_index, process_count
+        self._orders: dict[int, np.ndarray] = {}  # a memo of order(epoch), the only thing kept
+        if keyword_augment and corpus.keyword_mismatches:
+            log.warning("keyword augmentation: %d rows' keywords tokenize differently one by one than joined",
+                        corpus.keyword_mismatches)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.indices)
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.num_examples / self.batch_size
+
+    @property
+    def num_batches(self) -> int:
+        """Batches that cover one epoch (the last one partly, past the end)."""
+        return -(-self.num_examples // self.batch_size)
+
+    def examples_seen(self, step: int) -> int:
+        """Examples in the batches before ``step`` (all processes together)."""
+        return step * self.batch_size
+
+    def epoch(self, step: int) -> float:
+        """Epochs completed before ``step``, fractional."""
+        return self.examples_seen(step) / self.num_examples
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The example ids of ``epoch`` in the order they are trained on."""
+        if not self.shuffle:
+            return self.indices
+        if epoch not in self._orders:
+            if len(self._orders) >= 4:
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[epoch] = np.random.default_rng([_SHUFFLE, self.seed, epoch]).permutation(self.indices)
+        return self._orders[epoch]
+
+    def keyword_order(self, example_id: int, epoch: int) -> np.ndarray | None:
+        """The positions of the example's keywords used in ``epoch``: a random subset of random size
+        (at least one), shuffled; ``None`` (all, in order) without augmentation."""
+        n = self.corpus.num_keywords(example_id)
+        if not self.keyword_augment or n == 0:
+            return None
+        rng = np.random.default_rng([_AUGMENT, self.seed, epoch, int(example_id)])
+        return rng.permutation(n)[:rng.integers(1, n + 1)]
+
+    def _positions(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """This process's (example ids, epochs), each [A, M]; id -1 past the end when not repeating."""
+        if step < 0 or (not self.repeat and step >= self.num_batches):
+            raise IndexError(f"step {step} is out of range" + ("" if self.repeat else f" [0, {self.num_batches})"))
+        A, M, m = self.grad_accum, self.local_rows, self.micro_batch
+        q_AM = (step * self.batch_size + np.arange(A)[:, None] * m + self.process_index * M
+                + np.arange(M)[None, :])
+        epoch_AM, j_AM = np.divmod(q_AM, self.num_examples)
+        ids_AM = np.empty_like(q_AM)
+        for e in np.unique(epoch_AM):
+            at = epoch_AM == e
+            ids_AM[at] = self.order(int(e))[j_AM[at]]
+        if not self.repeat:
+            ids_AM[epoch_AM > 0] = -1
+        return ids_AM, epoch_AM
+
+    def example_ids(self, step: int) -> np.ndarray:
+        """The example ids of this process's rows of batch ``step``: [A, M], -1 for padding rows."""
+        return self._positions(step)[0]
+
+    def local_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of batch ``step``: ``input_ids``, ``labels`` (int32) and ``loss_mask``
+        (float32, 1 where the label counts), each [A, M, T]."""
+        ids_AM, epoch_AM = self._positions(step)
+        shape = (*ids_AM.shape, self.max_length)
+        input_AMT = np.full(shape, self.pad_id, np.int32)
+        labels_AMT = np.full(shape, self.pad_id, np.int32)
+        mask_AMT = np.zeros(shape, np.float32)
+        for (a, r), i in np.ndenumerate(ids_AM):
+            if i < 0:
+                continue
+            seq, text_start = self.corpus.sequence(
+                i, self.keyword_order(i, int(epoch_AM[a, r])), bos_id=self.bos_id, sep_id=self.sep_id,
+                eos_id=self.eos_id, limit=self.max_length + 1)
+            n = len(seq) - 1
+            input_AMT[a, r, :n] = seq[:-1]
+            labels_AMT[a, r, :n] = seq[1:]
+            # Label t is token t + 1: under "text" the first one counted is the first text token.
+            mask_AMT[a, r, (0 if self.loss_on == "all" else text_start - 1):n] = 1.0
+        return {"input_ids": input_AMT, "labels": labels_AMT, "loss_mask": mask_AMT}
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of ``range(n)`` into sorted (train, validation) ids.
+
+    With ``val_fraction > 0`` and at least two rows, each side gets at least one.
+    """
+    if n < 1:
+        raise GPT2JaxError("cannot split an empty corpus")
+    if not 0 <= val_fraction < 1:  # also rejects NaN
+        raise GPT2JaxError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    perm = np.random.default_rng([_SPLIT, int(seed) % 2**64]).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def unigram_entropy(corpus: TokenizedCorpus, indices: Sequence[int], *, bos_id: int, sep_id: int, eos_id: int,
+                    loss_on: str, max_length: int) -> float:
+    """Entropy in nats of the counted labels' token frequencies over the (unaugmented) examples.
+
+    The loss of a model that knows only how often each token occurs: a baseline for the training loss.
+    Counted exactly as ``Batches`` counts them (truncation, ``loss_on``), without assembling sequences.
+    ``bos_id`` is never a label; it is taken so that the call reads like ``Batches``'.
+    """
+    _check_loss_on(loss_on)
+    _check_max_length(max_length)
+    indices = _check_indices(indices, len(corpus))
+    counts = np.zeros(max(sep_id, eos_id) + 1, np.int64)
+    limit = max_length + 1
+    for a in range(0, len(indices), 1 << 16):
+        p = 3 * indices[a:a + (1 << 16)]
+        t0, k0, x0, x1 = (corpus.piece_off[p + i].astype(np.int64) for i in range(4))
+        lt, lk, lx = k0 - t0, x0 - k0, x1 - x0
+        S = lt + lk + lx + 4  # BOS title SEP keywords SEP text EOS
+        s = np.minimum(S, limit)  # tokens kept; labels are positions 1 .. s-1
+        first = np.ones_like(s) if loss_on == "all" else lt + lk + 3  # the first counted position
+        for pos, start, length in ((1, t0, lt), (lt + 2, k0, lk), (lt + lk + 3, x0, lx)):
+            lo, hi = np.maximum(pos, first), np.minimum(pos + length, s)
+            ids = corpus.tokens[_ranges(start + lo - pos, np.maximum(hi - lo, 0))]
+            c = np.bincount(ids)
+            if len(c) > len(counts):
+                counts = np.pad(counts, (0, len(c) - len(counts)))
+            counts[:len(c)] += c
+        for sep_pos in (lt + 1, lt + lk + 2):
+            counts[sep_id] += np.count_nonzero((first <= sep_pos) & (sep_pos < s))
+        counts[eos_id] += np.count_nonzero(S <= limit)
+    total = counts.sum()
+    if total == 0:
+        raise GPT2JaxError(f"no label counts toward the loss: with loss_on={loss_on!r} and max_length={max_length} "
+                           f"the titles and keywords leave no room for text")
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def _check_loss_on(loss_on: str) -> None:
+    if loss_on not in LOSS_ON:
+        raise GPT2JaxError(f"unknown loss_on {loss_on!r}{suggest(str(loss_on), LOSS_ON)}; known: {', '.join(LOSS_ON)}")
+
+
+def _check_max_length(max_length: int) -> None:
+    if max_length < 2:
+        raise GPT2JaxError(f"max_length must be at least 2 (one input and one label), got {max_length}")
+
+
+def _check_indices(indices: Sequence[int], n: int) -> np.ndarray:
+    idx = np.array(indices, np.int64).reshape(-1)  # a copy: the caller may change theirs
+    if not len(idx):
+        raise GPT2JaxError("the split has no examples (check val_fraction and the corpus size)")
+    bad = idx[(idx < 0) | (idx >= n)]
+    if len(bad):
+        raise GPT2JaxError(f"example id {bad[0]} is out of range for a corpus of {n} rows")
+    return idx

@@ -46,7 +46,7 @@ class TrainState(NamedTuple):
     params: dict  # trainable parameters {path: array}
     frozen: dict  # frozen parameters {path: array}
     opt_state: Any  # optax state over `params` only
-    rng: Any  # nnx RNG state of the dropout layers
+    rng: dict  # the dropout layers' RNG state {path: array}, keys as raw uint32 key data
 
 
 @dataclasses.dataclass
@@ -57,6 +57,7 @@ class ModelLayout:
     graphdef_train: Any  # dropout on
     graphdef_eval: Any  # dropout off
     abstract_params: Any  # nnx.State of ShapeDtypeStruct Params: the template that flat dicts fill
+    abstract_rng: Any  # nnx.State of the dropout RNG keys and counts
     paths: dict[str, tuple]
     logical: dict[str, Optional[tuple]]
     shapes: dict[str, jax.ShapeDtypeStruct]
@@ -64,7 +65,7 @@ class ModelLayout:
     @classmethod
     def of(cls, config: ModelConfig) -> "ModelLayout":
         model = nnx.eval_shape(lambda: GPT2LMHeadModel(config))
-        graphdef_eval, abstract_params, _ = nnx.split(model, nnx.Param, ...)
+        graphdef_eval, abstract_params, abstract_rng = nnx.split(model, nnx.Param, ...)
         model.train()
         graphdef_train = nnx.split(model, nnx.Param, ...)[0]
         paths, logical, shapes = {}, {}, {}
@@ -73,15 +74,35 @@ class ModelLayout:
             paths[k] = tuple(path)
             logical[k] = var.get_metadata().get("out_sharding")
             shapes[k] = jax.ShapeDtypeStruct(var.shape, var.dtype)
-        return cls(config, graphdef_train, graphdef_eval, abstract_params, paths, logical, shapes)
+        return cls(config, graphdef_train, graphdef_eval, abstract_params, abstract_rng, paths, logical, shapes)
 
     def state(self, flat: dict) -> nnx.State:
         """The nnx.State of parameters holding the arrays of `flat` (every path)."""
         leaves = [(path, var.replace(flat[path_key(path)])) for path, var in nnx.to_flat_state(self.abstract_params)]
         return nnx.from_flat_state(leaves)
 
-    def model(self, flat: dict, rng, train: bool) -> GPT2LMHeadModel:
-        return nnx.merge(self.graphdef_train if train else self.graphdef_eval, self.state(flat), rng)
+    def rng_state(self, flat: dict) -> nnx.State:
+        """The nnx RNG state from plain arrays (typed keys travel as uint32 key data, which Orbax stores)."""
+        leaves = []
+        for path, var in nnx.to_flat_state(self.abstract_rng):
+            value = flat[path_key(path)]
+            if jax.dtypes.issubdtype(var.dtype, jax.dtypes.prng_key):
+                value = jax.random.wrap_key_data(value)
+            leaves.append((path, var.replace(value)))
+        return nnx.from_flat_state(leaves)
+
+    def model(self, flat: dict, rng: dict, train: bool) -> GPT2LMHeadModel:
+        return nnx.merge(self.graphdef_train if train else self.graphdef_eval, self.state(flat), self.rng_state(rng))
+
+
+def rng_arrays(state: nnx.State) -> dict:
+    """Plain arrays of an nnx RNG state: the inverse of ModelLayout.rng_state."""
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        value = var[...]
+        out[path_key(path)] = jax.random.key_data(value) if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) \
+            else value
+    return out
 
 
 def loss_sums(layout: ModelLayout, params: dict, frozen: dict, rng, batch: dict, train: bool):
@@ -93,7 +114,7 @@ def loss_sums(layout: ModelLayout, params: dict, frozen: dict, rng, batch: dict,
     lse_BT = jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1)
     target_BT = jnp.take_along_axis(logits_BTV, batch["labels"][..., None], axis=-1)[..., 0].astype(jnp.float32)
     mask_BT = batch["loss_mask"]
-    return jnp.sum((lse_BT - target_BT) * mask_BT), (jnp.sum(mask_BT), nnx.state(model, nnx.RngState))
+    return jnp.sum((lse_BT - target_BT) * mask_BT), (jnp.sum(mask_BT), rng_arrays(nnx.state(model, nnx.RngState)))
 
 
 def make_train_step(layout: ModelLayout, optimizer: optax.GradientTransformation, schedule: optax.Schedule):
@@ -178,7 +199,7 @@ def init_state(setup: Setup, seed: int, params: Optional[dict] = None) -> TrainS
     def random_init():
         model = GPT2LMHeadModel(layout.config, seed=seed)
         _, p, rng = nnx.split(model, nnx.Param, ...)
-        return {path_key(path): var[...] for path, var in nnx.to_flat_state(p)}, rng
+        return {path_key(path): var[...] for path, var in nnx.to_flat_state(p)}, rng_arrays(rng)
 
     rng_abstract = jax.eval_shape(lambda: random_init()[1])
     rng_sharding = jax.tree.map(lambda _: repl, rng_abstract)
@@ -329,7 +350,7 @@ def prepare_data(cfg: TrainConfig, process_index: int, process_count: int):
     val = None
     if len(val_idx):
         val = data.Batches(corpus, val_idx, batch_size=cfg.train.batch_size, grad_accum=1, shuffle=False,
-                           keyword_augment=False, **common)
+                           keyword_augment=False, repeat=False, **common)
     unigram = data.unigram_entropy(corpus, train_idx, bos_id=tokenizer.bos_id, sep_id=tokenizer.sep_id,
                                    eos_id=tokenizer.eos_id, loss_on=cfg.data.loss_on, max_length=cfg.data.max_length)
     return tokenizer, train, val, [all_rows[i] for i in val_idx], len(train_idx), unigram
@@ -344,10 +365,72 @@ def evaluate(eval_step, state: TrainState, val, n_batches: int, mesh) -> dict:
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
 
+class _Preemption:
+    """SIGTERM (how TPU preemption and schedulers stop a job) asks the loop to checkpoint and leave."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def now(self, step: int) -> bool:
+        if jax.process_count() > 1:  # every process must stop at the same step
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step) or self.requested
+        return self.requested
+
+
+def _run_meta(cfg: TrainConfig, model_config: ModelConfig, tokenizer, step: int) -> dict:
+    return {"step": step, "config": cfg.to_dict(), "model": {**model_config.to_hf_dict(), "dtype": model_config.dtype,
+                                                            "param_dtype": model_config.param_dtype},
+            "tokenizer": {"size": len(tokenizer), "special_ids": dict(tokenizer.special_ids)}}
+
+
+def _resume(ckpt, cfg: TrainConfig, setup: Setup, state: TrainState, model_config: ModelConfig, tokenizer):
+    """The latest checkpoint's state (restored onto this mesh) if the run can continue from it, else `state`."""
+    from gpt2_jax.checkpoint import abstract_target, check_resumable
+
+    step = ckpt.latest_step()
+    if step is None:
+        return state
+    meta = ckpt.meta(step)
+    harmless = check_resumable(meta["config"], cfg.to_dict(), cfg.train.out_dir)
+    want = _run_meta(cfg, model_config, tokenizer, step)
+    for part in ("model", "tokenizer"):
+        if meta[part] != want[part]:
+            diff = sorted(k for k in set(meta[part]) | set(want[part]) if meta[part].get(k) != want[part].get(k))
+            raise GPT2JaxError(f"cannot resume {cfg.train.out_dir}: its checkpoint's {part} differs ({', '.join(diff)});"
+                               f" use another train.out_dir, or checkpoint.resume=false to start over")
+    restored = ckpt.restore(step, abstract_target(state))
+    _out(f"resumed from step {step} of {cfg.train.out_dir}" + (f" (changed: {'; '.join(harmless)})" if harmless else ""))
+    return restored
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Run the training described by `cfg`; returns the final metrics. Every process runs this."""
+    """Run the training described by `cfg`; returns the final metrics. Every process runs this.
+
+    Re-running with the same out_dir continues from the latest checkpoint (checkpoint.resume).
+    """
     from tqdm import tqdm
 
+    from gpt2_jax.checkpoint import Checkpointer, checkpoint_dir
     from gpt2_jax.flops import flops_per_token, peak_flops
     from gpt2_jax.metrics import MetricsWriter
 
@@ -361,18 +444,32 @@ def train(cfg: TrainConfig) -> dict:
                            f"{micro} sequences per micro-batch is not divisible by the data-parallel size {dp} "
                            f"(mesh data={mesh.shape['data']} × fsdp={mesh.shape['fsdp']})")
     out_dir = cfg.train.out_dir
+    leader = jax.process_index() == 0
+    if not cfg.checkpoint.resume and os.path.isdir(checkpoint_dir(out_dir)) and leader:
+        import shutil
+
+        shutil.rmtree(checkpoint_dir(out_dir))
+        _out(f"checkpoint.resume=false: removed the earlier checkpoints of {out_dir}")
     os.makedirs(out_dir, exist_ok=True)
-    if jax.process_index() == 0:
-        cfg.save_yaml(os.path.join(out_dir, "config.yaml"))
+    _sync("out_dir")
 
     tokenizer, train_batches, val_batches, val_rows, n_train, unigram = prepare_data(
         cfg, jax.process_index(), jax.process_count())
     model_config, params = initial_params(cfg, tokenizer)
     if cfg.data.max_length > model_config.n_positions:
         raise GPT2JaxError(f"data.max_length={cfg.data.max_length} exceeds model n_positions={model_config.n_positions}")
+    ckpt = Checkpointer(out_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
+    resuming = ckpt.latest_step() is not None
     setup = build_setup(model_config, cfg, mesh)
-    state = init_state(setup, cfg.train.seed, params)
+    state = init_state(setup, cfg.train.seed, None if resuming else params)
     del params
+    if resuming:
+        state = _resume(ckpt, cfg, setup, state, model_config, tokenizer)
+    if leader:
+        cfg.save_yaml(os.path.join(out_dir, "config.yaml"))
+        model_config.save_json(os.path.join(out_dir, "model_config.json"))
+        if not os.path.isdir(os.path.join(out_dir, "tokenizer")):
+            tokenizer.save(os.path.join(out_dir, "tokenizer"))
     train_step, eval_step = compile_steps(setup)
 
     n_all, n_train_params = count_params(setup.layout.shapes), count_params(state.params)
@@ -387,40 +484,60 @@ def train(cfg: TrainConfig) -> dict:
     _out(f"mesh: {dict(mesh.shape)} on {mesh.size} {jax.devices()[0].platform} device(s), "
          f"{jax.process_count()} process(es)")
 
-    writer = MetricsWriter(out_dir, enabled=jax.process_index() == 0)
+    writer = MetricsWriter(out_dir, enabled=leader)
     n_eval = 0
     if val_batches is not None:
-        n_eval = max(1, min(cfg.train.eval_batches, math.ceil(len(val_rows) / cfg.train.batch_size)))
+        n_eval = max(1, min(cfg.train.eval_batches, val_batches.num_batches))
     start = int(state.step)
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True,
-               unit="step")
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not leader, dynamic_ncols=True, unit="step")
     last = {"time": time.time(), "step": start}
-    final: dict = {}
-    metrics = None
-    for step in range(start, cfg.train.steps):
-        batch = sharding.global_batch(train_batches.local_batch(step), mesh)
-        state, metrics = train_step(state, batch)
-        done = step + 1
-        if done % max(cfg.train.log_every, 1) == 0 or done == cfg.train.steps:
-            m = {k: float(v) for k, v in metrics.items()}
-            if not math.isfinite(m["loss"]):
-                raise GPT2JaxError(f"the training loss became {m['loss']} at step {done}; lower optim.lr or "
-                                   f"check the data")
-            now = time.time()
-            tok_s = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
-            last.update(time=now, step=done)
-            m.update(tokens_per_s=tok_s, mfu=tok_s * flops_step / tokens_per_step / peak)
-            writer.write(done, {k: m[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu")})
-            bar.set_postfix_str(f"loss {m['loss']:.3f} · {tok_s:,.0f} tok/s · MFU {100 * m['mfu']:.1f}%")
-            final["train_loss"] = m["loss"]
-        bar.update(1)
-        if val_batches is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
-                and done != cfg.train.steps:
-            ev = evaluate(eval_step, state, val_batches, n_eval, mesh)
-            writer.write(done, ev, split="val")
-            bar.write(f"step {done}: validation loss {ev['loss']:.3f}, perplexity {ev['perplexity']:.1f}") \
-                if jax.process_index() == 0 else None
+    final: dict = {"preempted": False}
+
+    def check_finite(metrics, step):
+        loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            good = ckpt.latest_step()
+            raise GPT2JaxError(f"the training loss is {loss} (gradient norm {gnorm}) at step {step}: stopped; "
+                               f"the latest good checkpoint is {'step ' + str(good) if good is not None else 'none'}"
+                               f" (lower optim.lr, check the data)")
+
+    with _Preemption() as preemption:
+        for step in range(start, cfg.train.steps):
+            batch = sharding.global_batch(train_batches.local_batch(step), mesh)
+            state, metrics = train_step(state, batch)
+            done = step + 1
+            if done % max(cfg.train.log_every, 1) == 0 or done == cfg.train.steps:
+                check_finite(metrics, done)
+                m = {k: float(v) for k, v in metrics.items()}
+                now = time.time()
+                tok_s = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
+                last.update(time=now, step=done)
+                m.update(tokens_per_s=tok_s, mfu=tok_s * flops_step / tokens_per_step / peak)
+                writer.write(done, {k: m[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu")})
+                bar.set_postfix_str(f"loss {m['loss']:.3f} · {tok_s:,.0f} tok/s · MFU {100 * m['mfu']:.1f}%")
+                final["train_loss"] = m["loss"]
+            bar.update(1)
+            if val_batches is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
+                    and done != cfg.train.steps:
+                ev = evaluate(eval_step, state, val_batches, n_eval, mesh)
+                writer.write(done, ev, split="val")
+                if leader:
+                    bar.write(f"step {done}: validation loss {ev['loss']:.3f}, perplexity {ev['perplexity']:.1f}")
+            preempted = preemption.now(done)
+            if ckpt.due(done) or done == cfg.train.steps or preempted:
+                check_finite(metrics, done)  # never save a state that has gone non-finite
+                ckpt.save(done, state, _run_meta(cfg, model_config, tokenizer, done))
+            if preempted:
+                ckpt.wait()
+                bar.close()
+                _out(f"SIGTERM: saved a checkpoint at step {done} and stopped; re-run the same command to resume")
+                final.update(preempted=True, steps=done)
+                ckpt.close()
+                writer.close()
+                return final
     bar.close()
+    if start == cfg.train.steps and ckpt.latest_step() != cfg.train.steps:
+        ckpt.save(start, state, _run_meta(cfg, model_config, tokenizer, start))
     if val_batches is not None:
         ev = evaluate(eval_step, state, val_batches, n_eval, mesh)
         writer.write(int(state.step), ev, split="val")
@@ -428,10 +545,11 @@ def train(cfg: TrainConfig) -> dict:
         _out(f"validation: loss {ev['loss']:.3f}, perplexity {ev['perplexity']:.1f} "
              f"(unigram baseline loss {unigram:.3f})")
     writer.close()
+    ckpt.close()
 
     host = host_params(state)
     model_dir = os.path.join(out_dir, "hf")
-    if jax.process_index() == 0:
+    if leader:
         from gpt2_jax.hf import save_pretrained
         from gpt2_jax.model import model_from_params
 

@@ -1,0 +1,98 @@
+"""Orbax checkpoints of a training run: `RUN_DIR/checkpoints/<step>/{state, meta}`.
+
+`state` is the whole TrainState (step, trainable and frozen parameters, optimiser state, dropout RNG);
+`meta` is JSON: the resolved training config, the model config and the data position (the step: batches
+are a pure function of the step, data.py). Orbax writes each checkpoint into a temporary directory and
+renames it when complete, so a process killed mid-save leaves nothing that `latest_step` picks up.
+Restoring targets the current mesh's shardings, whatever mesh wrote the checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from gpt2_jax.errors import GPT2JaxError
+
+CHECKPOINT_DIR = "checkpoints"
+# Config keys that may change between a run and its resumption: they do not touch the state's layout,
+# the tokenizer or the order of the data. Any other change is refused.
+RESUMABLE_CHANGES = ("train.steps", "train.eval_every", "train.eval_batches", "train.log_every",
+                     "train.peak_flops", "train.out_dir", "checkpoint.", "sample.", "mesh.", "data.cache_dir",
+                     "model.dropout", "model.dtype", "optim.")
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR)
+
+
+class Checkpointer:
+    """Saves every `every` steps (and when asked), keeps the last `keep`, restores into a sharded target."""
+
+    def __init__(self, run_dir: str, *, every: int = 0, keep: int = 3, read_only: bool = False):
+        self.every = every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=not read_only,
+                                               read_only=read_only, enable_async_checkpointing=True,
+                                               cleanup_tmp_directories=not read_only)
+        self.manager = ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Start an asynchronous save of `state` (arrays are copied first, so training may go on)."""
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+
+    def meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, target: Any) -> Any:
+        """The state of `step`, laid out as `target` (a pytree of jax.ShapeDtypeStruct with shardings)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        return out["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_target(state: Any) -> Any:
+    """ShapeDtypeStructs with the shardings of `state` (a live or abstract state on the current mesh)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(changes that break resumption, harmless changes) between two TrainConfig.to_dict()s, as dotted keys."""
+    breaking, harmless = [], []
+    for section in sorted(set(saved) | set(current)):
+        a, b = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                dotted = f"{section}.{key}"
+                (harmless if dotted.startswith(RESUMABLE_CHANGES) else breaking).append(
+                    f"{dotted}: {a.get(key)!r} -> {b.get(key)!r}")
+    return breaking, harmless
+
+
+def check_resumable(saved: dict, current: dict, run_dir: str) -> list[str]:
+    """Raise if the config changed in a way the checkpoint cannot continue from; return the harmless changes."""
+    breaking, harmless = config_changes(saved, current)
+    if breaking:
+        raise GPT2JaxError(f"cannot resume {run_dir}: the config changed in a way its checkpoint cannot continue "
+                           f"from ({'; '.join(breaking)}); use another train.out_dir, or checkpoint.resume=false "
+                           f"to start over")
+    return harmless
