@@ -12,6 +12,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from gpt2_jax.errors import GPT2JaxError
@@ -51,7 +52,7 @@ class Checkpointer:
         """Start an asynchronous save of `state` (arrays are copied first, so training may go on)."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(dict(state._asdict())),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
 
     def meta(self, step: int) -> dict:
@@ -59,8 +60,19 @@ class Checkpointer:
 
     def restore(self, step: int, target: Any) -> Any:
         """The state of `step`, laid out as `target` (a pytree of jax.ShapeDtypeStruct with shardings)."""
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        return out["state"]
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(dict(target._asdict()))))
+        return type(target)(**out["state"])
+
+    def restore_params(self, step: int) -> dict:
+        """Only the parameters of `step` (trainable and frozen, no optimiser state), as host numpy arrays."""
+        tree = self.manager.item_metadata(step)["state"]
+        item = {part: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tree[part].items()}
+                for part in ("params", "frozen")}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)))
+        return {**out["state"]["params"], **out["state"]["frozen"]}
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -96,3 +108,39 @@ def check_resumable(saved: dict, current: dict, run_dir: str) -> list[str]:
                            f"from ({'; '.join(breaking)}); use another train.out_dir, or checkpoint.resume=false "
                            f"to start over")
     return harmless
+
+
+def is_run_dir(path: str) -> bool:
+    """A training run's output directory (train.out_dir): model_config.json beside checkpoints/."""
+    return os.path.isdir(checkpoint_dir(path)) and os.path.isfile(os.path.join(path, "model_config.json"))
+
+
+def load_run(run_dir: str, *, step: Optional[int] = None, dtype: Optional[str] = None, seed: int = 0):
+    """The model of a run directory's checkpoint (`step`, default the latest complete one), in eval mode."""
+    from gpt2_jax.config import ModelConfig
+    from gpt2_jax.model import model_from_params
+
+    config = ModelConfig.from_json(os.path.join(run_dir, "model_config.json"))
+    if dtype is not None:
+        config = config.replace(dtype=str(dtype), param_dtype=str(dtype))
+    ckpt = Checkpointer(run_dir, read_only=True)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise GPT2JaxError(f"{run_dir}: no complete checkpoint in {checkpoint_dir(run_dir)}")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise GPT2JaxError(f"{run_dir}: no checkpoint of step {step}; there are: {', '.join(map(str, sorted(steps)))}")
+    flat = ckpt.restore_params(step)
+    ckpt.close()
+    paths = {"/".join(map(str, p)): p for p in _param_paths(config)}
+    missing = sorted(set(paths) - set(flat))
+    if missing:
+        raise GPT2JaxError(f"{run_dir}: checkpoint of step {step} lacks {missing[0]} (model_config.json mismatch?)")
+    return model_from_params(config, {paths[k]: flat[k] for k in paths}, seed=seed)
+
+
+def _param_paths(config) -> list[tuple]:
+    from gpt2_jax.model import param_shapes
+
+    return list(param_shapes(config))

@@ -168,8 +168,13 @@ def load_pretrained(path: str, *, dtype: Optional[str] = None, seed: int = 0) ->
     """Load a Hugging Face GPT-2 directory (safetensors, Flax msgpack or pytorch_model.bin, sharded or not).
 
     `dtype` ("float32", "bfloat16", "float16") sets both the compute and the parameter dtype.
+    A training run's directory (train.out_dir) loads its latest checkpoint.
     The model comes back in evaluation mode (dropout off).
     """
+    from gpt2_jax.checkpoint import is_run_dir, load_run
+
+    if is_run_dir(path):
+        return load_run(path, dtype=dtype, seed=seed)
     config = load_hf_config(path)
     if dtype is not None:
         config = config.replace(dtype=str(dtype), param_dtype=str(dtype))

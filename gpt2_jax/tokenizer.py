@@ -182,6 +182,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return SentencePieceTokenizer(path)
     if any((path / f).is_file() for f in _HF_VOCAB_FILES):
         return _load_hf(path)
+    if (path / "tokenizer").is_dir() and (path / "model_config.json").is_file():  # a training run's directory
+        return load_tokenizer(path / "tokenizer")
     models = sorted(path.glob("*.model"))
     if len(models) == 1:
         return SentencePieceTokenizer(models[0])

@@ -109,12 +109,16 @@ def loss_sums(layout: ModelLayout, params: dict, frozen: dict, rng, batch: dict,
     """(sum of token losses, (number of counted tokens, new rng state)) for one micro-batch [B, T]."""
     model = layout.model({**params, **frozen}, rng, train)
     h_BTD, _ = model.hidden_states(batch["input_ids"])
+    loss, count = masked_cross_entropy(model.logits(h_BTD), batch["labels"], batch["loss_mask"])
+    return loss, (count, rng_arrays(nnx.state(model, nnx.RngState)))
+
+
+def masked_cross_entropy(logits_BTV, labels_BT, mask_BT):
+    """(sum of -log p(label) over positions where mask is 1, number of such positions)."""
     # The [B, T, V] logits exist in the compute dtype only; the float32 log-sum-exp fuses with the upcast.
-    logits_BTV = model.logits(h_BTD)
     lse_BT = jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1)
-    target_BT = jnp.take_along_axis(logits_BTV, batch["labels"][..., None], axis=-1)[..., 0].astype(jnp.float32)
-    mask_BT = batch["loss_mask"]
-    return jnp.sum((lse_BT - target_BT) * mask_BT), (jnp.sum(mask_BT), rng_arrays(nnx.state(model, nnx.RngState)))
+    target_BT = jnp.take_along_axis(logits_BTV, labels_BT[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    return jnp.sum((lse_BT - target_BT) * mask_BT), jnp.sum(mask_BT)
 
 
 def make_train_step(layout: ModelLayout, optimizer: optax.GradientTransformation, schedule: optax.Schedule):
