@@ -37,7 +37,12 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=not read_only,
                                                read_only=read_only, enable_async_checkpointing=True,
                                                cleanup_tmp_directories=not read_only)
-        self.manager = ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_names=("state", "meta"))
+        if read_only:  # readers restore parts of the state (parameters only), which the PyTree handler allows
+            handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+            self.manager = ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=handlers)
+        else:
+            self.manager = ocp.CheckpointManager(checkpoint_dir(run_dir), options=options,
+                                                 item_names=("state", "meta"))
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -65,7 +70,9 @@ class Checkpointer:
         return type(target)(**out["state"])
 
     def restore_params(self, step: int) -> dict:
-        """Only the parameters of `step` (trainable and frozen, no optimiser state), as host numpy arrays."""
+        """Only the parameters of `step` (trainable and frozen, no optimiser state), as host numpy arrays.
+
+        Needs a read-only Checkpointer."""
         tree = self.manager.item_metadata(step)["state"]
         item = {part: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tree[part].items()}
                 for part in ("params", "frozen")}

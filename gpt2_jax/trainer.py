@@ -11,6 +11,7 @@ out_shardings are the target layout.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -329,7 +330,13 @@ def initial_params(cfg: TrainConfig, tokenizer) -> tuple[ModelConfig, Optional[d
 def prepare_data(cfg: TrainConfig, process_index: int, process_count: int):
     """(rows, tokenizer, train Batches, val Batches or None, val rows)."""
     from gpt2_jax import data
-    from gpt2_jax.corpus import resolve_corpus
+
+    def resolve_corpus(spec: str, cache_dir: str):
+        if spec.startswith("builtin:"):
+            from gpt2_jax.corpus import resolve_corpus as resolve
+
+            return resolve(spec, cache_dir)
+        return spec
 
     cache_dir = os.path.expanduser(cfg.data.cache_dir)
     train_path = resolve_corpus(cfg.data.train, cache_dir)
@@ -401,6 +408,15 @@ class _Preemption:
         return self.requested
 
 
+@contextlib.contextmanager
+def _finishing(ckpt):
+    """However the loop ends (an error included), let the saves already started complete."""
+    try:
+        yield
+    finally:
+        ckpt.wait()
+
+
 def _run_meta(cfg: TrainConfig, model_config: ModelConfig, tokenizer, step: int) -> dict:
     return {"step": step, "config": cfg.to_dict(), "model": {**model_config.to_hf_dict(), "dtype": model_config.dtype,
                                                             "param_dtype": model_config.param_dtype},
@@ -447,6 +463,13 @@ def train(cfg: TrainConfig) -> dict:
         raise GPT2JaxError(f"train.batch_size={cfg.train.batch_size} / optim.grad_accum={cfg.optim.grad_accum} = "
                            f"{micro} sequences per micro-batch is not divisible by the data-parallel size {dp} "
                            f"(mesh data={mesh.shape['data']} × fsdp={mesh.shape['fsdp']})")
+    if cfg.model.init_from is not None:
+        from gpt2_jax.hf import load_hf_config
+
+        try:
+            load_hf_config(cfg.model.init_from)
+        except GPT2JaxError as e:
+            raise GPT2JaxError(f"model.init_from: {e}") from None
     out_dir = cfg.train.out_dir
     leader = jax.process_index() == 0
     if not cfg.checkpoint.resume and os.path.isdir(checkpoint_dir(out_dir)) and leader:
@@ -505,7 +528,7 @@ def train(cfg: TrainConfig) -> dict:
                                f"the latest good checkpoint is {'step ' + str(good) if good is not None else 'none'}"
                                f" (lower optim.lr, check the data)")
 
-    with _Preemption() as preemption:
+    with _Preemption() as preemption, _finishing(ckpt):
         for step in range(start, cfg.train.steps):
             batch = sharding.global_batch(train_batches.local_batch(step), mesh)
             state, metrics = train_step(state, batch)
@@ -536,7 +559,6 @@ def train(cfg: TrainConfig) -> dict:
                 bar.close()
                 _out(f"SIGTERM: saved a checkpoint at step {done} and stopped; re-run the same command to resume")
                 final.update(preempted=True, steps=done)
-                ckpt.close()
                 writer.close()
                 return final
     bar.close()

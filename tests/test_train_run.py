@@ -26,8 +26,8 @@ SAMPLE = ROOT / "data" / "sample.csv"
 def overrides(tmp: Path, **extra) -> list[str]:
     base = {"data.train": str(SAMPLE), "data.cache_dir": str(tmp / "cache"), "data.max_length": 48,
             "data.val_fraction": 0.1, "model.n_layer": 2, "model.n_embd": 32, "model.n_head": 4,
-            "model.n_positions": 64, "model.dropout": 0.1, "tokenizer.sentencepiece_vocab_size": 300,
-            "train.batch_size": 8, "train.steps": 6, "train.log_every": 1, "train.eval_every": 3,
+            "model.n_positions": 64, "model.dropout": 0.1, "tokenizer.sentencepiece_vocab_size": 400,
+            "train.batch_size": 16, "train.steps": 6, "train.log_every": 1, "train.eval_every": 3,
             "train.eval_batches": 2, "train.out_dir": str(tmp / "run"), "checkpoint.every": 3,
             "optim.grad_accum": 2, "optim.warmup_steps": 2, "optim.lr": 3e-3, "sample.num": 0}
     base.update({k.replace("__", "."): v for k, v in extra.items()})
@@ -58,7 +58,7 @@ def test_demo_shaped_run_learns_and_exports(tmp_path):
               checkpoint__every=15)
     run_dir = tmp_path / "run"
     # Loss falls well below the unigram baseline is the demo's claim; 30 tiny steps already beat a uniform guess.
-    assert out["val_loss"] < np.log(300) - 0.5
+    assert out["val_loss"] < np.log(400) - 0.5
     assert len(out["samples"]) == 2
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if l["split"] == "train"] == list(range(1, 31))
@@ -154,7 +154,7 @@ def test_checkpoint_crosses_topologies(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     ({"train__batch_size": 12, "optim__grad_accum": 1}, "12 sequences per micro-batch is not divisible by the "
                                                         "data-parallel size 8"),
-    ({"model__init_from": "/nonexistent/gpt2"}, "model path does not exist: /nonexistent/gpt2"),
+    ({"model__init_from": "/nonexistent/gpt2"}, "model.init_from: model path does not exist: /nonexistent/gpt2"),
     ({"data__train": "/nonexistent.csv"}, "corpus file /nonexistent.csv does not exist"),
     ({"freeze__trainable": "last_n_blocks", "freeze__last_n_blocks": 5}, "freeze.last_n_blocks=5 must be between 1"),
 ])
@@ -182,3 +182,64 @@ def test_cli_error_is_one_line(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert stderr.strip() == 'error: unknown config key optim.lrr (did you mean "optim.lr"?)'
+
+
+@pytest.fixture(scope="module")
+def gpt2_like_dir(tmp_path_factory):
+    """A tiny Hugging Face GPT-2 directory whose byte-level BPE has no [BOS] [SEP] [EOS] [PAD], like `gpt2`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2TokenizerFast
+
+    from conftest import make_hf_model
+
+    rows = data_lib.read_rows(SAMPLE)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([r.title + " " + r.text for r in rows], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            unk_token="<|endoftext|>")
+    path = tmp_path_factory.mktemp("gpt2-like")
+    model = make_hf_model(vocab_size=len(tok), n_positions=64, attn_gain=1.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, model
+
+
+@pytest.mark.parametrize("freeze, trainable_prefixes", [
+    (["freeze.trainable=head"], ("transformer/wte/",)),
+    (["freeze.trainable=last_n_blocks", "freeze.last_n_blocks=1"], ("transformer/h/2/", "transformer/ln_f/")),
+])
+def test_fine_tune_from_hugging_face_with_frozen_parameters(tmp_path, gpt2_like_dir, freeze, trainable_prefixes):
+    from gpt2_jax.hf import torch_name
+
+    path, hf_model = gpt2_like_dir
+    cfg = load_train_config(None, overrides(tmp_path, model__init_from=path, model__n_layer="null",
+                                            model__n_embd="null", model__n_head="null", model__n_positions="null",
+                                            checkpoint__every=0) + freeze)
+    out = train(cfg)
+    original = {n: p.detach().numpy() for n, p in hf_model.named_parameters()}
+    vocab = original["transformer.wte.weight"].shape[0]
+    for key, value in out["params"].items():
+        ref = original[torch_name(tuple(int(x) if x.isdigit() else x for x in key.split("/")))]
+        if key == "transformer/wte/embedding":
+            assert value.shape == (vocab + 4, ref.shape[1])  # [BOS] [SEP] [EOS] [PAD] added
+            value = value[:vocab]
+        if key.startswith(trainable_prefixes):
+            assert not np.array_equal(value, ref), f"{key} should have trained"
+        else:
+            assert np.array_equal(value, ref), f"{key} is frozen but changed"
+
+
+def test_init_from_with_a_tokenizer_of_another_vocabulary_is_refused(tmp_path, gpt2_like_dir):
+    from conftest import make_hf_model
+
+    path, _ = gpt2_like_dir
+    other = tmp_path / "other"
+    make_hf_model(vocab_size=97, n_positions=64).save_pretrained(other)
+    with pytest.raises(GPT2JaxError, match=r"model.init_from .*other has a vocabulary of 97 tokens but the tokenizer "
+                                           r"has \d+ \(\+4 added\)"):
+        run(tmp_path, model__init_from=other, tokenizer__path=path, model__n_layer="null", model__n_embd="null",
+            model__n_head="null", model__n_positions="null")
