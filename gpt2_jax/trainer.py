@@ -252,8 +252,14 @@ def host_params(state: TrainState) -> dict[str, np.ndarray]:
 
     out = {}
     for k, v in {**state.params, **state.frozen}.items():
-        out[k] = np.asarray(v) if v.is_fully_addressable else np.asarray(multihost_utils.process_allgather(v, tiled=True))
+        out[k] = _local(v) if v.is_fully_addressable or v.is_fully_replicated else \
+            np.asarray(multihost_utils.process_allgather(v, tiled=True))
     return out
+
+
+def _local(x: jax.Array) -> np.ndarray:
+    """A replicated (or single-process) array's value on this host, without cross-process communication."""
+    return np.asarray(x) if x.is_fully_addressable else np.asarray(x.addressable_data(0))
 
 
 def optimizer_state_bytes(state: TrainState) -> int:
@@ -371,7 +377,7 @@ def evaluate(eval_step, state: TrainState, val, n_batches: int, mesh) -> dict:
     loss, count = 0.0, 0.0
     for i in range(n_batches):
         l, c = eval_step(state.params, state.frozen, state.rng, sharding.global_batch(val.local_batch(i), mesh))
-        loss, count = loss + float(l), count + float(c)
+        loss, count = loss + float(_local(l)), count + float(_local(c))
     mean = loss / max(count, 1.0)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
@@ -515,13 +521,13 @@ def train(cfg: TrainConfig) -> dict:
     n_eval = 0
     if val_batches is not None:
         n_eval = max(1, min(cfg.train.eval_batches, val_batches.num_batches))
-    start = int(state.step)
+    start = int(_local(state.step))
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not leader, dynamic_ncols=True, unit="step")
     last = {"time": time.time(), "step": start}
     final: dict = {"preempted": False}
 
     def check_finite(metrics, step):
-        loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+        loss, gnorm = float(_local(metrics["loss"])), float(_local(metrics["grad_norm"]))
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             good = ckpt.latest_step()
             raise GPT2JaxError(f"the training loss is {loss} (gradient norm {gnorm}) at step {step}: stopped; "
@@ -535,7 +541,7 @@ def train(cfg: TrainConfig) -> dict:
             done = step + 1
             if done % max(cfg.train.log_every, 1) == 0 or done == cfg.train.steps:
                 check_finite(metrics, done)
-                m = {k: float(v) for k, v in metrics.items()}
+                m = {k: float(_local(v)) for k, v in metrics.items()}
                 now = time.time()
                 tok_s = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
                 last.update(time=now, step=done)
@@ -566,7 +572,7 @@ def train(cfg: TrainConfig) -> dict:
         ckpt.save(start, state, _run_meta(cfg, model_config, tokenizer, start))
     if val_batches is not None:
         ev = evaluate(eval_step, state, val_batches, n_eval, mesh)
-        writer.write(int(state.step), ev, split="val")
+        writer.write(int(_local(state.step)), ev, split="val")
         final.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
         _out(f"validation: loss {ev['loss']:.3f}, perplexity {ev['perplexity']:.1f} "
              f"(unigram baseline loss {unigram:.3f})")
@@ -584,7 +590,7 @@ def train(cfg: TrainConfig) -> dict:
         _out(f"saved the Hugging Face model to {model_dir}")
         if cfg.sample.num and val_rows:
             final["samples"] = print_samples(model, tokenizer, val_rows[: cfg.sample.num], cfg)
-    final.update(steps=int(state.step), seconds=time.time() - t_start, params=host)
+    final.update(steps=int(_local(state.step)), seconds=time.time() - t_start, params=host)
     _out(f"done in {time.time() - t_start:.0f} s")
     return final
 

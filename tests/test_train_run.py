@@ -243,3 +243,109 @@ def test_init_from_with_a_tokenizer_of_another_vocabulary_is_refused(tmp_path, g
                                            r"has \d+ \(\+4 added\)"):
         run(tmp_path, model__init_from=other, tokenizer__path=path, model__n_layer="null", model__n_embd="null",
             model__n_head="null", model__n_positions="null")
+
+
+@pytest.mark.parametrize("loss_on", ["text", "all"])
+def test_loss_on_text_gives_no_gradient_from_title_and_keywords(tmp_path, loss_on):
+    import jax.numpy as jnp
+
+    from gpt2_jax.tokenizer import train_sentencepiece
+    from gpt2_jax.trainer import masked_cross_entropy
+
+    rows = data_lib.read_rows(SAMPLE)[:8]
+    tok = train_sentencepiece([s for r in data_lib.read_rows(SAMPLE) for s in (r.title, " ".join(r.keywords), r.text)],
+                              tmp_path / "tok", 400)
+    corpus = data_lib.tokenize_corpus(rows, tok, tmp_path / "cache")
+    batches = data_lib.Batches(corpus, np.arange(8), bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id,
+                               pad_id=tok.pad_id, max_length=64, batch_size=8, shuffle=False, keyword_augment=False,
+                               loss_on=loss_on)
+    b = {k: v[0] for k, v in batches.local_batch(0).items()}
+    logits = jax.random.normal(jax.random.key(0), (*b["input_ids"].shape, len(tok)))
+    grad = jax.grad(lambda l: masked_cross_entropy(l, jnp.asarray(b["labels"]), jnp.asarray(b["loss_mask"]))[0])(logits)
+    per_position = np.abs(np.asarray(grad)).sum(-1)
+    for r, ids in enumerate(b["input_ids"]):
+        second_sep = np.flatnonzero(ids == tok.sep_id)[1]
+        real = np.flatnonzero(ids != tok.pad_id)
+        # Positions before the second [SEP] predict title / keyword / [SEP] tokens; from it on, the text.
+        context, text = real[real < second_sep], real[real >= second_sep]
+        assert np.all(per_position[r, text] > 0)
+        assert np.all(per_position[r, context] == 0) if loss_on == "text" else np.all(per_position[r, context] > 0)
+        assert np.all(per_position[r, ids.size:] == 0)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_losses(run_dir: Path) -> dict:
+    return {l["step"]: l["loss"] for l in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if l["split"] == "train"}
+
+
+def test_two_processes_train_like_one_with_eight_devices(tmp_path):
+    """jax.distributed over localhost, 4 CPU devices per process: the losses of one 8-device process."""
+    run(tmp_path / "one", mesh__data=2, mesh__fsdp=4, checkpoint__every=0)
+    port = free_port()
+    procs = [cli(tmp_path / "two", devices=4, mesh__data=2, mesh__fsdp=4, checkpoint__every=0,
+                 mesh__num_processes=2, mesh__process_id=i, mesh__coordinator_address=f"127.0.0.1:{port}",
+                 env_extra={"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}) for i in range(2)]
+    for p in procs:
+        _, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+    one, two = train_losses(tmp_path / "one" / "run"), train_losses(tmp_path / "two" / "run")
+    assert sorted(two) == sorted(one) == list(range(1, 7))
+    for step in one:
+        assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), (step, two[step], one[step])
+    assert [p.name for p in (tmp_path / "two" / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["6"]
+
+
+def test_kill_9_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+    steps = dict(train__steps=12, checkpoint__every=2, checkpoint__keep=2)
+    run(tmp_path / "ref", **steps)
+    rng = np.random.default_rng(0)
+    kills = 0
+    for attempt in range(10):
+        proc = cli(tmp_path / "x", **steps)
+        if kills < 3:
+            try:
+                proc.wait(timeout=rng.uniform(4.0, 12.0))
+            except subprocess.TimeoutExpired:
+                proc.kill()  # SIGKILL: no handler runs, a save may be half written
+                kills += 1
+                proc.communicate()
+                continue
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        break
+    assert kills >= 1
+    a, b = latest_state(tmp_path / "ref" / "run"), latest_state(tmp_path / "x" / "run")
+    assert a["step"] == b["step"] == 12
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_export_from_a_run_directory_loads_in_transformers(tmp_path):
+    """tools/export_hf.py: Flax and PyTorch GPT-2 give our logits; special tokens and generation defaults set."""
+    run(tmp_path, train__steps=3, checkpoint__every=0)
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "export_hf.py"), "--checkpoint", str(tmp_path / "run"),
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from gpt2_jax import load_pretrained, load_tokenizer
+
+    ours = load_pretrained(str(tmp_path / "run"))
+    tok = load_tokenizer(str(out))
+    ids = np.array([tok.format_prompt("A title", "some keywords") + [7, 8, 9]])
+    want = np.asarray(ours(ids))
+    pt = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(pt(torch.as_tensor(ids)).logits.numpy(), want, atol=1e-5)
+    fx = transformers.FlaxGPT2LMHeadModel.from_pretrained(out)
+    np.testing.assert_allclose(np.asarray(fx(ids).logits), want, atol=1e-5)
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert (pt.config.sep_token_id, pt.config.pad_token_id) == (tok.sep_id, tok.pad_id)
