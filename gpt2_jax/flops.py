@@ -1,8 +1,10 @@
 """FLOPs per token and per-device peak FLOP/s, for tokens/s → MFU."""
 from __future__ import annotations
 
+import math
 import time
 from functools import lru_cache
+from typing import Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,13 +19,58 @@ _PEAK_BF16 = (
 )
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM's formula; N excludes the position embedding as
-    nanoGPT counts it, the tied head's matmul is in N through the token embedding)."""
-    d, L, V, F = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.inner_dim
-    per_block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * F + F) + (F * d + d)
-    n = V * d + L * per_block + 2 * d
-    return 6.0 * n + 12.0 * L * cfg.n_head * cfg.head_dim * seq_len
+def flops_per_token(cfg: ModelConfig, seq_len: int, trainable: Optional[Iterable[str]] = None) -> float:
+    """Training FLOPs per token: 6N + 12·L·H·Q·T when everything trains (PaLM's formula; N excludes the
+    position embedding as nanoGPT counts it; the tied head's matmul is in N through the token embedding).
+
+    `trainable`: the parameter paths that train (default: all). Frozen parameters skip their weight
+    gradients (2 FLOPs per parameter and token), and the layers below the lowest trainable one skip their
+    activation gradients (2 per parameter, 8·H·Q·T per attention), so MFU stays the fraction of peak used by
+    the work that was needed.
+    """
+    d, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    attn_fwd = 4.0 * cfg.n_head * cfg.head_dim * seq_len  # QKᵀ and PV of one layer, per token
+    units = _units(cfg)
+    n = sum(size for prefix, size in units[1:])  # all but the position embedding
+    forward = 2.0 * n + L * attn_fwd
+    if trainable is None:
+        return 3.0 * forward
+    trainable = set(trainable)
+    order = [prefix for prefix, _ in units]
+    # Bottom to top: the input embeddings (0), each block's ln_1, c_attn, attention, c_proj, ln_2, c_fc,
+    # c_proj, then ln_f and the tied head. The activation gradient runs down from the loss to just above the
+    # lowest unit with a trainable parameter; the tied embedding trains through its input use too.
+    lowest = min((0 if p.startswith(("transformer/wte/", "transformer/wpe/")) else
+                  order.index(next(u for u in order if p.startswith(u))) for p in trainable), default=len(order))
+    backward = sum(2.0 * size + (2 * attn_fwd if prefix.endswith("/attention") else 0.0)
+                   for i, (prefix, size) in enumerate(units) if i > lowest)
+    weight_grads = 2.0 * sum(math.prod(shape) for p, shape in _shapes(cfg).items()
+                             if p in trainable and not p.startswith("transformer/wpe/"))
+    return forward + backward + weight_grads
+
+
+def _shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    from gpt2_jax.trainer import ModelLayout  # the real parameter tree, so every path is counted
+
+    return {k: v.shape for k, v in ModelLayout.of(cfg).shapes.items()}
+
+
+def _units(cfg: ModelConfig) -> list[tuple[str, int]]:
+    """(path prefix, parameter elements) of each unit, bottom to top: the position embedding standing for
+    the input embeddings, the blocks' parts ("…/attention" is the parameter-free core), ln_f, and the
+    head, which is the token embedding."""
+    shapes = _shapes(cfg)
+
+    def size(prefix):
+        return sum(math.prod(s) for p, s in shapes.items() if p.startswith(prefix))
+
+    units = [("transformer/wpe/", size("transformer/wpe/"))]
+    for i in range(cfg.n_layer):
+        h = f"transformer/h/{i}/"
+        for part in ("ln_1/", "attn/c_attn/", "attention", "attn/c_proj/", "ln_2/", "mlp/c_fc/", "mlp/c_proj/"):
+            units.append((h + part, 0 if part == "attention" else size(h + part)))
+    units += [("transformer/ln_f/", size("transformer/ln_f/")), ("transformer/wte/", size("transformer/wte/"))]
+    return units
 
 
 @lru_cache(maxsize=None)

@@ -10,6 +10,7 @@ msgpack format needs transposes (see hf.py).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional
 
 import jax
@@ -58,12 +59,52 @@ def _linear(cfg: ModelConfig, din: int, dout: int, axes: tuple, std: float, rngs
                       kernel_init=_normal(std, axes), bias_init=_zeros(axes[1:]), rngs=rngs)
 
 
-def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # use_fast_variance=False: E[(x - mean)^2] as PyTorch computes it, not E[x^2] - mean^2.
-    return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype,
-                         param_dtype=cfg.params_dtype, use_fast_variance=False,
-                         scale_init=_named(nnx.initializers.ones_init(), ("embed",)),
-                         bias_init=_zeros(("embed",)), rngs=rngs)
+class LayerNorm(nnx.Module):
+    """PyTorch's LayerNorm: variance as E[(x - mean)²], statistics in float32, output in the compute dtype.
+
+    Written out with a hand-written backward: with nnx.LayerNorm(use_fast_variance=False), or autodiff of
+    the forward below, a GPT-2 124M forward + backward on CPU (batch 4 × 128) took 3.2 s instead of 2.6 s.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        shape = (cfg.n_embd,)
+        self.scale = nnx.Param(_named(nnx.initializers.ones_init(), ("embed",))(rngs.params(), shape, cfg.params_dtype))
+        self.bias = nnx.Param(_zeros(("embed",))(rngs.params(), shape, cfg.params_dtype))
+        self.epsilon = cfg.layer_norm_epsilon
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x):
+        y = _layer_norm_f32(x.astype(jnp.float32), self.scale[...].astype(jnp.float32),
+                            self.bias[...].astype(jnp.float32), self.epsilon)
+        return y.astype(self.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_f32(x, scale, bias, epsilon):
+    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+    centred = x - jnp.mean(x, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + epsilon)
+    xhat = centred * rstd
+    return xhat * scale + bias, (xhat, rstd, scale)
+
+
+def _layer_norm_bwd(epsilon, res, dy):
+    # The textbook backward: two row reductions, fused by XLA, where autodiff's takes several passes.
+    xhat, rstd, scale = res
+    g = dy * scale
+    dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+    reduce = tuple(range(dy.ndim - 1))
+    return dx, jnp.sum(dy * xhat, axis=reduce), jnp.sum(dy, axis=reduce)
+
+
+_layer_norm_f32.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> LayerNorm:
+    return LayerNorm(cfg, rngs)
 
 
 class Attention(nnx.Module):

@@ -5,6 +5,7 @@ optimiser state split too). Parameters carry logical axis names (model.py); `RUL
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from typing import Any, Optional
@@ -44,10 +45,10 @@ def initialize_distributed(num_processes: Optional[int] = None, process_id: Opti
 
 
 def _cluster_environment() -> bool:
-    # TPU pod hosts (several workers in the slice), SLURM with more than one task, Open MPI.
-    tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return ("," in tpu_hosts or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
-            or "OMPI_COMM_WORLD_SIZE" in os.environ)
+    # A Cloud TPU VM (its chips are /dev/accel* or VFIO devices; JAX then reads the slice's hosts from the
+    # metadata server, and a single-host VM initialises as one process), SLURM with several tasks, Open MPI.
+    tpu_vm = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) or "TPU_WORKER_HOSTNAMES" in os.environ
+    return (tpu_vm or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 or "OMPI_COMM_WORLD_SIZE" in os.environ)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[list] = None) -> Mesh:

@@ -507,7 +507,7 @@ def train(cfg: TrainConfig) -> dict:
 
     n_all, n_train_params = count_params(setup.layout.shapes), count_params(state.params)
     tokens_per_step = cfg.train.batch_size * cfg.data.max_length
-    flops_step = flops_per_token(model_config, cfg.data.max_length) * tokens_per_step
+    flops_step = flops_per_token(model_config, cfg.data.max_length, state.params) * tokens_per_step
     peak = (cfg.train.peak_flops or peak_flops(jax.devices()[0], model_config.dtype)) * mesh.size
     _out(f"model: {n_all:,} parameters, {n_train_params:,} trainable ({cfg.freeze.trainable}); "
          f"optimiser state {optimizer_state_bytes(state) / 2**20:.1f} MiB; "

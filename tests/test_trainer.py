@@ -126,3 +126,39 @@ def test_loss_and_adamw_step_equal_transformers_and_torch(hf_dir):
     for k, v in end.items():
         want = named[torch_name(tuple(int(x) if x.isdigit() else x for x in k.split("/")))].detach().numpy()
         np.testing.assert_allclose(v, want, rtol=1e-4, atol=2e-6, err_msg=k)
+
+
+def test_gradients_equal_torch(hf_dir):
+    """Every parameter's gradient of the mean token loss equals PyTorch autograd's through GPT2LMHeadModel
+    (LayerNorm has a hand-written backward; the tied head sums both uses)."""
+    from functools import partial
+
+    from gpt2_jax.hf import load_hf_config, params_from_state_dict, read_hf_state_dict, torch_name
+
+    path, tmodel = hf_dir(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    mc = load_hf_config(path)
+    fmt, sd = read_hf_state_dict(path)
+    params = {trainer.path_key(p): np.asarray(v) for p, v in params_from_state_dict(mc, sd, fmt).items()}
+    b = {k: v[0] for k, v in batches(1, 1, batch=4, T=12)[0].items()}
+    b["input_ids"] %= mc.vocab_size
+    b["labels"] %= mc.vocab_size
+    setup = trainer.build_setup(mc, load_train_config(None, []), sharding.make_mesh(1, 1, jax.devices()[:1]))
+    state = trainer.init_state(setup, seed=0, params=params)
+
+    def mean_loss(p):
+        total, (count, _) = trainer.loss_sums(setup.layout, p, {}, state.rng, b, train=True)
+        return total / count
+
+    grads = jax.grad(mean_loss)(state.params)
+    ids = np.concatenate([b["input_ids"], b["labels"][:, -1:]], axis=1).astype(np.int64)
+    labels = np.concatenate([np.full_like(ids[:, :1], -100), np.where(b["loss_mask"] > 0, b["labels"], -100)], axis=1)
+    tmodel.train()
+    tmodel.zero_grad()
+    tmodel(torch.as_tensor(ids), labels=torch.as_tensor(labels)).loss.backward()
+    named = dict(tmodel.named_parameters())
+    assert len(grads) == len(named)
+    for k, g in grads.items():
+        want = named[torch_name(tuple(int(x) if x.isdigit() else x for x in k.split("/")))].grad.numpy()
+        scale = np.abs(want).max()
+        assert scale > 0, k
+        np.testing.assert_allclose(np.asarray(g), want, atol=1e-5 * scale, rtol=0, err_msg=k)

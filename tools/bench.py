@@ -1,12 +1,25 @@
 """Benchmarks that print one JSON object per measurement.
 
     python tools/bench.py generate [--preset tiny gpt2] [--batch 1 8] [--impl jax torch flax]
+    python tools/bench.py train [--shapes tiny,gpt2] [--batch 4] [--seq 128] [--steps 5] [--dtype float32]
+                                [--impls jax,jax-last6,jax-head,flax]
 
 `generate` times sampling (prompt 32, 64 new tokens, top-k 50, top-p 0.9 by default) for gpt2-jax and,
 on the same randomly initialised weights, transformers' PyTorch `generate` and its Flax `generate`
 wrapped in `jax.jit`. Each implementation runs in its own process, so peak RSS is its own.
 Fields: impl, preset, batch, prompt, new_tokens, compile_s (first call minus a steady call), steady_s
 (median of --repeats calls), tokens_per_s (batch * new_tokens / steady_s), peak_rss_mb.
+
+`train` times one optimiser step on one device, on the same random token batches (every token counted),
+for gpt2-jax's train step (AdamW with the default config, dropout 0) training every parameter (`jax`),
+the top half of the blocks (`jax-last6`: 6 of GPT-2's 12) or the tied head alone (`jax-head`), and for
+transformers' FlaxGPT2LMHeadModel under a jitted value_and_grad + optax AdamW step written the usual way
+(`flax`). Each runs in its own process. Fields: impl, shape, trainable, batch, seq, dtype, platform,
+device, compile_s (first step minus the median), step_s (median of --steps steps), tokens_per_s,
+mfu (flops.flops_per_token: 6N + 12LHQT, less the gradients that frozen parameters skip, over
+peak_tflops from flops.peak_flops), peak_rss_mb; ratio_to_full (step_s / jax's) on jax-last6 and jax-head, jax_speedup (jax's tokens_per_s /
+flax's) on flax. The CPU defaults finish in minutes; on an accelerator try `--batch 8 --seq 1024
+--dtype bfloat16 --steps 20`.
 """
 from __future__ import annotations
 
@@ -19,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
+from itertools import cycle
 
 import numpy as np
 
@@ -118,6 +133,15 @@ def _child(args) -> None:
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))), flush=True)
 
 
+def _run_child(cmd: list[str], ident: dict) -> dict:
+    """The last JSON line a child benchmark process printed, or `ident` with the error that stopped it."""
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
+    if res.returncode or not lines:
+        return dict(ident, error=(res.stderr.strip().splitlines() or ["no output"])[-1])
+    return json.loads(lines[-1])
+
+
 def generate_bench(args) -> None:
     if args.child:
         return _child(args)
@@ -134,13 +158,146 @@ def generate_bench(args) -> None:
                     # A second process over a persistent compilation cache that a first one filled.
                     cmd += ["--compile-cache", tempfile.mkdtemp(prefix="xla-", dir=root)]
                     subprocess.run(cmd, capture_output=True, text=True)
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
-                if res.returncode or not lines:
-                    err = (res.stderr.strip().splitlines() or ["no output"])[-1]
-                    print(json.dumps(dict(impl=impl, preset=preset, batch=batch, error=err)), flush=True)
+                print(json.dumps(_run_child(cmd, dict(impl=impl, preset=preset, batch=batch))), flush=True)
+
+
+# --- train ----------------------------------------------------------------------------------------
+
+# GPT2Config fields of the `train` shapes; --seq may not exceed n_positions.
+TRAIN_SHAPES = {
+    "tiny": dict(n_layer=4, n_embd=128, n_head=4, vocab_size=4000, n_positions=1024),
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+}
+TRAIN_IMPLS = ("jax", "jax-last6", "jax-head", "flax")
+NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def _train_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
+    """`n` random next-token batches shaped [1, B, T] (one micro-batch), every token counted."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(0, vocab, size=(1, batch, seq + 1)).astype(np.int32)
+        out.append({"input_ids": ids[..., :-1], "labels": ids[..., 1:], "loss_mask": np.ones((1, batch, seq), np.float32)})
+    return out
+
+
+def _jax_train(impl: str, shape: dict, args, batches):
+    """(a no-argument callable that runs one gpt2-jax train step on the next batch and waits, what trains)."""
+    import jax
+    from gpt2_jax import sharding, trainer
+    from gpt2_jax.config import ModelConfig, load_train_config
+
+    half = shape["n_layer"] // 2  # jax-last6: the top half of the blocks, 6 of GPT-2's 12
+    overrides, trainable = {
+        "jax": (["freeze.trainable=all"], "all"),
+        "jax-last6": (["freeze.trainable=last_n_blocks", f"freeze.last_n_blocks={half}"],
+                      f"last {half} of {shape['n_layer']} blocks"),
+        "jax-head": (["freeze.trainable=head"], "head"),
+    }[impl]
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    setup = trainer.build_setup(ModelConfig(**shape, **NO_DROPOUT, dtype=args.dtype), load_train_config(None, overrides),
+                                mesh)
+    state = trainer.init_state(setup, seed=0)
+    train_step, _ = trainer.compile_steps(setup)
+    placed = cycle([sharding.global_batch(b, mesh) for b in batches])
+
+    def run():
+        nonlocal state
+        state, metrics = train_step(state, next(placed))
+        jax.block_until_ready((state, metrics))
+
+    return run, trainable, set(state.params)
+
+
+def _flax_train(shape: dict, args, batches):
+    """The reference: transformers' FlaxGPT2LMHeadModel with a jitted train step written the standard way."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import transformers
+
+    model = transformers.FlaxGPT2LMHeadModel(transformers.GPT2Config(**shape, **NO_DROPOUT), seed=0,
+                                             dtype=jnp.dtype(args.dtype))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, weight_decay=0.1))
+
+    def loss_fn(params, batch, dropout_rng):
+        logits = model(batch["input_ids"], params=params, dropout_rng=dropout_rng, train=False).logits
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
+        return jnp.sum(ce * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, batch, dropout_rng):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, dropout_rng)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params = model.params
+    opt_state = tx.init(params)
+    placed = cycle([jax.device_put({k: v[0] for k, v in b.items()}) for b in batches])
+    dropout_rng = jax.random.PRNGKey(0)
+
+    def run():
+        nonlocal params, opt_state
+        params, opt_state, loss = train_step(params, opt_state, next(placed), dropout_rng)
+        jax.block_until_ready((params, opt_state, loss))
+
+    return run, "all", None
+
+
+def _train_child(args) -> None:
+    import jax
+    from gpt2_jax.config import ModelConfig
+    from gpt2_jax.flops import flops_per_token, peak_flops
+
+    shape_name, impl = args.shapes[0], args.impls[0]
+    shape = TRAIN_SHAPES[shape_name]
+    batches = _train_batches(args.steps + 1, args.batch, args.seq, shape["vocab_size"])
+    run, trainable, paths = (_flax_train(shape, args, batches) if impl == "flax"
+                             else _jax_train(impl, shape, args, batches))
+    compile_s, step_s = _time(run, args.steps)  # the first timed step is the very first call: it compiles
+    device = jax.devices()[0]
+    tokens_per_s = args.batch * args.seq / step_s
+    peak = peak_flops(device, args.dtype)  # on CPU a measured matmul peak, which varies by ±20% run to run
+    mfu = tokens_per_s * flops_per_token(ModelConfig(**shape), args.seq, paths) / peak
+    print(json.dumps(dict(
+        impl=impl, shape=shape_name, trainable=trainable, batch=args.batch, seq=args.seq, dtype=args.dtype,
+        platform=device.platform, device=device.device_kind, steps=args.steps, compile_s=round(compile_s, 3),
+        step_s=round(step_s, 4), tokens_per_s=round(tokens_per_s, 1), mfu=round(mfu, 4),
+        peak_tflops=round(peak / 1e12, 3),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))), flush=True)
+
+
+def train_bench(args) -> None:
+    if args.child:
+        return _train_child(args)
+    for shape in args.shapes:
+        full = None  # the `jax` row of this shape, which the others are compared with
+        for impl in args.impls:
+            cmd = [sys.executable, __file__, "train", "--child", "--shapes", shape, "--impls", impl,
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--dtype", args.dtype]
+            row = _run_child(cmd, dict(impl=impl, shape=shape, batch=args.batch, seq=args.seq))
+            if "error" not in row and impl == "jax":
+                full = row
+            elif "error" not in row and full is not None:
+                if impl == "flax":
+                    row["jax_speedup"] = round(full["tokens_per_s"] / row["tokens_per_s"], 3)
                 else:
-                    print(lines[-1], flush=True)
+                    row["ratio_to_full"] = round(row["step_s"] / full["step_s"], 3)
+            print(json.dumps(row), flush=True)
+
+
+def _names(known):
+    """argparse type: comma-separated names from `known` (`--shapes tiny,gpt2`)."""
+
+    def parse(text: str) -> list[str]:
+        names = [n for n in text.split(",") if n]
+        for n in names:
+            if n not in known:
+                raise argparse.ArgumentTypeError(f"unknown {n!r}; known: {', '.join(known)}")
+        return names
+
+    return parse
 
 
 def main() -> None:
@@ -162,8 +319,25 @@ def main() -> None:
     g.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--compile-cache", help=argparse.SUPPRESS)
     g.add_argument("--weights", help=argparse.SUPPRESS)
+    t = sub.add_parser("train", help="train-step speed and MFU against transformers' Flax GPT-2")
+    t.add_argument("--shapes", nargs="+", type=_names(TRAIN_SHAPES), default=[list(TRAIN_SHAPES)])
+    t.add_argument("--impls", nargs="+", type=_names(TRAIN_IMPLS), default=[list(TRAIN_IMPLS)],
+                   help="jax: all parameters train; jax-last6: the top half of the blocks (6 of 12); "
+                        "jax-head: the tied head; flax: transformers' FlaxGPT2LMHeadModel")
+    t.add_argument("--batch", type=int, default=4)
+    t.add_argument("--seq", type=int, default=128)
+    t.add_argument("--steps", type=int, default=5, help="timed steps after the first (compiling) one")
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    t.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    generate_bench(args)
+    if args.bench == "generate":
+        generate_bench(args)
+        return
+    args.shapes, args.impls = sum(args.shapes, []), sum(args.impls, [])  # --shapes tiny,gpt2 or tiny gpt2
+    longest = min(TRAIN_SHAPES[s]["n_positions"] for s in args.shapes)
+    if not 1 <= args.seq <= longest:
+        p.error(f"--seq must be between 1 and {longest} (n_positions)")
+    train_bench(args)
 
 
 if __name__ == "__main__":
