@@ -1,28 +1,24 @@
-"""The README's main job, tools/demo.py, end to end: its export loads in transformers with the same logits."""
-import os
+"""The README's main job, `python train.py --config configs/demo.yaml`, shrunk to seconds: the bundled
+corpus builds, a tokenizer trains on it, the loop runs, and the run ends with held-out generations."""
 import subprocess
 import sys
+from pathlib import Path
 
-import numpy as np
-import torch
-import transformers
-
-from gpt2_jax.hf import load_pretrained
-from gpt2_jax.tokenizer import load_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_runs_and_exports_a_working_model(tmp_path):
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.count("\ntitle: ") == 2 and "text: " in res.stdout
-    model_dir = tmp_path / "model"
-    tok = load_tokenizer(model_dir)
-    ids = np.array([tok.format_example("A title", "two words", "Some text about tomatoes.")])
-    ref = transformers.GPT2LMHeadModel.from_pretrained(model_dir, attn_implementation="eager").eval()
-    assert ref.config.eos_token_id == tok.eos_id and ref.config.vocab_size == len(tok)
-    with torch.no_grad():
-        want = ref(torch.as_tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(load_pretrained(str(model_dir))(ids)), want, atol=1e-5, rtol=0)
+def test_demo_config_runs_end_to_end_on_the_builtin_corpus(tmp_path):
+    shrink = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "tokenizer.sentencepiece_vocab_size=600",
+              "train.steps=6", "train.eval_every=3", "train.eval_batches=2", "checkpoint.every=3",
+              "sample.max_new_tokens=8", f"train.out_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+                          *shrink], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    assert "unigram baseline loss" in out and "step 3: validation loss" in out
+    assert out.count("[held-out] title: ") == 3
+    corpus = list((tmp_path / "cache").glob("stdlib-docs-*.jsonl"))
+    assert len(corpus) == 1 and corpus[0].stat().st_size > 1_000_000
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "tokenizer", "hf/config.json", "checkpoints/6"):
+        assert (run / name).exists(), name
