@@ -9,7 +9,7 @@ Restoring targets the current mesh's shardings, whatever mesh wrote the checkpoi
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -81,6 +81,23 @@ class Checkpointer:
             state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)))
         return {**out["state"]["params"], **out["state"]["frozen"]}
 
+    def param_reader(self, step: int) -> tuple[dict[str, tuple], Callable[[str], np.ndarray]]:
+        """({path: (shape, dtype)}, read(path)) over the parameters of `step`: `read` restores that one
+        tensor, to host memory, from whatever mesh wrote it. Needs a read-only Checkpointer."""
+        tree = self.manager.item_metadata(step)["state"]
+        where = {k: part for part in ("params", "frozen") for k in tree[part]}
+        shapes = {k: (tuple(tree[part][k].shape), np.dtype(tree[part][k].dtype)) for k, part in where.items()}
+
+        def read(key: str) -> np.ndarray:
+            part = where[key]
+            item = {part: {key: jax.ShapeDtypeStruct(*shapes[key])}}
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item),
+                partial_restore=True)))
+            return out["state"][part][key]
+
+        return shapes, read
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -122,22 +139,32 @@ def is_run_dir(path: str) -> bool:
     return os.path.isdir(checkpoint_dir(path)) and os.path.isfile(os.path.join(path, "model_config.json"))
 
 
-def load_run(run_dir: str, *, step: Optional[int] = None, dtype: Optional[str] = None, seed: int = 0):
-    """The model of a run directory's checkpoint (`step`, default the latest complete one), in eval mode."""
+def open_run(run_dir: str, step: Optional[int] = None) -> tuple[Any, "Checkpointer", int]:
+    """(ModelConfig, read-only Checkpointer, step) of a run directory; `step` defaults to the latest
+    complete checkpoint. The caller closes the Checkpointer."""
     from gpt2_jax.config import ModelConfig
-    from gpt2_jax.model import model_from_params
 
     config = ModelConfig.from_json(os.path.join(run_dir, "model_config.json"))
-    if dtype is not None:
-        config = config.replace(dtype=str(dtype), param_dtype=str(dtype))
     ckpt = Checkpointer(run_dir, read_only=True)
     steps = ckpt.all_steps()
     if not steps:
+        ckpt.close()
         raise GPT2JaxError(f"{run_dir}: no complete checkpoint in {checkpoint_dir(run_dir)}")
     if step is None:
         step = max(steps)
     elif step not in steps:
+        ckpt.close()
         raise GPT2JaxError(f"{run_dir}: no checkpoint of step {step}; there are: {', '.join(map(str, sorted(steps)))}")
+    return config, ckpt, step
+
+
+def load_run(run_dir: str, *, step: Optional[int] = None, dtype: Optional[str] = None, seed: int = 0):
+    """The model of a run directory's checkpoint (`step`, default the latest complete one), in eval mode."""
+    from gpt2_jax.model import model_from_params
+
+    config, ckpt, step = open_run(run_dir, step)
+    if dtype is not None:
+        config = config.replace(dtype=str(dtype), param_dtype=str(dtype))
     flat = ckpt.restore_params(step)
     ckpt.close()
     paths = {"/".join(map(str, p)): p for p in _param_paths(config)}
@@ -145,6 +172,27 @@ def load_run(run_dir: str, *, step: Optional[int] = None, dtype: Optional[str] =
     if missing:
         raise GPT2JaxError(f"{run_dir}: checkpoint of step {step} lacks {missing[0]} (model_config.json mismatch?)")
     return model_from_params(config, {paths[k]: flat[k] for k in paths}, seed=seed)
+
+
+def export_run(run_dir: str, out_dir: str, *, step: Optional[int] = None) -> str:
+    """Write a run's checkpoint as a Hugging Face directory (hf.write_pretrained with the run's tokenizer),
+    restoring one parameter at a time: host memory holds one tensor, never the model or optimiser state."""
+    from gpt2_jax.hf import write_pretrained
+    from gpt2_jax.tokenizer import load_tokenizer
+
+    config, ckpt, step = open_run(run_dir, step)
+    try:
+        shapes, read = ckpt.param_reader(step)
+        paths = {"/".join(map(str, p)): p for p in _param_paths(config)}
+        if set(paths) != set(shapes):
+            odd = sorted(set(paths) ^ set(shapes))[0]
+            raise GPT2JaxError(f"{run_dir}: checkpoint of step {step} and model_config.json disagree on {odd}")
+        tok_dir = os.path.join(run_dir, "tokenizer")
+        tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+        return write_pretrained(config, {paths[k]: v for k, v in shapes.items()},
+                                lambda p: read("/".join(map(str, p))), out_dir, tokenizer)
+    finally:
+        ckpt.close()
 
 
 def _param_paths(config) -> list[tuple]:

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from flax import nnx
@@ -185,24 +185,13 @@ def load_pretrained(path: str, *, dtype: Optional[str] = None, seed: int = 0) ->
 
 # --- writing -------------------------------------------------------------------------------------
 
-def state_dict(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
-    """{PyTorch name: numpy array} of the model's parameters (the tied head left out, as HF saves it)."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {torch_name(tuple(path)): np.asarray(var[...]) for path, var in flat}
+def model_tensors(model: GPT2LMHeadModel) -> tuple[dict[tuple, tuple], Callable[[tuple], np.ndarray]]:
+    """({path: (shape, dtype)}, read(path) -> numpy array) of the model's parameters, for write_pretrained."""
+    flat = {tuple(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()}, lambda p: np.asarray(flat[p][...])
 
 
-def flax_params(model: GPT2LMHeadModel) -> dict:
-    """The nested parameter dict of `transformers.FlaxGPT2LMHeadModel` (kernels transposed to [out, in])."""
-    tree: dict = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = np.asarray(var[...])
-        if path[-1] in _FLAX_TRANSPOSED_LEAVES:
-            value = np.ascontiguousarray(value.T)
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(str(key), {})
-        node[path[-1]] = value
-    return tree
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 def _hf_config_dict(config: ModelConfig, tokenizer) -> dict:
@@ -217,21 +206,27 @@ def save_pretrained(model: GPT2LMHeadModel, out_dir: str, tokenizer=None) -> str
     """Write a Hugging Face directory: model.safetensors, flax_model.msgpack, config.json,
     generation_config.json and, given a tokenizer, its files. Loads in `transformers` as
     `GPT2LMHeadModel` and `FlaxGPT2LMHeadModel`. Files appear whole or not at all."""
-    from flax import serialization
-    from safetensors.numpy import save_file
+    shapes, read = model_tensors(model)
+    return write_pretrained(model.config, shapes, read, out_dir, tokenizer)
 
+
+def write_pretrained(config: ModelConfig, shapes: dict[tuple, tuple], read: Callable[[tuple], np.ndarray],
+                     out_dir: str, tokenizer=None) -> str:
+    """`save_pretrained` from `read(path)`, called once per parameter path of `shapes` ({path: (shape,
+    dtype)}): each tensor goes into both weight files as it is read, so no more than one is held at a time
+    (a checkpoint's export never gathers the whole model)."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    cfg = _hf_config_dict(model.config, tokenizer)
+    cfg = _hf_config_dict(config, tokenizer)
     gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "_from_model_config": True}
     if cfg.get("pad_token_id") is not None:
         gen["pad_token_id"] = cfg["pad_token_id"]
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        save_file(state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "flax_model.msgpack"), "wb") as f:
-            f.write(serialization.msgpack_serialize(flax_params(model)))
+        with open(os.path.join(tmp, "model.safetensors"), "wb") as st, \
+                open(os.path.join(tmp, "flax_model.msgpack"), "wb") as mp:
+            _write_weights(shapes, read, st, mp)
         for name, content in (("config.json", cfg), ("generation_config.json", gen)):
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(content, f, indent=2, sort_keys=True)
@@ -248,3 +243,53 @@ def save_pretrained(model: GPT2LMHeadModel, out_dir: str, tokenizer=None) -> str
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _write_weights(shapes: dict[tuple, tuple], read: Callable[[tuple], np.ndarray], st, mp) -> None:
+    """Stream safetensors (PyTorch names and layouts; the header first, from the shapes) and Flax msgpack
+    (a nested map, kernels transposed to [out, in]) in one pass over the tensors, in one order."""
+    import msgpack
+    from flax import serialization
+
+    paths = sorted(shapes, key=lambda p: tuple(str(k) for k in p))
+    header, offset = {}, 0
+    for p in paths:
+        shape, dtype = shapes[p]
+        if np.dtype(dtype).name not in _SAFETENSORS_DTYPES:
+            raise GPT2JaxError(f"cannot export {'/'.join(map(str, p))} of dtype {np.dtype(dtype).name}")
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[torch_name(p)] = {"dtype": _SAFETENSORS_DTYPES[np.dtype(dtype).name], "shape": list(shape),
+                                 "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    st.write(len(blob).to_bytes(8, "little") + blob)
+
+    tree: dict = {}  # the msgpack nesting: {key: subtree or path}
+    for p in paths:
+        node = tree
+        for key in p[:-1]:
+            node = node.setdefault(str(key), {})
+        node[p[-1]] = p
+    packer = msgpack.Packer(use_bin_type=True)
+
+    def emit(node: dict) -> None:
+        mp.write(packer.pack_map_header(len(node)))
+        for key, child in node.items():
+            mp.write(packer.pack(key))
+            if isinstance(child, dict):
+                emit(child)
+                continue
+            value = np.asarray(read(child))
+            shape, dtype = shapes[child]
+            if value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
+                raise GPT2JaxError(f"{'/'.join(map(str, child))}: read {value.dtype}{list(value.shape)}, "
+                                   f"expected {np.dtype(dtype)}{list(shape)}")
+            st.write(np.ascontiguousarray(value).tobytes())
+            if child[-1] in _FLAX_TRANSPOSED_LEAVES:
+                value = value.T
+            mp.write(serialization.msgpack_serialize(np.ascontiguousarray(value)))
+            del value  # before the next read: one tensor in memory at a time
+
+    emit(tree)

@@ -329,8 +329,9 @@ def test_kill_9_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tmp
 
 
 def test_export_from_a_run_directory_loads_in_transformers(tmp_path):
-    """tools/export_hf.py: Flax and PyTorch GPT-2 give our logits; special tokens and generation defaults set."""
-    run(tmp_path, train__steps=3, checkpoint__every=0)
+    """tools/export_hf.py on an fsdp-sharded checkpoint: Flax and PyTorch GPT-2 give our logits; special tokens
+    and generation defaults set."""
+    run(tmp_path, train__steps=3, checkpoint__every=0, mesh__data=1, mesh__fsdp=8)
     out = tmp_path / "export"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "export_hf.py"), "--checkpoint", str(tmp_path / "run"),
                            "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -349,3 +350,48 @@ def test_export_from_a_run_directory_loads_in_transformers(tmp_path):
     gen = transformers.GenerationConfig.from_pretrained(out)
     assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     assert (pt.config.sep_token_id, pt.config.pad_token_id) == (tok.sep_id, tok.pad_id)
+
+
+def test_export_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
+    from gpt2_jax import checkpoint, hf
+
+    run(tmp_path, train__steps=2, checkpoint__every=0, mesh__data=2, mesh__fsdp=4)
+    reads, held = [], []
+    original_reader = checkpoint.Checkpointer.param_reader
+
+    def spying_reader(self, step):
+        shapes, read = original_reader(self, step)
+
+        def spy(key):
+            reads.append(key)
+            return read(key)
+
+        return shapes, spy
+
+    original_write = hf._write_weights
+
+    def spying_write(shapes, read, st, mp):
+        import gc
+        import weakref
+
+        live = []  # weak references to every tensor read so far: at most one may be alive at a read
+
+        def tracked(path):
+            gc.collect()
+            held.append(sum(r() is not None for r in live))
+            value = read(path)
+            live.append(weakref.ref(value))
+            return value
+
+        original_write(shapes, tracked, st, mp)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "param_reader", spying_reader)
+    monkeypatch.setattr(hf, "_write_weights", spying_write)
+    out = checkpoint.export_run(str(tmp_path / "run"), str(tmp_path / "export"))
+    n_params = len(checkpoint._param_paths(checkpoint.load_run(str(tmp_path / "run")).config))
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == n_params
+    assert max(held) == 0  # the previous tensor is gone before the next one is read
+    from gpt2_jax import load_pretrained
+
+    ids = np.array([[1, 5, 7, 9]])
+    np.testing.assert_array_equal(np.asarray(load_pretrained(out)(ids)), np.asarray(load_pretrained(str(tmp_path / "run"))(ids)))

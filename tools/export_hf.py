@@ -4,10 +4,10 @@
 
 Writes model.safetensors, flax_model.msgpack, config.json (with the special-token ids),
 generation_config.json and the run's tokenizer; transformers loads it as GPT2LMHeadModel and
-FlaxGPT2LMHeadModel. Only the parameters are read from the checkpoint, not the optimiser state.
+FlaxGPT2LMHeadModel. Only the parameters are read from the checkpoint, one tensor at a time, whatever
+mesh wrote it: the optimiser state and the whole model are never in memory.
 """
 import argparse
-import os
 
 from gpt2_jax.errors import GPT2JaxError, run_cli
 
@@ -19,16 +19,12 @@ def main() -> None:
     p.add_argument("--out", required=True, help="the Hugging Face directory to write")
     args = p.parse_args()
 
-    from gpt2_jax.checkpoint import is_run_dir, load_run
-    from gpt2_jax.hf import save_pretrained
-    from gpt2_jax.tokenizer import load_tokenizer
+    from gpt2_jax.checkpoint import export_run, is_run_dir
 
     if not is_run_dir(args.checkpoint):
         raise GPT2JaxError(f"{args.checkpoint} is not a training run directory (no model_config.json and "
                            f"checkpoints/ in it)")
-    model = load_run(args.checkpoint, step=args.step)
-    tok = load_tokenizer(os.path.join(args.checkpoint, "tokenizer"))
-    out = save_pretrained(model, args.out, tokenizer=tok)
+    out = export_run(args.checkpoint, args.out, step=args.step)
     print(f"exported {args.checkpoint} to {out}")
 
 
