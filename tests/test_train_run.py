@@ -151,6 +151,32 @@ def test_checkpoint_crosses_topologies(tmp_path):
     assert reference["steps"] == 6
 
 
+def test_one_device_resume_is_bitwise_and_continues_on_fsdp8(tmp_path):
+    """On 1 device: 6 steps == 3 + resume + 3, bitwise. The 1-device checkpoint of step 3 also continues
+    with fsdp=8 on 8 devices with the same losses (the reverse of the test above)."""
+    import shutil
+
+    one = dict(devices=1, mesh__data=1, mesh__fsdp=1)
+
+    def cli_run(tmp, **extra):
+        _, stderr = (proc := cli(tmp, **one, **extra)).communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+
+    cli_run(tmp_path / "a")
+    cli_run(tmp_path / "b", train__steps=3)
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    cli_run(tmp_path / "b")
+    a, b = latest_state(tmp_path / "a" / "run"), latest_state(tmp_path / "b" / "run")
+    assert a["step"] == b["step"] == 6 and a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    run(tmp_path / "c", mesh__data=1, mesh__fsdp=8)
+    ref, got = train_losses(tmp_path / "a" / "run"), train_losses(tmp_path / "c" / "run")
+    assert sorted(got) == sorted(ref) == list(range(1, 7))
+    for step in ref:
+        assert abs(got[step] - ref[step]) <= 1e-5 * abs(ref[step]), (step, got[step], ref[step])
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"train__batch_size": 12, "optim__grad_accum": 1}, "12 sequences per micro-batch is not divisible by the "
                                                         "data-parallel size 8"),
