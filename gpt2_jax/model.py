@@ -130,8 +130,8 @@ class Attention(nnx.Module):
         """Returns the output [B, T, D] and, with a cache, this layer's updated (k, v)."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
-        qkv = self.c_attn(x_BTD).reshape(B, T, 3, cfg.n_head, cfg.head_dim)
-        q_BTHK, k_BTHK, v_BTHK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, cfg.n_head, cfg.head_dim)
+                                  for a in jnp.split(self.c_attn(x_BTD), 3, axis=-1))
         if kv is not None:
             k_cache, v_cache = kv
             k_BSHK = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BTHK.astype(k_cache.dtype), index, axis=1)

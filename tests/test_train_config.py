@@ -122,3 +122,25 @@ def test_schedule_warmup_then_cosine_to_min():
     np.testing.assert_allclose([float(sched(s)) for s in (0, 5, 10, 60, 110)], [0.0, 0.5, 1.0, 0.55, 0.1], atol=1e-6)
     lin = learning_rate(OptimSection(lr=1.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0), 100)
     np.testing.assert_allclose([float(lin(s)) for s in (0, 50, 100)], [1.0, 0.5, 0.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0, 1e-3])
+def test_fused_adamw_is_optax_chain(clip):
+    """make_optimizer's one-pass AdamW gives optax's clip + adamw(mask) numbers over several steps."""
+    import optax
+
+    cfg = OptimSection(lr=1e-2, warmup_steps=2, schedule="cosine", weight_decay=0.1, clip=clip)
+    ours = make_optimizer(cfg, 6)
+    adamw = optax.adamw(learning_rate(cfg, 6), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                        mask=decay_mask)
+    ref = optax.chain(optax.clip_by_global_norm(clip), adamw) if clip else adamw
+    rng = np.random.default_rng(0)
+    params = {"k": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.asarray(rng.normal(size=4), jnp.float32)}
+    p1, s1, p2, s2 = params, ours.init(params), params, ref.init(params)
+    for _ in range(5):
+        grads = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+        u1, s1 = ours.update(grads, s1, p1)
+        u2, s2 = ref.update(grads, s2, p2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+        for k in params:
+            np.testing.assert_allclose(p1[k], p2[k], rtol=1e-6, atol=1e-7, err_msg=k)
