@@ -63,3 +63,15 @@ def hf_dir(tmp_path):
         return str(path), model
 
     return make
+
+
+@pytest.fixture(params=["materialised", "query-blocks", "dot_product_attention"])
+def attention_path(request, monkeypatch):
+    """Runs a test with each attention implementation: CPU's default (materialised, one block of queries
+    for these short sequences), blocks of 16 queries with a ragged last one, and dot_product_attention."""
+    from gpt2_jax import model
+
+    monkeypatch.setattr(model, "materialise_attention", lambda: request.param != "dot_product_attention")
+    if request.param == "query-blocks":
+        monkeypatch.setattr(model, "QUERY_CHUNK", 16)
+    return request.param

@@ -30,7 +30,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_logits_equal_transformers(hf_dir, case):
+def test_logits_equal_transformers(hf_dir, case, attention_path):
     path, ref = hf_dir(**CASES[case])
     model = load_pretrained(path)
     want = torch_logits(ref, IDS)
@@ -40,7 +40,7 @@ def test_logits_equal_transformers(hf_dir, case):
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
-def test_left_padding_and_attention_mask(hf_dir):
+def test_left_padding_and_attention_mask(hf_dir, attention_path):
     path, ref = hf_dir()
     model = load_pretrained(path)
     lengths = [40, 31, 17]

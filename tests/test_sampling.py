@@ -284,7 +284,7 @@ def test_sampling_frequencies(path):
 LENGTHS = [9, 4, 13]
 
 
-def test_greedy_equals_transformers(models):
+def test_greedy_equals_transformers(models, attention_path):
     """Left-padded prompts of unequal length: token for token HF's greedy generate, EOS handling included."""
     ref, model = models
     ids, mask = left_padded(LENGTHS, pad=0)
@@ -335,7 +335,7 @@ def test_config_eos_and_pad_defaults(models):
     np.testing.assert_array_equal(got[:, :want.shape[1]], want)
 
 
-def test_cached_logits_equal_full_forward(models):
+def test_cached_logits_equal_full_forward(models, attention_path):
     """Every decode step's logits equal a full forward pass over prompt + tokens so far (ours and HF's)."""
     ref, model = models
     ids, mask = left_padded(LENGTHS, pad=0, seed=1)
