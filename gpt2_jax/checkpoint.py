@@ -74,12 +74,9 @@ class Checkpointer:
 
         Needs a read-only Checkpointer."""
         tree = self.manager.item_metadata(step)["state"]
-        item = {part: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tree[part].items()}
-                for part in ("params", "frozen")}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)))
-        return {**out["state"]["params"], **out["state"]["frozen"]}
+        out = self._restore_to_host(step, {part: {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                                                  for k, v in tree[part].items()} for part in ("params", "frozen")})
+        return {**out["params"], **out["frozen"]}
 
     def param_reader(self, step: int) -> tuple[dict[str, tuple], Callable[[str], np.ndarray]]:
         """({path: (shape, dtype)}, read(path)) over the parameters of `step`: `read` restores that one
@@ -90,13 +87,15 @@ class Checkpointer:
 
         def read(key: str) -> np.ndarray:
             part = where[key]
-            item = {part: {key: jax.ShapeDtypeStruct(*shapes[key])}}
-            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item=item, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item),
-                partial_restore=True)))
-            return out["state"][part][key]
+            return self._restore_to_host(step, {part: {key: jax.ShapeDtypeStruct(*shapes[key])}})[part][key]
 
         return shapes, read
+
+    def _restore_to_host(self, step: int, item: dict) -> dict:
+        """The part of the state of `step` that `item` names (a subtree of ShapeDtypeStructs), as numpy."""
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True)))["state"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -167,7 +166,7 @@ def load_run(run_dir: str, *, step: Optional[int] = None, dtype: Optional[str] =
         config = config.replace(dtype=str(dtype), param_dtype=str(dtype))
     flat = ckpt.restore_params(step)
     ckpt.close()
-    paths = {"/".join(map(str, p)): p for p in _param_paths(config)}
+    paths = _param_keys(config)
     missing = sorted(set(paths) - set(flat))
     if missing:
         raise GPT2JaxError(f"{run_dir}: checkpoint of step {step} lacks {missing[0]} (model_config.json mismatch?)")
@@ -178,24 +177,26 @@ def export_run(run_dir: str, out_dir: str, *, step: Optional[int] = None) -> str
     """Write a run's checkpoint as a Hugging Face directory (hf.write_pretrained with the run's tokenizer),
     restoring one parameter at a time: host memory holds one tensor, never the model or optimiser state."""
     from gpt2_jax.hf import write_pretrained
+    from gpt2_jax.model import path_key
     from gpt2_jax.tokenizer import load_tokenizer
 
     config, ckpt, step = open_run(run_dir, step)
     try:
         shapes, read = ckpt.param_reader(step)
-        paths = {"/".join(map(str, p)): p for p in _param_paths(config)}
+        paths = _param_keys(config)
         if set(paths) != set(shapes):
             odd = sorted(set(paths) ^ set(shapes))[0]
             raise GPT2JaxError(f"{run_dir}: checkpoint of step {step} and model_config.json disagree on {odd}")
         tok_dir = os.path.join(run_dir, "tokenizer")
         tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
         return write_pretrained(config, {paths[k]: v for k, v in shapes.items()},
-                                lambda p: read("/".join(map(str, p))), out_dir, tokenizer)
+                                lambda p: read(path_key(p)), out_dir, tokenizer)
     finally:
         ckpt.close()
 
 
-def _param_paths(config) -> list[tuple]:
-    from gpt2_jax.model import param_shapes
+def _param_keys(config) -> dict[str, tuple]:
+    """{flat key: parameter path} of every parameter of `config`."""
+    from gpt2_jax.model import param_shapes, path_key
 
-    return list(param_shapes(config))
+    return {path_key(p): p for p in param_shapes(config)}

@@ -48,6 +48,11 @@ class Rows(list):
         self.skipped = skipped
 
 
+def row_texts(rows: Sequence[Row]) -> list[str]:
+    """The non-empty titles, keyword lists (joined by spaces) and texts of `rows`: what a tokenizer trains on."""
+    return [s for r in rows for s in (r.title, " ".join(r.keywords), r.text) if s]
+
+
 class _BadRow(Exception):
     """A malformed row: read_rows raises it as a GPT2JaxError or skips it."""
 

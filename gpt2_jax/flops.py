@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_jax.config import ModelConfig
+from gpt2_jax.model import param_shapes, path_key
 
 # Dense bf16 peak FLOP/s per device (vendor figures). float32 compute on GPUs runs at the TF32 rate, half this.
 _PEAK_BF16 = (
@@ -30,7 +31,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, trainable: Optional[Iterable
     """
     d, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
     attn_fwd = 4.0 * cfg.n_head * cfg.head_dim * seq_len  # QKᵀ and PV of one layer, per token
-    units = _units(cfg)
+    shapes = {path_key(p): shape for p, shape in param_shapes(cfg).items()}
+    units = _units(cfg, shapes)
     n = sum(size for prefix, size in units[1:])  # all but the position embedding
     forward = 2.0 * n + L * attn_fwd
     if trainable is None:
@@ -44,22 +46,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, trainable: Optional[Iterable
                   order.index(next(u for u in order if p.startswith(u))) for p in trainable), default=len(order))
     backward = sum(2.0 * size + (2 * attn_fwd if prefix.endswith("/attention") else 0.0)
                    for i, (prefix, size) in enumerate(units) if i > lowest)
-    weight_grads = 2.0 * sum(math.prod(shape) for p, shape in _shapes(cfg).items()
+    weight_grads = 2.0 * sum(math.prod(shape) for p, shape in shapes.items()
                              if p in trainable and not p.startswith("transformer/wpe/"))
     return forward + backward + weight_grads
 
 
-def _shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    from gpt2_jax.trainer import ModelLayout  # the real parameter tree, so every path is counted
-
-    return {k: v.shape for k, v in ModelLayout.of(cfg).shapes.items()}
-
-
-def _units(cfg: ModelConfig) -> list[tuple[str, int]]:
+def _units(cfg: ModelConfig, shapes: dict[str, tuple]) -> list[tuple[str, int]]:
     """(path prefix, parameter elements) of each unit, bottom to top: the position embedding standing for
     the input embeddings, the blocks' parts ("…/attention" is the parameter-free core), ln_f, and the
-    head, which is the token embedding."""
-    shapes = _shapes(cfg)
+    head, which is the token embedding. `shapes`: {path: shape} of every parameter."""
 
     def size(prefix):
         return sum(math.prod(s) for p, s in shapes.items() if p.startswith(prefix))

@@ -18,7 +18,7 @@ from flax import nnx
 
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import GPT2JaxError, first_line
-from gpt2_jax.model import GPT2LMHeadModel, model_from_params, param_shapes
+from gpt2_jax.model import GPT2LMHeadModel, model_from_params, param_shapes, path_key
 
 # Our leaf name -> PyTorch leaf name. Flax msgpack keeps our leaf names.
 _TO_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
@@ -256,7 +256,7 @@ def _write_weights(shapes: dict[tuple, tuple], read: Callable[[tuple], np.ndarra
     for p in paths:
         shape, dtype = shapes[p]
         if np.dtype(dtype).name not in _SAFETENSORS_DTYPES:
-            raise GPT2JaxError(f"cannot export {'/'.join(map(str, p))} of dtype {np.dtype(dtype).name}")
+            raise GPT2JaxError(f"cannot export {path_key(p)} of dtype {np.dtype(dtype).name}")
         size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         header[torch_name(p)] = {"dtype": _SAFETENSORS_DTYPES[np.dtype(dtype).name], "shape": list(shape),
                                  "data_offsets": [offset, offset + size]}
@@ -284,7 +284,7 @@ def _write_weights(shapes: dict[tuple, tuple], read: Callable[[tuple], np.ndarra
             value = np.asarray(read(child))
             shape, dtype = shapes[child]
             if value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
-                raise GPT2JaxError(f"{'/'.join(map(str, child))}: read {value.dtype}{list(value.shape)}, "
+                raise GPT2JaxError(f"{path_key(child)}: read {value.dtype}{list(value.shape)}, "
                                    f"expected {np.dtype(dtype)}{list(shape)}")
             st.write(np.ascontiguousarray(value).tobytes())
             if child[-1] in _FLAX_TRANSPOSED_LEAVES:

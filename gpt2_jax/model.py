@@ -317,18 +317,27 @@ def resize_token_embeddings(model: GPT2LMHeadModel, new_vocab_size: int) -> GPT2
     old_vocab = old.shape[0]
     if new_vocab_size <= 0:
         raise GPT2JaxError(f"new vocabulary size must be positive, got {new_vocab_size}")
-    if new_vocab_size <= old_vocab:
-        new = old[:new_vocab_size]
-    else:
-        mean = jnp.mean(old.astype(jnp.float32), axis=0, keepdims=True).astype(old.dtype)
-        new = jnp.concatenate([old, jnp.repeat(mean, new_vocab_size - old_vocab, axis=0)], axis=0)
+    new = old[:new_vocab_size] if new_vocab_size <= old_vocab else grow_embedding(old, new_vocab_size)
     wte.embedding = nnx.Param(new, **wte.embedding.get_metadata())
     wte.num_embeddings = new_vocab_size
     model.config = model.config.replace(vocab_size=new_vocab_size)
     return model
 
 
+def grow_embedding(old, new_vocab_size: int):
+    """`old` [V, D] with rows added up to `new_vocab_size`, each the mean of the old rows (computed in
+    float32); a numpy input stays numpy."""
+    xp = np if isinstance(old, np.ndarray) else jnp
+    mean = xp.mean(old.astype(np.float32), axis=0, keepdims=True).astype(old.dtype)
+    return xp.concatenate([old, xp.repeat(mean, new_vocab_size - old.shape[0], axis=0)], axis=0)
+
+
 ParamPath = tuple  # ('transformer', 'h', 0, 'attn', 'c_attn', 'kernel')
+
+
+def path_key(path: ParamPath) -> str:
+    """('transformer', 'h', 0, 'ln_1', 'scale') -> 'transformer/h/0/ln_1/scale', the flat-dict key."""
+    return "/".join(map(str, path))
 
 
 def param_shapes(config: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:
@@ -348,7 +357,7 @@ def model_from_params(config: ModelConfig, params: dict[ParamPath, jax.Array], *
     for path, var in flat:
         value = jnp.asarray(params[tuple(path)], dtype=dtype)
         if value.shape != var.shape:
-            raise GPT2JaxError(f"parameter {'/'.join(map(str, path))} has shape {value.shape}, expected {var.shape}")
+            raise GPT2JaxError(f"parameter {path_key(path)} has shape {value.shape}, expected {var.shape}")
         leaves.append((path, var.replace(value)))
     state = nnx.from_flat_state(leaves)
     return nnx.merge(graphdef, state, rest)

@@ -30,14 +30,10 @@ from gpt2_jax import sharding
 from gpt2_jax.config import ModelConfig, TrainConfig
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.freeze import trainable_paths
-from gpt2_jax.model import GPT2LMHeadModel
+from gpt2_jax.model import GPT2LMHeadModel, grow_embedding, path_key
 from gpt2_jax.optim import learning_rate, make_optimizer
 
 log = logging.getLogger(__name__)
-
-
-def path_key(path: tuple) -> str:
-    return "/".join(map(str, path))
 
 
 class TrainState(NamedTuple):
@@ -281,6 +277,7 @@ def _out(msg: str) -> None:
 def prepare_tokenizer(cfg: TrainConfig, rows):
     """The run's tokenizer: tokenizer.path, else init_from's, else a SentencePiece model trained on the corpus
     (once: a later run in the same out_dir reuses it)."""
+    from gpt2_jax.data import row_texts
     from gpt2_jax.tokenizer import load_tokenizer, train_sentencepiece
 
     if cfg.tokenizer.path is not None:
@@ -290,9 +287,8 @@ def prepare_tokenizer(cfg: TrainConfig, rows):
     tok_dir = os.path.join(cfg.train.out_dir, "tokenizer")
     if not os.path.isdir(tok_dir):
         if jax.process_index() == 0:
-            texts = [s for r in rows for s in (r.title, " ".join(r.keywords), r.text) if s]
             tmp = tok_dir + ".tmp"
-            train_sentencepiece(texts, tmp, cfg.tokenizer.sentencepiece_vocab_size)
+            train_sentencepiece(row_texts(rows), tmp, cfg.tokenizer.sentencepiece_vocab_size)
             os.replace(tmp, tok_dir)
         _sync("tokenizer")
     return load_tokenizer(tok_dir)
@@ -324,8 +320,7 @@ def initial_params(cfg: TrainConfig, tokenizer) -> tuple[ModelConfig, Optional[d
     flat = {path_key(p): v for p, v in params_from_state_dict(base, state, os.path.join(src, fmt)).items()}
     wte = flat["transformer/wte/embedding"]
     if vocab > wte.shape[0]:  # new rows = the mean embedding, as resize_token_embeddings does
-        mean = wte.astype(np.float32).mean(axis=0, keepdims=True).astype(wte.dtype)
-        flat["transformer/wte/embedding"] = np.concatenate([wte, np.repeat(mean, vocab - wte.shape[0], axis=0)])
+        flat["transformer/wte/embedding"] = grow_embedding(wte, vocab)
     if cfg.data.max_length > base.n_positions:
         raise GPT2JaxError(f"data.max_length={cfg.data.max_length} exceeds the n_positions={base.n_positions} "
                            f"of {src}")
@@ -336,13 +331,7 @@ def initial_params(cfg: TrainConfig, tokenizer) -> tuple[ModelConfig, Optional[d
 def prepare_data(cfg: TrainConfig, process_index: int, process_count: int):
     """(rows, tokenizer, train Batches, val Batches or None, val rows)."""
     from gpt2_jax import data
-
-    def resolve_corpus(spec: str, cache_dir: str):
-        if spec.startswith("builtin:"):
-            from gpt2_jax.corpus import resolve_corpus as resolve
-
-            return resolve(spec, cache_dir)
-        return spec
+    from gpt2_jax.corpus import resolve_corpus
 
     cache_dir = os.path.expanduser(cfg.data.cache_dir)
     train_path = resolve_corpus(cfg.data.train, cache_dir)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt2_jax.data import FORMATS, read_rows
+from gpt2_jax.data import FORMATS, read_rows, row_texts
 from gpt2_jax.errors import run_cli
 from gpt2_jax.tokenizer import train_bpe, train_sentencepiece
 
@@ -25,7 +25,7 @@ def main() -> None:
     args = p.parse_args()
 
     rows = read_rows(args.corpus, args.format, skip_bad_rows=args.skip_bad_rows)
-    texts = [s for r in rows for s in (r.title, " ".join(r.keywords), r.text) if s]
+    texts = row_texts(rows)
     if args.kind == "sentencepiece":
         tok = train_sentencepiece(texts, args.out, args.vocab_size, model_type=args.model_type)
     else:
