@@ -42,8 +42,12 @@ class AdamWState(NamedTuple):
     nu: Any  # second moments
 
 
-def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransformationExtraArgs:
     """Clip by global norm (cfg.clip > 0), then AdamW with the schedule and the rank >= 2 decay mask.
+
+    `update(grads, state, params, grad_scale=1.0)` treats `grads * grad_scale` as the gradient: the train
+    step passes token-summed gradients and 1 / tokens, and the scale then folds into the clipping factor
+    instead of costing a pass over every gradient (on GPT-2 124M, 1 GB of memory traffic a step).
 
     The numbers of `optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, b1, b2, eps,
     weight_decay, mask=decay_mask))` (tested), written as one element-wise expression per parameter: XLA
@@ -57,11 +61,12 @@ def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransfo
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
         return AdamWState(jnp.zeros([], jnp.int32), zeros(), zeros())
 
-    def update(grads, state, params):
+    def update(grads, state, params, grad_scale=1.0):
+        scale = jnp.asarray(grad_scale, jnp.float32)
         if clip > 0:  # optax.clip_by_global_norm: g * clip / |g| when |g| >= clip
-            norm = optax.global_norm(grads)
-            scale = jnp.where(norm < clip, 1.0, clip / norm)
-            grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+            norm = optax.global_norm(grads) * scale
+            scale = scale * jnp.where(norm < clip, 1.0, clip / norm)
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         count = state.count + 1
         lr = schedule(state.count)
         bc1, bc2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
@@ -78,4 +83,4 @@ def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransfo
         updates = {k: step(mu[k], nu[k], params[k], mask[k]) for k in params}
         return updates, AdamWState(count, mu, nu)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -140,10 +140,10 @@ def make_train_step(layout: ModelLayout, optimizer: optax.GradientTransformation
             carry, _ = jax.lax.scan(micro, carry, batch)
         grads, loss, count, rng = carry
         count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        # `grads` are sums over tokens; the optimiser applies the 1 / count of the mean within its own pass.
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, grad_scale=1.0 / count)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss / count, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+        metrics = {"loss": loss / count, "grad_norm": optax.global_norm(grads) / count, "lr": schedule(state.step),
                    "tokens": count}
         return TrainState(state.step + 1, params, state.frozen, opt_state, rng), metrics
 

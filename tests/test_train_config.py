@@ -125,8 +125,10 @@ def test_schedule_warmup_then_cosine_to_min():
 
 
 @pytest.mark.parametrize("clip", [0.0, 1.0, 1e-3])
-def test_fused_adamw_is_optax_chain(clip):
-    """make_optimizer's one-pass AdamW gives optax's clip + adamw(mask) numbers over several steps."""
+@pytest.mark.parametrize("grad_scale", [1.0, 1 / 37])
+def test_fused_adamw_is_optax_chain(clip, grad_scale):
+    """make_optimizer's one-pass AdamW gives optax's clip + adamw(mask) numbers over several steps, with the
+    gradient's scale (the train step's 1 / tokens) passed separately."""
     import optax
 
     cfg = OptimSection(lr=1e-2, warmup_steps=2, schedule="cosine", weight_decay=0.1, clip=clip)
@@ -139,8 +141,8 @@ def test_fused_adamw_is_optax_chain(clip):
     p1, s1, p2, s2 = params, ours.init(params), params, ref.init(params)
     for _ in range(5):
         grads = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
-        u1, s1 = ours.update(grads, s1, p1)
-        u2, s2 = ref.update(grads, s2, p2)
+        u1, s1 = ours.update(grads, s1, p1, grad_scale=grad_scale)
+        u2, s2 = ref.update({k: g * grad_scale for k, g in grads.items()}, s2, p2)
         p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
         for k in params:
             np.testing.assert_allclose(p1[k], p2[k], rtol=1e-6, atol=1e-7, err_msg=k)
