@@ -2,7 +2,7 @@
 
     python tools/bench.py generate [--preset tiny gpt2] [--batch 1 8] [--impl jax torch flax]
     python tools/bench.py train [--shapes tiny,gpt2] [--batch 4] [--seq 128] [--steps 5] [--dtype float32]
-                                [--impls jax,jax-last6,jax-head,flax]
+                                [--impls jax,jax-last6,jax-head,flax,gemm]
 
 `generate` times sampling (prompt 32, 64 new tokens, top-k 50, top-p 0.9 by default) for gpt2-jax and,
 on the same randomly initialised weights, transformers' PyTorch `generate` and its Flax `generate`
@@ -14,10 +14,12 @@ Fields: impl, preset, batch, prompt, new_tokens, compile_s (first call minus a s
 for gpt2-jax's train step (AdamW with the default config, dropout 0) training every parameter (`jax`),
 the top half of the blocks (`jax-last6`: 6 of GPT-2's 12) or the tied head alone (`jax-head`), and for
 transformers' FlaxGPT2LMHeadModel under a jitted value_and_grad + optax AdamW step written the usual way
-(`flax`). Each runs in its own process. Fields: impl, shape, trainable, batch, seq, dtype, platform,
+(`flax`), and for the step's matmuls alone (`gemm`: every product of a full gpt2-jax step, same shapes,
+operands laid out as each product wants, one jitted program), the floor that no step built on this XLA's
+matmuls goes below. Each runs in its own process. Fields: impl, shape, trainable, batch, seq, dtype, platform,
 device, compile_s (first step minus the median), step_s (median of --steps steps), tokens_per_s,
 mfu (flops.flops_per_token: 6N + 12LHQT, less the gradients that frozen parameters skip, over
-peak_tflops from flops.peak_flops), peak_rss_mb; ratio_to_full (step_s / jax's) on jax-last6 and jax-head, jax_speedup (jax's tokens_per_s /
+peak_tflops from flops.peak_flops), peak_rss_mb; ratio_to_full (step_s / jax's) on jax-last6, jax-head and gemm, jax_speedup (jax's tokens_per_s /
 flax's) on flax. The CPU defaults finish in minutes; on an accelerator try `--batch 8 --seq 1024
 --dtype bfloat16 --steps 20`.
 """
@@ -168,7 +170,7 @@ TRAIN_SHAPES = {
     "tiny": dict(n_layer=4, n_embd=128, n_head=4, vocab_size=4000, n_positions=1024),
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
 }
-TRAIN_IMPLS = ("jax", "jax-last6", "jax-head", "flax")
+TRAIN_IMPLS = ("jax", "jax-last6", "jax-head", "flax", "gemm")
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
@@ -245,6 +247,46 @@ def _flax_train(shape: dict, args, batches):
     return run, "all", None
 
 
+def _gemm_shapes(shape: dict, batch: int, seq: int) -> list[tuple]:
+    """(batch dims, m, k, n) of every matmul in one full train step of gpt2-jax: per block, the forward,
+    input-gradient and weight-gradient products of c_attn, attn.c_proj, c_fc and mlp.c_proj, and attention's
+    two forward and four backward products over causal query blocks as model.py computes them (the rows of
+    a block against the keys up to its last row); then the tied head's three."""
+    from gpt2_jax.model import QUERY_CHUNK
+
+    d, h, V, L = shape["n_embd"], shape["n_head"], shape["vocab_size"], shape["n_layer"]
+    k, m = d // h, batch * seq
+    out = []
+    for _ in range(L):
+        for din, dout in ((d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)):
+            out += [((), m, din, dout), ((), m, dout, din), ((), din, m, dout)]
+        for start in range(0, seq, QUERY_CHUNK):
+            t = min(start + QUERY_CHUNK, seq) - start
+            keys = start + t
+            bh = (batch, h)
+            out += [(bh, t, k, keys), (bh, t, keys, k),  # scores, probabilities @ values
+                    (bh, t, k, keys), (bh, keys, t, k), (bh, t, keys, k), (bh, keys, t, k)]  # dP, dV, dQ, dK
+    return out + [((), m, d, V), ((), m, V, d), ((), V, m, d)]
+
+
+def _gemm_train(shape: dict, args):
+    """The matmuls of one gpt2-jax train step and nothing else, operands already in the layout each product
+    wants, in one jitted program: a floor under any train step built on this XLA's matmuls."""
+    import jax
+    import jax.numpy as jnp
+
+    dims = _gemm_shapes(shape, args.batch, args.seq)
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 2 * len(dims)))
+    normal = lambda s: jax.random.normal(next(keys), s, jnp.dtype(args.dtype))
+    pairs = [(normal((*b, m, k)), normal((*b, k, n))) for b, m, k, n in dims]
+    gemms = jax.jit(lambda pairs: [a @ b for a, b in pairs])
+
+    def run():
+        jax.block_until_ready(gemms(pairs))
+
+    return run, "all (matmuls only)", None
+
+
 def _train_child(args) -> None:
     import jax
     from gpt2_jax.config import ModelConfig
@@ -254,6 +296,7 @@ def _train_child(args) -> None:
     shape = TRAIN_SHAPES[shape_name]
     batches = _train_batches(args.steps + 1, args.batch, args.seq, shape["vocab_size"])
     run, trainable, paths = (_flax_train(shape, args, batches) if impl == "flax"
+                             else _gemm_train(shape, args) if impl == "gemm"
                              else _jax_train(impl, shape, args, batches))
     compile_s, step_s = _time(run, args.steps)  # the first timed step is the very first call: it compiles
     device = jax.devices()[0]
@@ -323,7 +366,7 @@ def main() -> None:
     t.add_argument("--shapes", nargs="+", type=_names(TRAIN_SHAPES), default=[list(TRAIN_SHAPES)])
     t.add_argument("--impls", nargs="+", type=_names(TRAIN_IMPLS), default=[list(TRAIN_IMPLS)],
                    help="jax: all parameters train; jax-last6: the top half of the blocks (6 of 12); "
-                        "jax-head: the tied head; flax: transformers' FlaxGPT2LMHeadModel")
+                        "jax-head: the tied head; flax: transformers' FlaxGPT2LMHeadModel; gemm: the step's matmuls alone")
     t.add_argument("--batch", type=int, default=4)
     t.add_argument("--seq", type=int, default=128)
     t.add_argument("--steps", type=int, default=5, help="timed steps after the first (compiling) one")
