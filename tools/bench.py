@@ -2,7 +2,7 @@
 
     python tools/bench.py generate [--preset tiny gpt2] [--batch 1 8] [--impl jax torch flax]
     python tools/bench.py train [--shapes tiny,gpt2] [--batch 4] [--seq 128] [--steps 5] [--dtype float32]
-                                [--impls jax,jax-last6,jax-head,flax,gemm]
+                                [--impls jax,jax-last6,jax-head,flax,gemm] [--interleave]
 
 `generate` times sampling (prompt 32, 64 new tokens, top-k 50, top-p 0.9 by default) for gpt2-jax and,
 on the same randomly initialised weights, transformers' PyTorch `generate` and its Flax `generate`
@@ -16,7 +16,8 @@ the top half of the blocks (`jax-last6`: 6 of GPT-2's 12) or the tied head alone
 transformers' FlaxGPT2LMHeadModel under a jitted value_and_grad + optax AdamW step written the usual way
 (`flax`), and for the step's matmuls alone (`gemm`: every product of a full gpt2-jax step, same shapes,
 operands laid out as each product wants, one jitted program), the floor that no step built on this XLA's
-matmuls goes below. Each runs in its own process. Fields: impl, shape, trainable, batch, seq, dtype, platform,
+matmuls goes below. Each runs in its own process, or with --interleave all in one process, a step of each
+in turn, so that a noisy machine slows them alike. Fields: impl, shape, trainable, batch, seq, dtype, platform,
 device, compile_s (first step minus the median), step_s (median of --steps steps), tokens_per_s,
 mfu (flops.flops_per_token: 6N + 12LHQT, less the gradients that frozen parameters skip, over
 peak_tflops from flops.peak_flops), peak_rss_mb; ratio_to_full (step_s / jax's) on jax-last6, jax-head and gemm, jax_speedup (jax's tokens_per_s /
@@ -135,13 +136,18 @@ def _child(args) -> None:
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))), flush=True)
 
 
-def _run_child(cmd: list[str], ident: dict) -> dict:
-    """The last JSON line a child benchmark process printed, or `ident` with the error that stopped it."""
+def _run_child_rows(cmd: list[str], ident: dict) -> list[dict]:
+    """The JSON lines a child benchmark process printed, or [`ident` with the error that stopped it]."""
     res = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
     if res.returncode or not lines:
-        return dict(ident, error=(res.stderr.strip().splitlines() or ["no output"])[-1])
-    return json.loads(lines[-1])
+        return [dict(ident, error=(res.stderr.strip().splitlines() or ["no output"])[-1])]
+    return [json.loads(l) for l in lines]
+
+
+def _run_child(cmd: list[str], ident: dict) -> dict:
+    """The last JSON line a child benchmark process printed, or `ident` with the error that stopped it."""
+    return _run_child_rows(cmd, ident)[-1]
 
 
 def generate_bench(args) -> None:
@@ -288,46 +294,62 @@ def _gemm_train(shape: dict, args):
 
 
 def _train_child(args) -> None:
+    """Build every impl of args.impls on one shape, time each one's first (compiling) step, then run
+    args.steps rounds of one step of each in turn, and print a row per impl."""
     import jax
     from gpt2_jax.config import ModelConfig
     from gpt2_jax.flops import flops_per_token, peak_flops
 
-    shape_name, impl = args.shapes[0], args.impls[0]
+    shape_name = args.shapes[0]
     shape = TRAIN_SHAPES[shape_name]
     batches = _train_batches(args.steps + 1, args.batch, args.seq, shape["vocab_size"])
-    run, trainable, paths = (_flax_train(shape, args, batches) if impl == "flax"
-                             else _gemm_train(shape, args) if impl == "gemm"
-                             else _jax_train(impl, shape, args, batches))
-    compile_s, step_s = _time(run, args.steps)  # the first timed step is the very first call: it compiles
+    runners, first, times = {}, {}, {}
+    for impl in dict.fromkeys(args.impls):
+        runners[impl] = (_flax_train(shape, args, batches) if impl == "flax"
+                         else _gemm_train(shape, args) if impl == "gemm"
+                         else _jax_train(impl, shape, args, batches))
+        t0 = time.perf_counter()
+        runners[impl][0]()  # the very first call: it compiles
+        first[impl], times[impl] = time.perf_counter() - t0, []
+    for _ in range(args.steps):
+        for impl, (run, _, _) in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[impl].append(time.perf_counter() - t0)
     device = jax.devices()[0]
-    tokens_per_s = args.batch * args.seq / step_s
     peak = peak_flops(device, args.dtype)  # on CPU a measured matmul peak, which varies by ±20% run to run
-    mfu = tokens_per_s * flops_per_token(ModelConfig(**shape), args.seq, paths) / peak
-    print(json.dumps(dict(
-        impl=impl, shape=shape_name, trainable=trainable, batch=args.batch, seq=args.seq, dtype=args.dtype,
-        platform=device.platform, device=device.device_kind, steps=args.steps, compile_s=round(compile_s, 3),
-        step_s=round(step_s, 4), tokens_per_s=round(tokens_per_s, 1), mfu=round(mfu, 4),
-        peak_tflops=round(peak / 1e12, 3),
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))), flush=True)
+    for impl, (_, trainable, paths) in runners.items():
+        step_s = statistics.median(times[impl])
+        tokens_per_s = args.batch * args.seq / step_s
+        mfu = tokens_per_s * flops_per_token(ModelConfig(**shape), args.seq, paths) / peak
+        print(json.dumps(dict(
+            impl=impl, shape=shape_name, trainable=trainable, batch=args.batch, seq=args.seq, dtype=args.dtype,
+            platform=device.platform, device=device.device_kind, steps=args.steps,
+            compile_s=round(max(first[impl] - step_s, 0.0), 3), step_s=round(step_s, 4),
+            tokens_per_s=round(tokens_per_s, 1), mfu=round(mfu, 4), peak_tflops=round(peak / 1e12, 3),
+            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))), flush=True)
 
 
 def train_bench(args) -> None:
     if args.child:
         return _train_child(args)
+    # Own processes (each peak_rss_mb its own), or one process taking a step of each impl in turn, so that
+    # the impls share whatever the machine is doing at the time (peak_rss_mb is then the whole process's).
+    groups = [list(dict.fromkeys(args.impls))] if args.interleave else [[impl] for impl in args.impls]
     for shape in args.shapes:
         full = None  # the `jax` row of this shape, which the others are compared with
-        for impl in args.impls:
-            cmd = [sys.executable, __file__, "train", "--child", "--shapes", shape, "--impls", impl,
+        for impls in groups:
+            cmd = [sys.executable, __file__, "train", "--child", "--shapes", shape, "--impls", ",".join(impls),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--dtype", args.dtype]
-            row = _run_child(cmd, dict(impl=impl, shape=shape, batch=args.batch, seq=args.seq))
-            if "error" not in row and impl == "jax":
-                full = row
-            elif "error" not in row and full is not None:
-                if impl == "flax":
-                    row["jax_speedup"] = round(full["tokens_per_s"] / row["tokens_per_s"], 3)
-                else:
-                    row["ratio_to_full"] = round(row["step_s"] / full["step_s"], 3)
-            print(json.dumps(row), flush=True)
+            for row in _run_child_rows(cmd, dict(impl=",".join(impls), shape=shape, batch=args.batch, seq=args.seq)):
+                if "error" not in row and row["impl"] == "jax":
+                    full = row
+                elif "error" not in row and full is not None:
+                    if row["impl"] == "flax":
+                        row["jax_speedup"] = round(full["tokens_per_s"] / row["tokens_per_s"], 3)
+                    else:
+                        row["ratio_to_full"] = round(row["step_s"] / full["step_s"], 3)
+                print(json.dumps(row), flush=True)
 
 
 def _names(known):
@@ -370,6 +392,9 @@ def main() -> None:
     t.add_argument("--batch", type=int, default=4)
     t.add_argument("--seq", type=int, default=128)
     t.add_argument("--steps", type=int, default=5, help="timed steps after the first (compiling) one")
+    t.add_argument("--interleave", action="store_true",
+                   help="run the impls of a shape in one process, a step of each in turn (each impl once; "
+                        "all of them in memory together), rather than each in a process of its own")
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     t.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
