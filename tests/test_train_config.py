@@ -127,7 +127,7 @@ def test_schedule_warmup_then_cosine_to_min():
 @pytest.mark.parametrize("clip", [0.0, 1.0, 1e-3])
 @pytest.mark.parametrize("grad_scale", [1.0, 1 / 37])
 def test_fused_adamw_is_optax_chain(clip, grad_scale):
-    """make_optimizer's one-pass AdamW gives optax's clip + adamw(mask) numbers over several steps, with the
+    """make_optimizer's fused AdamW gives optax's clip + adamw(mask) numbers over several steps, with the
     gradient's scale (the train step's 1 / tokens) passed separately."""
     import optax
 
