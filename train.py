@@ -1,11 +1,11 @@
 """Train or fine-tune GPT-2: `python train.py --config configs/demo.yaml [section.key=value ...]`.
 
-Every key has a default (gpt2_jax/config.py); overrides are YAML values (`optim.lr=1e-3 train.steps=200`).
+Every key has a default (gpt2_jax/train_config.py); overrides are YAML values (`optim.lr=1e-3 train.steps=200`).
 On a TPU pod, run the same command on every host.
 """
 import argparse
 
-from gpt2_jax.config import load_train_config
+from gpt2_jax.train_config import load_train_config
 from gpt2_jax.errors import run_cli
 
 

@@ -15,6 +15,7 @@ import re
 from typing import Iterable
 
 from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.train_config import TRAINABLE
 
 HEAD = "transformer/wte/embedding"
 _BLOCK = re.compile(r"transformer/h/(\d+)/")
@@ -47,7 +48,7 @@ def trainable_paths(paths: Iterable[str], trainable: str, *, n_layer: int, last_
                                    f"transformer/h/0/attn/c_attn/kernel)")
             chosen |= matched
     else:
-        raise GPT2JaxError(f"unknown freeze.trainable {trainable!r}; known: all, head, last_n_blocks, patterns")
+        raise GPT2JaxError(f"unknown freeze.trainable {trainable!r}; known: {', '.join(TRAINABLE)}")
     if not chosen:
         raise GPT2JaxError(f"freeze.trainable={trainable} leaves no parameter to train")
     return chosen

@@ -12,11 +12,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt2_jax.config import OptimSection
+from gpt2_jax.train_config import SCHEDULES, OptimSection, check_choice
 
 
 def learning_rate(cfg: OptimSection, total_steps: int) -> optax.Schedule:
-    """Linear warm-up to cfg.lr, then cosine / linear decay to lr * min_lr_ratio at total_steps (or constant)."""
+    """Linear warm-up to cfg.lr, then cosine / linear decay to lr * min_lr_ratio at total_steps (or constant).
+
+    A schedule outside SCHEDULES is a GPT2JaxError naming optim.schedule, never a silent constant.
+    """
+    check_choice("optim.schedule", cfg.schedule, SCHEDULES)
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     end = cfg.lr * cfg.min_lr_ratio
     decay_steps = max(total_steps - warmup, 1)
@@ -24,7 +28,7 @@ def learning_rate(cfg: OptimSection, total_steps: int) -> optax.Schedule:
         decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
     elif cfg.schedule == "linear":
         decay = optax.linear_schedule(cfg.lr, end, decay_steps)
-    else:
+    else:  # constant
         decay = optax.constant_schedule(cfg.lr)
     if warmup == 0:
         return decay
