@@ -1,76 +1,186 @@
-"""Built-in corpora, made on the fly from what every machine has, with no download.
+"""Reading a corpus file into rows (title, keywords, text), and resolving a config's corpus name to a file.
 
-``stdlib-docs``: one row per documented public module, class, function and method of the CPython
-standard library installed on this machine: title = its qualified name (``json.dumps``), keywords = a
-few identifiers related to it (module, class, parameters, names the docstring mentions), text = its
-docstring. The text is the standard library's own, under the Python Software Foundation License
-(https://docs.python.org/3/license.html), which allows copying and derived works. The sources are
-parsed with ``ast`` and never imported (importing runs module code: ``antigravity`` opens a browser).
-
-A config names one as ``data.train: "builtin:stdlib-docs"``; ``resolve_corpus`` turns that into a
-cached JSONL file that ``data.read_rows`` reads.
+Formats: ``csv`` (title,keywords,text; optional header), ``jsonl`` (one object per line, or a JSON
+array of objects) and ``text`` (plain text for unconditional language modelling). ``builtin:NAME``
+names a bundled corpus, built once into a cache directory (``stdlib_docs``).
 """
 from __future__ import annotations
 
-import ast
+import csv
+import io
 import json
-import os
-import re
+import logging
 import sys
-import sysconfig
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence, Union
 
 from gpt2_jax.errors import GPT2JaxError, suggest
+from gpt2_jax.stdlib_docs import build_stdlib_corpus
+from gpt2_jax.train_config import FORMATS
 
+log = logging.getLogger(__name__)
+
+_EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "text"}
+_COLUMNS = ("title", "keywords", "text")
+# "builtin:NAME" in a config: the corpus that BUILTIN_CORPORA[NAME](path) builds at path.
 BUILTIN_PREFIX = "builtin:"
-MIN_TEXT_CHARS = 40  # shorter docstrings ("Return self==value.") teach little
-MAX_TEXT_CHARS = 2000  # longer ones are cut at a paragraph boundary: rows suit max_length 128-256 tokens
-MAX_KEYWORDS = 8
-# Directories and modules that are tests, tools or vendored code rather than the documented library.
-_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__",
-                        "turtledemo", "pydoc_data", "ensurepip", "venv", "msilib",
-                        "encodings"})  # generated codec tables, whose docstrings are authorship boilerplate
-_SKIP_MODULES = frozenset({"antigravity", "this", "__main__"})
-_SKIP_PARAMS = frozenset({"self", "cls", "args", "kwargs", "kwds", "kw"})
-# Identifiers a docstring mentions: ``x``/`x`, dotted names (os.path.join), names_with_underscores, f().
-_MENTION = re.compile(r"`+([A-Za-z_][\w.]*)(?:\(\))?`+|\b([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)\b(?!\.\w)"
-                      r"|\b([a-z]\w*_\w+)\b|\b([A-Za-z_]\w*)\(\)")
-_NOT_NAMES = frozenset({"py", "txt", "html", "com", "org", "net", "edu", "cfg", "ini", "gz", "zip", "tar"})
-_WORD = re.compile(r"[A-Za-z]{2,}")
-_SENTENCE_END = re.compile(r"[.!?](?=\s)")
-_SURROGATE = re.compile("[\ud800-\udfff]")  # from escapes in string literals: not encodable as UTF-8
-
-
-def build_stdlib_corpus(out_path: str | Path, *, stdlib: str | Path | None = None) -> Path:
-    """Write the stdlib-docs corpus to ``out_path`` (JSONL) unless it exists; return the path.
-
-    ``stdlib``: the source tree to read (default: this interpreter's standard library). Written to a
-    temporary file beside ``out_path`` and renamed, so a failed or concurrent build never leaves a
-    partial file under the final name.
-    """
-    out_path = Path(out_path)
-    if out_path.exists():
-        return out_path
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    stdlib = Path(sysconfig.get_paths()["stdlib"] if stdlib is None else stdlib)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in stdlib_rows(stdlib):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the corpus is not
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_path
-
-
 BUILTIN_CORPORA: dict[str, Callable[[Path], Path]] = {"stdlib-docs": build_stdlib_corpus}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One training example: the model learns ``[BOS] title [SEP] keywords [SEP] text [EOS]``."""
+
+    title: str
+    keywords: tuple[str, ...]
+    text: str
+
+
+class Rows(list):
+    """A ``list[Row]`` that also says how many bad rows ``skip_bad_rows`` dropped (``.skipped``)."""
+
+    def __init__(self, rows: list[Row], skipped: int = 0):
+        super().__init__(rows)
+        self.skipped = skipped
+
+
+def row_texts(rows: Sequence[Row]) -> list[str]:
+    """The non-empty titles, keyword lists (joined by spaces) and texts of `rows`: what a tokenizer trains on."""
+    return [s for r in rows for s in (r.title, " ".join(r.keywords), r.text) if s]
+
+
+class _BadRow(Exception):
+    """A malformed row: read_rows raises it as a GPT2JaxError or skips it."""
+
+
+# Each format's parser yields (location, Row or _BadRow), so that one loop decides whether to raise or skip.
+_Parsed = Iterator[tuple[Union[int, str], Union[Row, _BadRow]]]
+
+
+def read_rows(path: str | Path, format: str | None = None, *, skip_bad_rows: bool = False) -> Rows:
+    """Read a corpus file into rows; ``format=None`` infers it from the extension.
+
+    A malformed row raises GPT2JaxError naming ``file:line``; with ``skip_bad_rows`` it is dropped,
+    counted in the result's ``.skipped`` and reported in one logged warning.
+    """
+    path = Path(path)
+    if format is None:
+        format = _EXTENSIONS.get(path.suffix.lower())
+        if format is None:
+            raise GPT2JaxError(
+                f"{path}: cannot infer the corpus format from the extension {path.suffix or '(none)'!r}; "
+                f"give the format, one of: {', '.join(FORMATS)}"
+            )
+    elif format not in FORMATS:
+        raise GPT2JaxError(f"unknown corpus format {format!r}{suggest(format, FORMATS)}; known: {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise GPT2JaxError(f"corpus file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
+    raw = path.read_bytes()
+    try:
+        content = raw.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a byte-order mark
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise GPT2JaxError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+
+    rows: list[Row] = []
+    bad: list[str] = []
+    for where, row in {"csv": _csv, "jsonl": _jsonl, "text": _text}[format](content):
+        if isinstance(row, Row):
+            rows.append(row)
+        elif skip_bad_rows:
+            bad.append(f"{path}:{where}: {row}")
+        else:
+            raise GPT2JaxError(f"{path}:{where}: {row} (skip_bad_rows skips such rows)")
+    if bad:
+        log.warning("skipped %d bad row(s) of %s; the first: %s", len(bad), path, bad[0])
+    if not rows:
+        raise GPT2JaxError(f"{path}: empty corpus" + (f" (all {len(bad)} rows were bad)" if bad else ""))
+    return Rows(rows, skipped=len(bad))
+
+
+def _csv(content: str) -> _Parsed:
+    # Long articles exceed the csv module's default 128 KiB field limit; the limit is process-wide.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+    reader = csv.reader(io.StringIO(content, newline=""))
+    index, width, first, start = (0, 1, 2), 3, True, 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield start, _BadRow(f"malformed CSV ({e})")
+            start = reader.line_num + 1
+            continue
+        line, start = start, reader.line_num + 1  # a quoted field may span lines: report where it began
+        if not any(c.strip() for c in cells):
+            continue
+        if first:
+            first = False
+            names = [c.strip().lower() for c in cells]
+            if set(_COLUMNS) <= set(names):  # a header row; its columns may come in any order
+                index, width = tuple(names.index(c) for c in _COLUMNS), len(names)
+                continue
+        if len(cells) != width:
+            yield line, _BadRow(f"expected {width} CSV columns (title,keywords,text), got {len(cells)}")
+            continue
+        title, keywords, text = (cells[i] for i in index)
+        yield line, Row(title.strip(), tuple(keywords.split()), text.strip())
+
+
+def _jsonl(content: str) -> _Parsed:
+    if content.lstrip().startswith("["):  # a JSON array of objects (a common shape of .json files)
+        try:
+            items = json.loads(content)
+        except json.JSONDecodeError as e:
+            yield e.lineno, _BadRow(f"invalid JSON ({e.msg})")
+            return
+        for i, item in enumerate(items, 1):
+            yield f"item {i}", _json_row(item)
+        return
+    for n, line in enumerate(content.splitlines(), 1):
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            yield n, _json_row(obj)
+
+
+def _json_row(obj: object) -> Row | _BadRow:
+    if not isinstance(obj, dict):
+        return _BadRow(f"expected a JSON object with keys {', '.join(_COLUMNS)}, got {type(obj).__name__}")
+    missing = [k for k in _COLUMNS if k not in obj]
+    if missing:
+        return _BadRow(f"missing key(s) {', '.join(map(repr, missing))}")
+    for key in ("title", "text"):
+        if not isinstance(obj[key], str):
+            return _BadRow(f"{key!r} must be a string, got {type(obj[key]).__name__}")
+    keywords = obj["keywords"]
+    if isinstance(keywords, str):
+        keywords = [keywords]
+    elif not (isinstance(keywords, list) and all(isinstance(k, str) for k in keywords)):
+        return _BadRow(f"'keywords' must be a string of space-separated words or a list of strings, "
+                       f"got {type(keywords).__name__}")
+    # Split list items too, so that a keyword is always one word, as in the CSV format.
+    return Row(obj["title"].strip(), tuple(w for k in keywords for w in k.split()), obj["text"].strip())
+
+
+def _text(content: str) -> _Parsed:
+    # Blank lines separate documents when the file has any; otherwise each line is one document.
+    lines = content.splitlines()
+    if all(line.strip() for line in content.strip().splitlines()):
+        yield from ((n, Row("", (), line.strip())) for n, line in enumerate(lines, 1) if line.strip())
+        return
+    block: list[str] = []
+    for n, line in enumerate(lines + [""], 1):
+        if line.strip():
+            block.append(line.rstrip())
+        elif block:
+            yield n - len(block), Row("", (), "\n".join(block).strip())
+            block = []
 
 
 def resolve_corpus(spec: str, cache_dir: str | Path) -> Path:
@@ -84,137 +194,3 @@ def resolve_corpus(spec: str, cache_dir: str | Path) -> Path:
     # The content depends on the installed standard library, so the file name carries the Python version.
     version = f"{sys.implementation.name}{'.'.join(map(str, sys.version_info[:3]))}"
     return BUILTIN_CORPORA[name](Path(cache_dir) / f"{name}-{version}.jsonl")
-
-
-def stdlib_rows(stdlib: Path) -> Iterator[dict[str, str]]:
-    """The corpus rows of the sources under ``stdlib``, in sorted path order; each title and each text
-    once (an override that repeats its base's docstring adds nothing)."""
-    seen: set[str] = set()
-    for path, module in _stdlib_modules(stdlib):
-        try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))  # bytes: honours coding declarations
-        except (SyntaxError, ValueError):
-            continue  # a file of another Python version's syntax (or a template): not documentation
-        for title, keywords, doc in _documented(tree, module):
-            text = _clean_text(doc)
-            if text is None or title in seen or text in seen:
-                continue
-            seen.update((title, text))
-            # The first keyword (the module) always stays; a member's own name is in its title already.
-            own = "" if title == module else title.rsplit(".", 1)[-1]
-            keywords = _dedup(keywords[:1] + [w for w in keywords[1:] + _mentions(text) if w != own])
-            yield {"title": title, "keywords": " ".join(keywords[:MAX_KEYWORDS]), "text": text}
-
-
-def _stdlib_modules(stdlib: Path) -> Iterator[tuple[Path, str]]:
-    """(file, dotted module name) of the public modules under ``stdlib``, sorted."""
-    for dirpath, dirnames, filenames in os.walk(stdlib):
-        here = Path(dirpath)
-        rel = here.relative_to(stdlib).parts
-        # Only packages (identifier names with __init__.py) below the top level; never private ones.
-        dirnames[:] = sorted(d for d in dirnames if d.isidentifier() and not d.startswith("_")
-                             and d not in _SKIP_DIRS and (here / d / "__init__.py").is_file())
-        for name in sorted(filenames):
-            stem = name[:-3]
-            if not name.endswith(".py") or not stem.isidentifier():
-                continue
-            if stem == "__init__":
-                if rel:
-                    yield here / name, ".".join(rel)
-            elif not stem.startswith("_") and stem not in _SKIP_MODULES:
-                yield here / name, ".".join(rel + (stem,))
-
-
-def _documented(tree: ast.Module, module: str) -> Iterator[tuple[str, list[str], str]]:
-    """(qualified name, starting keywords, raw docstring) of the module and its public classes,
-    functions and methods, in source order. Nested functions are implementation detail: not visited."""
-    doc = ast.get_docstring(tree, clean=True)
-    if doc:
-        yield module, module.split("."), doc
-    yield from _members(tree.body, module, module, None)
-
-
-def _members(body: list[ast.stmt], prefix: str, module: str, cls: str | None) -> Iterator[tuple[str, list[str], str]]:
-    for node in body:
-        if isinstance(node, (ast.If, ast.Try, ast.With)):  # platform- or import-dependent definitions
-            for block in (getattr(node, "body", []), getattr(node, "orelse", []), getattr(node, "finalbody", []),
-                          *(h.body for h in getattr(node, "handlers", []))):
-                yield from _members(block, prefix, module, cls)
-            continue
-        if not isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        name = node.name
-        if name.startswith("_") and not (name.startswith("__") and name.endswith("__")):
-            continue  # private; dunders (__init__, __enter__) are public protocol
-        title = f"{prefix}.{name}"
-        doc = ast.get_docstring(node, clean=True)
-        if isinstance(node, ast.ClassDef):
-            if doc:
-                bases = [b.id for b in node.bases if isinstance(b, ast.Name)]
-                yield title, [module, *bases], doc
-            yield from _members(node.body, title, module, name)
-        elif doc:
-            a = node.args
-            params = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)
-                      if p.arg not in _SKIP_PARAMS and not p.arg.startswith("_") and len(p.arg) > 1]
-            yield title, [module, *([cls] if cls else []), *params[:4]], doc
-
-
-def _clean_text(doc: str) -> str | None:
-    """The (``inspect.cleandoc``-cleaned) docstring as training text: doctest blocks dropped, cut at a
-    paragraph boundary to MAX_TEXT_CHARS; None when too short or mostly code."""
-    # Characters that str.splitlines (and so the JSONL reader) treats as line breaks become newlines.
-    lines = re.sub(r"\r\n?|[\x0b\x0c\x1c-\x1e\x85\u2028\u2029]", "\n", doc).split("\n")
-    kept: list[str] = []
-    in_doctest = False
-    for line in lines:
-        stripped = line.strip()
-        if stripped.startswith(">>>"):
-            in_doctest = True
-        elif not stripped:
-            in_doctest = False
-        if not in_doctest:
-            kept.append(line.rstrip())
-    paragraphs = [p.strip("\n") for p in re.split(r"\n\s*\n", "\n".join(kept)) if p.strip()]
-    while paragraphs and paragraphs[-1].rstrip().endswith(":"):  # "Example:" whose example was dropped
-        paragraphs.pop()
-    text = ""
-    for p in paragraphs:
-        joined = f"{text}\n\n{p}" if text else p
-        if len(joined) > MAX_TEXT_CHARS:
-            if not text:  # one huge first paragraph: cut it after its last whole sentence that fits
-                ends = [m.end() for m in _SENTENCE_END.finditer(p, 0, MAX_TEXT_CHARS)]
-                text = p[:ends[-1]] if ends else ""
-            break
-        text = joined
-    if len(text) < MIN_TEXT_CHARS or _prose_fraction(text) < 0.6 or _SURROGATE.search(text):
-        return None
-    return text
-
-
-def _prose_fraction(text: str) -> float:
-    """The fraction of non-space characters that belong to plain words: low for code, grammars, tables."""
-    chars = sum(not c.isspace() for c in text)
-    return sum(len(w) for w in _WORD.findall(text)) / max(chars, 1)
-
-
-def _mentions(text: str) -> list[str]:
-    """Identifiers the text mentions, in order: backticked names, dotted names, snake_case names, calls."""
-    out = []
-    for m in _MENTION.finditer(text):
-        word = next(g for g in m.groups() if g).strip(".").removeprefix("self.")
-        parts = word.split(".")
-        # Not abbreviations (e.g., i.e.), file names, host names or one-letter variables (d.keys).
-        if (not word.startswith("_") and min(map(len, parts)) > 1 and parts[0] != "www"
-                and (len(parts) == 1 or parts[-1] not in _NOT_NAMES)):
-            out.append(word)
-    return out
-
-
-def _dedup(words: list[str]) -> list[str]:
-    seen, out = set(), []
-    for w in words:
-        if w not in seen:
-            seen.add(w)
-            out.append(w)
-    return out

@@ -1,14 +1,12 @@
-"""Training data: reading the corpus into rows (title, keywords, text), tokenizing them once into a
-memory-mapped cache, and the batches (keyword augmentation, shuffling, per-process slices, loss masks).
+"""Training data from rows: tokenizing them once into a memory-mapped cache, and the batches (keyword
+augmentation, shuffling, per-process slices, loss masks).
 
-Formats: ``csv`` (title,keywords,text; optional header), ``jsonl`` (one object per line, or a JSON
-array of objects) and ``text`` (plain text for unconditional language modelling).
+Shape letters: A micro-batches per step (grad_accum), M examples of a micro-batch held by this
+process, T tokens per sequence (max_length).
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -16,183 +14,17 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Sequence
 
 import numpy as np
 
+from gpt2_jax.corpus import Row
 from gpt2_jax.errors import GPT2JaxError, first_line, suggest
+from gpt2_jax.train_config import LOSS_ON
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("csv", "jsonl", "text")
-_EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "text"}
-_COLUMNS = ("title", "keywords", "text")
-
-
-@dataclass(frozen=True)
-class Row:
-    """One training example: the model learns ``[BOS] title [SEP] keywords [SEP] text [EOS]``."""
-
-    title: str
-    keywords: tuple[str, ...]
-    text: str
-
-
-class Rows(list):
-    """A ``list[Row]`` that also says how many bad rows ``skip_bad_rows`` dropped (``.skipped``)."""
-
-    def __init__(self, rows: list[Row], skipped: int = 0):
-        super().__init__(rows)
-        self.skipped = skipped
-
-
-def row_texts(rows: Sequence[Row]) -> list[str]:
-    """The non-empty titles, keyword lists (joined by spaces) and texts of `rows`: what a tokenizer trains on."""
-    return [s for r in rows for s in (r.title, " ".join(r.keywords), r.text) if s]
-
-
-class _BadRow(Exception):
-    """A malformed row: read_rows raises it as a GPT2JaxError or skips it."""
-
-
-# Each format's parser yields (location, Row or _BadRow), so that one loop decides whether to raise or skip.
-_Parsed = Iterator[tuple[Union[int, str], Union[Row, _BadRow]]]
-
-
-def read_rows(path: str | Path, format: str | None = None, *, skip_bad_rows: bool = False) -> Rows:
-    """Read a corpus file into rows; ``format=None`` infers it from the extension.
-
-    A malformed row raises GPT2JaxError naming ``file:line``; with ``skip_bad_rows`` it is dropped,
-    counted in the result's ``.skipped`` and reported in one logged warning.
-    """
-    path = Path(path)
-    if format is None:
-        format = _EXTENSIONS.get(path.suffix.lower())
-        if format is None:
-            raise GPT2JaxError(
-                f"{path}: cannot infer the corpus format from the extension {path.suffix or '(none)'!r}; "
-                f"give the format, one of: {', '.join(FORMATS)}"
-            )
-    elif format not in FORMATS:
-        raise GPT2JaxError(f"unknown corpus format {format!r}{suggest(format, FORMATS)}; known: {', '.join(FORMATS)}")
-    if not path.is_file():
-        raise GPT2JaxError(f"corpus file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
-    raw = path.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a byte-order mark
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise GPT2JaxError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
-
-    rows: list[Row] = []
-    bad: list[str] = []
-    for where, row in {"csv": _csv, "jsonl": _jsonl, "text": _text}[format](content):
-        if isinstance(row, Row):
-            rows.append(row)
-        elif skip_bad_rows:
-            bad.append(f"{path}:{where}: {row}")
-        else:
-            raise GPT2JaxError(f"{path}:{where}: {row} (skip_bad_rows skips such rows)")
-    if bad:
-        log.warning("skipped %d bad row(s) of %s; the first: %s", len(bad), path, bad[0])
-    if not rows:
-        raise GPT2JaxError(f"{path}: empty corpus" + (f" (all {len(bad)} rows were bad)" if bad else ""))
-    return Rows(rows, skipped=len(bad))
-
-
-def _csv(content: str) -> _Parsed:
-    # Long articles exceed the csv module's default 128 KiB field limit; the limit is process-wide.
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
-    reader = csv.reader(io.StringIO(content, newline=""))
-    index, width, first, start = (0, 1, 2), 3, True, 1
-    while True:
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            yield start, _BadRow(f"malformed CSV ({e})")
-            start = reader.line_num + 1
-            continue
-        line, start = start, reader.line_num + 1  # a quoted field may span lines: report where it began
-        if not any(c.strip() for c in cells):
-            continue
-        if first:
-            first = False
-            names = [c.strip().lower() for c in cells]
-            if set(_COLUMNS) <= set(names):  # a header row; its columns may come in any order
-                index, width = tuple(names.index(c) for c in _COLUMNS), len(names)
-                continue
-        if len(cells) != width:
-            yield line, _BadRow(f"expected {width} CSV columns (title,keywords,text), got {len(cells)}")
-            continue
-        title, keywords, text = (cells[i] for i in index)
-        yield line, Row(title.strip(), tuple(keywords.split()), text.strip())
-
-
-def _jsonl(content: str) -> _Parsed:
-    if content.lstrip().startswith("["):  # a JSON array of objects (a common shape of .json files)
-        try:
-            items = json.loads(content)
-        except json.JSONDecodeError as e:
-            yield e.lineno, _BadRow(f"invalid JSON ({e.msg})")
-            return
-        for i, item in enumerate(items, 1):
-            yield f"item {i}", _json_row(item)
-        return
-    for n, line in enumerate(content.splitlines(), 1):
-        if line.strip():
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield n, _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            yield n, _json_row(obj)
-
-
-def _json_row(obj: object) -> Row | _BadRow:
-    if not isinstance(obj, dict):
-        return _BadRow(f"expected a JSON object with keys {', '.join(_COLUMNS)}, got {type(obj).__name__}")
-    missing = [k for k in _COLUMNS if k not in obj]
-    if missing:
-        return _BadRow(f"missing key(s) {', '.join(map(repr, missing))}")
-    for key in ("title", "text"):
-        if not isinstance(obj[key], str):
-            return _BadRow(f"{key!r} must be a string, got {type(obj[key]).__name__}")
-    keywords = obj["keywords"]
-    if isinstance(keywords, str):
-        keywords = [keywords]
-    elif not (isinstance(keywords, list) and all(isinstance(k, str) for k in keywords)):
-        return _BadRow(f"'keywords' must be a string of space-separated words or a list of strings, "
-                       f"got {type(keywords).__name__}")
-    # Split list items too, so that a keyword is always one word, as in the CSV format.
-    return Row(obj["title"].strip(), tuple(w for k in keywords for w in k.split()), obj["text"].strip())
-
-
-def _text(content: str) -> _Parsed:
-    # Blank lines separate documents when the file has any; otherwise each line is one document.
-    lines = content.splitlines()
-    if all(line.strip() for line in content.strip().splitlines()):
-        yield from ((n, Row("", (), line.strip())) for n, line in enumerate(lines, 1) if line.strip())
-        return
-    block: list[str] = []
-    for n, line in enumerate(lines + [""], 1):
-        if line.strip():
-            block.append(line.rstrip())
-        elif block:
-            yield n - len(block), Row("", (), "\n".join(block).strip())
-            block = []
-
-
-# --------------------------------------------------------------------------------------------------
-# Tokenizing once, caching, and batching.
-#
-# Shape letters: A micro-batches per step (grad_accum), M examples of a micro-batch held by this
-# process, T tokens per sequence (max_length).
-
-LOSS_ON = ("all", "text")
 _CACHE_VERSION = 1
 _CHUNK = 4096  # strings per encode_batch call: bounds the Python lists held at once
 _ARRAYS = ("tokens", "piece_off", "kw_tokens", "kw_off", "row_kw", "row_kw_off")

@@ -1,197 +1,146 @@
-"""Tests for gpt2_jax/corpus.py: the stdlib-docs corpus (size, format, content, determinism, atomic
-writes), what it skips, and resolving ``builtin:`` corpus names."""
+"""Tests for gpt2_jax/corpus.py: reading CSV, JSONL and text corpora and their errors, and resolving
+``builtin:`` corpus names."""
 from __future__ import annotations
 
-import hashlib
+import csv
+import dataclasses
 import json
-import re
-import textwrap
+import logging
+import sys
 from pathlib import Path
 
 import pytest
 
-from gpt2_jax import corpus
-from gpt2_jax.corpus import BUILTIN_CORPORA, MAX_TEXT_CHARS, MIN_TEXT_CHARS, build_stdlib_corpus, resolve_corpus
-from gpt2_jax.data import read_rows
+from gpt2_jax.corpus import BUILTIN_CORPORA, Row, read_rows, resolve_corpus
 from gpt2_jax.errors import GPT2JaxError
 
-QUALIFIED = re.compile(r"[A-Za-z]\w*(\.\w+)*")
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample.csv"
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    """The real corpus of this interpreter's standard library, built once for the module."""
-    return build_stdlib_corpus(tmp_path_factory.mktemp("corpus") / "stdlib-docs.jsonl")
+def write(tmp_path: Path, name: str, content: str) -> Path:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    return path
 
 
-@pytest.fixture(scope="module")
-def rows(built):
-    return read_rows(built)
+def test_csv_with_header_quoted_multiline(tmp_path):
+    path = write(tmp_path, "c.csv", 'title,keywords,text\nA title,one  two three,"Hello, world."\n'
+                                    'B,x,"line one\nline two"\n')
+    assert read_rows(path) == [Row("A title", ("one", "two", "three"), "Hello, world."),
+                               Row("B", ("x",), "line one\nline two")]
 
 
-def write_tree(root: Path, files: dict[str, str]) -> Path:
-    for name, source in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(source), encoding="utf-8")
-    return root
+def test_csv_without_header(tmp_path):
+    path = write(tmp_path, "c.csv", "Title,k1 k2,Some text.\nOther,,More text.\n")
+    assert read_rows(path) == [Row("Title", ("k1", "k2"), "Some text."), Row("Other", (), "More text.")]
 
 
-DOC = "Return the thing that this function computes, as described in the manual."
-FAKE = {
-    "alpha.py": f'''
-        """The alpha module: a small module whose docstring is long enough to keep."""
-        import sys
-
-        def public(first_arg, other, *, flag=False):
-            """{DOC} See `other_name` and os.path.join for details."""
-
-        def _private():
-            """{DOC}"""
-
-        def short():
-            """Too short."""
-
-        def doctest_only():
-            """
-            >>> public(1, 2)
-            3
-            """
-
-        if sys.platform == "win32":
-            def conditional():
-                """{DOC} (the Windows one)"""
-        else:
-            def conditional():
-                """{DOC} (the POSIX one)"""
-
-        class Widget(Base):
-            """A widget, which has methods and a nested class that are documented too."""
-
-            def __init__(self, size):
-                """Make a widget of the given size, in pixels, measured along its longest side."""
-
-            def _hidden(self):
-                """{DOC}"""
-
-            def draw(self, canvas):
-                """Draw the widget on the canvas.
-
-                >>> Widget(3).draw(canvas)
-                """
-
-            class Part:
-                """One part of a widget: widgets are made of parts, and parts of pieces."""
-
-                def helper(self):
-                    def inner():
-                        """{DOC} (nested in a function: not visited)"""
-        ''',
-    "pkg/__init__.py": '"""The package pkg, whose __init__ docstring documents the package itself."""\n',
-    "pkg/sub.py": f'def run(x):\n    """{DOC}"""\n',
-    "_private.py": f'"""{DOC}"""\n',
-    "antigravity.py": f'"""{DOC}"""\nraise SystemExit("imported!")\n',
-    "test/test_alpha.py": f'"""{DOC}"""\n',
-    "notpkg/mod.py": f'"""{DOC}"""\n',  # no __init__.py: not importable, not documentation
-    "broken.py": '"""A syntax error below: the file is skipped, not fatal."""\ndef (:\n',
-}
+def test_csv_header_in_another_order_with_bom(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_bytes("\ufeffText,Title,Keywords\nbody,head,a b\n".encode())
+    assert read_rows(path) == [Row("head", ("a", "b"), "body")]
 
 
-@pytest.fixture
-def fake_stdlib(tmp_path) -> Path:
-    return write_tree(tmp_path / "lib", FAKE)
+def test_csv_wrong_column_count_names_line(tmp_path):
+    # The multi-line field in row 2 makes the bad row start on line 5, not record 3.
+    path = write(tmp_path, "c.csv", 'title,keywords,text\nA,k,"x\ny"\n\nB,k\nC,k,z\n')
+    with pytest.raises(GPT2JaxError, match=r"c\.csv:5: expected 3 CSV columns .*got 2"):
+        read_rows(path)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+def test_skip_bad_rows_counts_and_warns(tmp_path, caplog):
+    path = write(tmp_path, "c.csv", "A,k,x\nB,k\nC,k,z,extra\nD,k,w\n")
+    with caplog.at_level(logging.WARNING, logger="gpt2_jax.corpus"):
+        rows = read_rows(path, skip_bad_rows=True)
+    assert [r.title for r in rows] == ["A", "D"]
+    assert rows.skipped == 2
+    assert "skipped 2 bad row(s)" in caplog.text and "c.csv:2:" in caplog.text
 
 
-def test_at_least_one_megabyte(built):
-    assert built.stat().st_size >= 1_000_000
+def test_jsonl_string_and_list_keywords(tmp_path):
+    lines = [{"title": "T1", "keywords": "a b", "text": "x"},
+             {"title": "T2", "keywords": ["c", "d e"], "text": "y", "extra": 1}]
+    path = write(tmp_path, "d.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n\n")
+    assert read_rows(path) == [Row("T1", ("a", "b"), "x"), Row("T2", ("c", "d", "e"), "y")]
 
 
-def test_read_rows_parses_every_line(built, rows):
-    assert rows.skipped == 0
-    assert len(rows) == len(built.read_text(encoding="utf-8").splitlines()) > 3000
+def test_json_array_file(tmp_path):
+    path = write(tmp_path, "d.json", json.dumps([{"title": "T", "keywords": [], "text": "x"}], indent=2))
+    assert read_rows(path) == [Row("T", (), "x")]
 
 
-def test_titles_are_unique_qualified_names(rows):
-    titles = [r.title for r in rows]
-    assert len(set(titles)) == len(titles)
-    assert all(QUALIFIED.fullmatch(t) for t in titles)
-    assert not any(part.startswith("_") and not part.endswith("__") for t in titles for part in t.split("."))
-    assert not any(t.split(".")[0] in ("test", "idlelib", "lib2to3", "antigravity", "this") for t in titles)
+@pytest.mark.parametrize("line,message", [
+    ('{"title": "T", "keywords": "k"', r"d\.jsonl:2: invalid JSON"),
+    ('{"title": "T", "keywords": "k"}', r"d\.jsonl:2: missing key\(s\) 'text'"),
+    ('{"title": 3, "keywords": "k", "text": "x"}', r"d\.jsonl:2: 'title' must be a string, got int"),
+    ('{"title": "T", "keywords": [1], "text": "x"}', r"d\.jsonl:2: 'keywords' must be"),
+    ('["T", "k", "x"]', r"d\.jsonl:2: expected a JSON object"),
+])
+def test_jsonl_bad_line_names_line(tmp_path, line, message):
+    path = write(tmp_path, "d.jsonl", '{"title": "ok", "keywords": "k", "text": "x"}\n' + line + "\n")
+    with pytest.raises(GPT2JaxError, match=message):
+        read_rows(path)
+    rows = read_rows(path, skip_bad_rows=True)
+    assert len(rows) == 1 and rows.skipped == 1
 
 
-def test_texts_are_prose_of_bounded_length(rows):
-    assert all(MIN_TEXT_CHARS <= len(r.text) <= MAX_TEXT_CHARS for r in rows)
-    assert not any(">>>" in r.text for r in rows)
-    assert all(1 <= len(r.keywords) <= corpus.MAX_KEYWORDS for r in rows)
-    assert all(len(set(r.keywords)) == len(r.keywords) for r in rows)
+def test_text_paragraphs_and_lines(tmp_path):
+    paragraphs = write(tmp_path, "p.txt", "First para\nstill first.\n\n\nSecond.\n")
+    assert read_rows(paragraphs) == [Row("", (), "First para\nstill first."), Row("", (), "Second.")]
+    lines = write(tmp_path, "l.txt", "one\ntwo\nthree\n")
+    assert [r.text for r in read_rows(lines)] == ["one", "two", "three"]
 
 
-def test_known_rows(rows):
-    by_title = {r.title: r for r in rows}
-    dumps = by_title["json.dumps"]
-    assert "JSON" in dumps.text and dumps.text.startswith("Serialize ``obj``")
-    assert dumps.keywords[:3] == ("json", "obj", "skipkeys")
-    assert "move_to_end" not in by_title["collections.OrderedDict.move_to_end"].keywords  # it is in the title
-    assert "collections" in by_title["collections.OrderedDict.move_to_end"].keywords
-    assert "json" in by_title["json"].keywords and by_title["copy.copy"].keywords[0] == "copy"  # the module stays
+def test_explicit_format_overrides_extension(tmp_path):
+    path = write(tmp_path, "corpus.dat", "T,k,x\n")
+    assert read_rows(path, "csv") == [Row("T", ("k",), "x")]
+    with pytest.raises(GPT2JaxError, match=r"cannot infer the corpus format from the extension '\.dat'"):
+        read_rows(path)
 
 
-def test_deterministic(built, tmp_path):
-    again = build_stdlib_corpus(tmp_path / "again.jsonl")
-    assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(built.read_bytes()).digest()
+def test_unknown_format_suggests(tmp_path):
+    path = write(tmp_path, "c.csv", "T,k,x\n")
+    with pytest.raises(GPT2JaxError, match=r"unknown corpus format 'json' \(did you mean \"jsonl\"\?\)"):
+        read_rows(path, "json")
 
 
-def test_existing_file_is_returned_as_is(tmp_path):
-    out = tmp_path / "c.jsonl"
-    out.write_text("not rebuilt\n")
-    assert build_stdlib_corpus(out) == out
-    assert out.read_text() == "not rebuilt\n"
+def test_missing_file(tmp_path):
+    with pytest.raises(GPT2JaxError, match=r"corpus file .*nope\.csv does not exist"):
+        read_rows(tmp_path / "nope.csv")
 
 
-def test_what_is_kept_and_skipped(fake_stdlib, tmp_path):
-    out = build_stdlib_corpus(tmp_path / "out" / "c.jsonl", stdlib=fake_stdlib)
-    got = {r["title"]: r for r in read_jsonl(out)}
-    assert list(got) == ["alpha", "alpha.public", "alpha.conditional", "alpha.Widget", "alpha.Widget.__init__",
-                         "alpha.Widget.Part", "pkg", "pkg.sub.run"]
-    assert got["alpha.conditional"]["text"].endswith("(the Windows one)")  # the first definition wins
-    assert got["alpha.public"]["keywords"] == "alpha first_arg other flag other_name os.path.join"
-    assert got["alpha.Widget"]["keywords"] == "alpha Base"
-    assert got["alpha.Widget.__init__"]["keywords"] == "alpha Widget size"
-    assert got["pkg.sub.run"]["keywords"] == "pkg.sub"  # one-letter parameters are not keywords
-    assert read_rows(out).skipped == 0
+@pytest.mark.parametrize("name,content", [("e.csv", ""), ("h.csv", "title,keywords,text\n"),
+                                          ("e.jsonl", "\n\n"), ("e.txt", "  \n")])
+def test_empty_corpus(tmp_path, name, content):
+    with pytest.raises(GPT2JaxError, match="empty corpus"):
+        read_rows(write(tmp_path, name, content))
 
 
-def test_doctests_dropped_and_long_text_cut_at_a_paragraph():
-    para = "A sentence of plain words that explains something. " * 10
-    doc = "Summary line that says what it does.\n\n>>> f(1)\n2\n>>> f(2)\n3\n\nAfter the example.\n\n" + \
-        "\n\n".join([para.strip()] * 8)
-    text = corpus._clean_text(doc)
-    assert text.startswith("Summary line that says what it does.\n\nAfter the example.\n\nA sentence")
-    assert ">>>" not in text and len(text) <= MAX_TEXT_CHARS and text.endswith("something.")
-    assert len(corpus._clean_text(doc + "x")) == len(text)  # cut between paragraphs, not inside one
-    assert corpus._clean_text("x = {'a': [1, 2], 'b': (3, 4)} -> {1: 2} [[0]] ++ -- == ** //") is None
-    assert corpus._clean_text("Line one.\u2028Line two of a docstring with an odd separator.") == \
-        "Line one.\nLine two of a docstring with an odd separator."
+def test_all_rows_bad_is_empty_even_when_skipping(tmp_path):
+    with pytest.raises(GPT2JaxError, match=r"empty corpus \(all 1 rows were bad\)"):
+        read_rows(write(tmp_path, "c.csv", "only,two\n"), skip_bad_rows=True)
 
 
-def test_failed_build_leaves_no_file(fake_stdlib, tmp_path, monkeypatch):
-    real = corpus.stdlib_rows
+def test_not_utf8_names_line(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_bytes(b"T,k,x\nT,k,caf\xe9\n")
+    with pytest.raises(GPT2JaxError, match=r"c\.csv:2: not UTF-8"):
+        read_rows(path)
 
-    def failing(stdlib):
-        rows = real(stdlib)
-        yield next(rows)
-        yield next(rows)
-        raise OSError("disk full")
 
-    monkeypatch.setattr(corpus, "stdlib_rows", failing)
-    out = tmp_path / "out" / "c.jsonl"
-    with pytest.raises(OSError, match="disk full"):
-        build_stdlib_corpus(out, stdlib=fake_stdlib)
-    assert list(out.parent.iterdir()) == []  # neither the target nor the temporary file
+def test_rows_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Row("t", (), "x").title = "u"
+
+
+def test_bundled_sample_corpus():
+    assert 40_000 <= SAMPLE.stat().st_size <= 80_000
+    with SAMPLE.open(newline="", encoding="utf-8") as f:
+        assert next(csv.reader(f)) == ["title", "keywords", "text"]
+    rows = read_rows(SAMPLE)
+    assert len(rows) >= 100 and rows.skipped == 0
+    assert len({r.title for r in rows}) == len(rows)
+    assert all(r.title and r.text and 3 <= len(r.keywords) <= 6 for r in rows)
 
 
 def test_resolve_corpus_passthrough(tmp_path):
@@ -205,7 +154,6 @@ def test_resolve_builtin_builds_into_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setitem(BUILTIN_CORPORA, "stdlib-docs", lambda path: calls.append(path) or path)
     path = resolve_corpus("builtin:stdlib-docs", tmp_path / "cache")
     assert calls == [path] and path.parent == tmp_path / "cache" and path.suffix == ".jsonl"
-    import sys
     assert f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}" in path.name
 
 

@@ -1,11 +1,7 @@
-"""Tests for gpt2_jax/data.py: reading CSV, JSONL and text corpora and their errors; the tokenized
-cache, keyword augmentation, batches (per process, per micro-batch, resumable), loss masks, the
-split and the unigram baseline."""
+"""Tests for gpt2_jax/data.py: the tokenized cache, keyword augmentation, batches (per process, per
+micro-batch, resumable), loss masks, the split and the unigram baseline."""
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -14,141 +10,13 @@ import numpy as np
 import pytest
 
 from gpt2_jax import data
-from gpt2_jax.data import Batches, Row, read_rows, split_indices, tokenize_corpus, unigram_entropy
+from gpt2_jax.corpus import Row, read_rows
+from gpt2_jax.data import Batches, split_indices, tokenize_corpus, unigram_entropy
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.tokenizer import Tokenizer, train_bpe, train_sentencepiece
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample.csv"
 
-
-def write(tmp_path: Path, name: str, content: str) -> Path:
-    path = tmp_path / name
-    path.write_text(content, encoding="utf-8")
-    return path
-
-
-def test_csv_with_header_quoted_multiline(tmp_path):
-    path = write(tmp_path, "c.csv", 'title,keywords,text\nA title,one  two three,"Hello, world."\n'
-                                    'B,x,"line one\nline two"\n')
-    assert read_rows(path) == [Row("A title", ("one", "two", "three"), "Hello, world."),
-                               Row("B", ("x",), "line one\nline two")]
-
-
-def test_csv_without_header(tmp_path):
-    path = write(tmp_path, "c.csv", "Title,k1 k2,Some text.\nOther,,More text.\n")
-    assert read_rows(path) == [Row("Title", ("k1", "k2"), "Some text."), Row("Other", (), "More text.")]
-
-
-def test_csv_header_in_another_order_with_bom(tmp_path):
-    path = tmp_path / "c.csv"
-    path.write_bytes("\ufeffText,Title,Keywords\nbody,head,a b\n".encode())
-    assert read_rows(path) == [Row("head", ("a", "b"), "body")]
-
-
-def test_csv_wrong_column_count_names_line(tmp_path):
-    # The multi-line field in row 2 makes the bad row start on line 5, not record 3.
-    path = write(tmp_path, "c.csv", 'title,keywords,text\nA,k,"x\ny"\n\nB,k\nC,k,z\n')
-    with pytest.raises(GPT2JaxError, match=r"c\.csv:5: expected 3 CSV columns .*got 2"):
-        read_rows(path)
-
-
-def test_skip_bad_rows_counts_and_warns(tmp_path, caplog):
-    path = write(tmp_path, "c.csv", "A,k,x\nB,k\nC,k,z,extra\nD,k,w\n")
-    with caplog.at_level(logging.WARNING, logger="gpt2_jax.data"):
-        rows = read_rows(path, skip_bad_rows=True)
-    assert [r.title for r in rows] == ["A", "D"]
-    assert rows.skipped == 2
-    assert "skipped 2 bad row(s)" in caplog.text and "c.csv:2:" in caplog.text
-
-
-def test_jsonl_string_and_list_keywords(tmp_path):
-    lines = [{"title": "T1", "keywords": "a b", "text": "x"},
-             {"title": "T2", "keywords": ["c", "d e"], "text": "y", "extra": 1}]
-    path = write(tmp_path, "d.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n\n")
-    assert read_rows(path) == [Row("T1", ("a", "b"), "x"), Row("T2", ("c", "d", "e"), "y")]
-
-
-def test_json_array_file(tmp_path):
-    path = write(tmp_path, "d.json", json.dumps([{"title": "T", "keywords": [], "text": "x"}], indent=2))
-    assert read_rows(path) == [Row("T", (), "x")]
-
-
-@pytest.mark.parametrize("line,message", [
-    ('{"title": "T", "keywords": "k"', r"d\.jsonl:2: invalid JSON"),
-    ('{"title": "T", "keywords": "k"}', r"d\.jsonl:2: missing key\(s\) 'text'"),
-    ('{"title": 3, "keywords": "k", "text": "x"}', r"d\.jsonl:2: 'title' must be a string, got int"),
-    ('{"title": "T", "keywords": [1], "text": "x"}', r"d\.jsonl:2: 'keywords' must be"),
-    ('["T", "k", "x"]', r"d\.jsonl:2: expected a JSON object"),
-])
-def test_jsonl_bad_line_names_line(tmp_path, line, message):
-    path = write(tmp_path, "d.jsonl", '{"title": "ok", "keywords": "k", "text": "x"}\n' + line + "\n")
-    with pytest.raises(GPT2JaxError, match=message):
-        read_rows(path)
-    rows = read_rows(path, skip_bad_rows=True)
-    assert len(rows) == 1 and rows.skipped == 1
-
-
-def test_text_paragraphs_and_lines(tmp_path):
-    paragraphs = write(tmp_path, "p.txt", "First para\nstill first.\n\n\nSecond.\n")
-    assert read_rows(paragraphs) == [Row("", (), "First para\nstill first."), Row("", (), "Second.")]
-    lines = write(tmp_path, "l.txt", "one\ntwo\nthree\n")
-    assert [r.text for r in read_rows(lines)] == ["one", "two", "three"]
-
-
-def test_explicit_format_overrides_extension(tmp_path):
-    path = write(tmp_path, "corpus.dat", "T,k,x\n")
-    assert read_rows(path, "csv") == [Row("T", ("k",), "x")]
-    with pytest.raises(GPT2JaxError, match=r"cannot infer the corpus format from the extension '\.dat'"):
-        read_rows(path)
-
-
-def test_unknown_format_suggests(tmp_path):
-    path = write(tmp_path, "c.csv", "T,k,x\n")
-    with pytest.raises(GPT2JaxError, match=r"unknown corpus format 'json' \(did you mean \"jsonl\"\?\)"):
-        read_rows(path, "json")
-
-
-def test_missing_file(tmp_path):
-    with pytest.raises(GPT2JaxError, match=r"corpus file .*nope\.csv does not exist"):
-        read_rows(tmp_path / "nope.csv")
-
-
-@pytest.mark.parametrize("name,content", [("e.csv", ""), ("h.csv", "title,keywords,text\n"),
-                                          ("e.jsonl", "\n\n"), ("e.txt", "  \n")])
-def test_empty_corpus(tmp_path, name, content):
-    with pytest.raises(GPT2JaxError, match="empty corpus"):
-        read_rows(write(tmp_path, name, content))
-
-
-def test_all_rows_bad_is_empty_even_when_skipping(tmp_path):
-    with pytest.raises(GPT2JaxError, match=r"empty corpus \(all 1 rows were bad\)"):
-        read_rows(write(tmp_path, "c.csv", "only,two\n"), skip_bad_rows=True)
-
-
-def test_not_utf8_names_line(tmp_path):
-    path = tmp_path / "c.csv"
-    path.write_bytes(b"T,k,x\nT,k,caf\xe9\n")
-    with pytest.raises(GPT2JaxError, match=r"c\.csv:2: not UTF-8"):
-        read_rows(path)
-
-
-def test_rows_are_frozen():
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        Row("t", (), "x").title = "u"
-
-
-def test_bundled_sample_corpus():
-    assert 40_000 <= SAMPLE.stat().st_size <= 80_000
-    with SAMPLE.open(newline="", encoding="utf-8") as f:
-        assert next(csv.reader(f)) == ["title", "keywords", "text"]
-    rows = read_rows(SAMPLE)
-    assert len(rows) >= 100 and rows.skipped == 0
-    assert len({r.title for r in rows}) == len(rows)
-    assert all(r.title and r.text and 3 <= len(r.keywords) <= 6 for r in rows)
-
-
-
-# --- Tokenized corpus, batches, split, baseline ---------------------------------------------------
 
 class CharTokenizer(Tokenizer):
     """One id per character (its code point): examples small enough to check by hand."""

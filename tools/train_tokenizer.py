@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 
-from gpt2_jax.data import FORMATS, read_rows, row_texts
+from gpt2_jax.corpus import read_rows, row_texts
 from gpt2_jax.errors import run_cli
 from gpt2_jax.tokenizer import train_bpe, train_sentencepiece
+from gpt2_jax.train_config import FORMATS
 
 
 def main() -> None:
