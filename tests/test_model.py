@@ -8,7 +8,7 @@ import transformers
 
 from conftest import TINY, torch_logits
 from gpt2_jax.config import ModelConfig, preset
-from gpt2_jax.hf import load_pretrained
+from gpt2_jax.pretrained import load_pretrained
 from gpt2_jax.model import GPT2LMHeadModel, abstract_model, num_params, resize_token_embeddings
 
 TOL = 1e-5
@@ -146,3 +146,27 @@ def test_every_parameter_has_logical_axis_names():
     for path, var in nnx.to_flat_state(nnx.state(abstract_model(ModelConfig(**TINY)), nnx.Param)):
         axes = var.get_metadata()["out_sharding"]
         assert len(axes) == len(var.shape) and set(axes) <= known, (path, axes)
+
+
+def test_cached_decoding_equals_full_forward(hf_dir, attention_path):
+    """Left-padded prompts prefilled into a KV cache, then one token per step: every step's logits equal a
+    full forward pass over the sequence so far, ours and transformers' (what generate's loop relies on)."""
+    from gpt2_jax.cache import init_cache
+
+    path, ref = hf_dir()
+    model = load_pretrained(path)
+    lengths, N = [9, 4, 13], 12
+    P = max(lengths)
+    mask = np.concatenate([(np.arange(P)[None] >= P - np.array(lengths)[:, None]).astype(np.int64),
+                           np.ones((3, N), np.int64)], axis=1)
+    ids = np.where(mask == 1, IDS[:, : P + N], 0)
+    pos = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)  # as generate counts them
+    h_BPD, cache = model.hidden_states(ids[:, :P], mask[:, :P], pos[:, :P], init_cache(model.config, 3, P + N))
+    steps = [model.logits(h_BPD[:, -1])]
+    for t in range(P, P + N):
+        h_B1D, cache = model.hidden_states(ids[:, t:t + 1], None, pos[:, t:t + 1], cache)
+        steps.append(model.logits(h_B1D[:, 0]))
+    cached_BNV = np.stack([np.asarray(x) for x in steps], axis=1)  # the predictions after positions P-1 .. P+N-1
+    assert int(cache.index) == P + N
+    np.testing.assert_allclose(cached_BNV, np.asarray(model(ids, mask, pos))[:, P - 1:], atol=TOL, rtol=0)
+    np.testing.assert_allclose(cached_BNV, torch_logits(ref, ids, mask, pos)[:, P - 1:], atol=TOL, rtol=0)

@@ -1,25 +1,20 @@
-"""Generation against transformers: each logits processor, greedy decoding, cached logits, sampling
-statistics, compilation counts and input errors. Tiny random models on CPU."""
-import functools
-from contextlib import nullcontext
-from unittest import mock
-
+"""Generation against transformers: greedy decoding, the cached loop against full forward passes, seeds,
+compilation counts, sharded parameters and input errors. Tiny random models on CPU (the processors
+themselves: test_processors.py)."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-from transformers.generation import logits_process as hf_lp
+from flax import nnx
 
 from gpt2_jax import sampling
 from gpt2_jax.errors import GPT2JaxError
-from gpt2_jax.hf import load_pretrained
-from gpt2_jax.sampling import (apply_min_new_tokens, apply_repetition_penalty, apply_temperature, bucket_length,
-                               filter_candidates, generate, sample_tokens, token_presence, top_k_filter,
-                               top_p_filter, warp)
+from gpt2_jax.pretrained import load_pretrained
+from gpt2_jax.sampling import SamplingParams, bucket_length, generate
+from gpt2_jax.sharding import make_mesh, named_shardings
 
-V = 300  # above the first candidate cap (64), so the fast path and its fallbacks both run
+V = 300  # above the first candidate cap (64), so generate's fast path and its fallbacks both run
 N_POSITIONS = 64
 CFG_EOS = 299
 
@@ -62,221 +57,6 @@ def left_padded(lengths, pad, seed=0):
 def hf_generate(ref, ids, mask, **kw):
     with torch.no_grad():
         return ref.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), **kw).numpy()
-
-
-# --- processors against transformers' ------------------------------------------------------------------
-
-def scores(kind, B=4, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(B, V)).astype(np.float32) * 3
-    if kind == "ties":  # steps of 0.5: dozens of tokens share each value, the maximum included
-        x = np.round(x * 2) / 2
-    return x
-
-
-def hf_apply(processors, x, ids=None, stable=False):
-    """transformers' processors on `x`. `stable`: with torch.sort made stable, see `hf_reference`."""
-    ids = torch.zeros((x.shape[0], 1), dtype=torch.long) if ids is None else torch.as_tensor(ids)
-    t = torch.as_tensor(x)
-    with mock.patch.object(torch, "sort", functools.partial(_torch_sort, stable=True)) if stable else nullcontext():
-        for proc in processors:
-            t = proc(ids, t)
-    return t.numpy()
-
-
-_torch_sort = torch.sort
-
-
-def hf_reference(processors, x):
-    """What our warpers must equal exactly: HF's, with its sort made stable.
-
-    TopPLogitsWarper calls torch.sort without stable=True, and on CPU that order is not stable, so when
-    tied tokens straddle the nucleus boundary, which of them HF keeps is unspecified. We keep the ones a
-    stable sort puts last (the highest ids). Either way the same number of tokens of each value is kept,
-    which is checked against unpatched HF.
-    """
-    want = hf_apply(processors, x, stable=True)
-    plain = hf_apply(processors, x)
-    np.testing.assert_array_equal(np.sort(want, axis=1), np.sort(plain, axis=1))
-    return want
-
-
-@functools.cache
-def _jit(fn, static):
-    return jax.jit(functools.partial(fn, **dict(static)))
-
-
-def jitted(fn, **static):
-    """`fn` compiled with every argument traced, as inside the generation loop: numbers become float32 /
-    int32 arrays, so no value is folded into the program as a constant."""
-    def run(*args):
-        args = [np.float32(a) if isinstance(a, float) else np.int32(a) if isinstance(a, int) else a for a in args]
-        return jax.tree.map(np.asarray, _jit(fn, tuple(sorted(static.items())))(*args))
-    return run
-
-
-def _warp_candidates(x, t, k, p, cap):
-    return filter_candidates(apply_temperature(x, t), k, p, cap)
-
-
-def _penalise(x, ids, penalty):
-    return apply_repetition_penalty(x, token_presence(ids, V), penalty)
-
-
-def scatter_candidates(vals_BC, ids_BC):
-    out = np.full((vals_BC.shape[0], V), -np.inf, np.float32)
-    np.put_along_axis(out, np.asarray(ids_BC), np.asarray(vals_BC), axis=1)
-    return out
-
-
-@pytest.mark.parametrize("t", [0.3, 0.9, 1.0, 2.5])
-def test_temperature(t):
-    x = scores("normal")
-    np.testing.assert_array_equal(jitted(apply_temperature)(x, t), hf_apply([hf_lp.TemperatureLogitsWarper(t)], x))
-
-
-@pytest.mark.parametrize("kind", ["normal", "ties"])
-@pytest.mark.parametrize("k", [1, 2, 7, 30, 64, 65, 299, 300, 1000])
-def test_top_k(kind, k):
-    x = scores(kind)
-    want = hf_apply([hf_lp.TopKLogitsWarper(k)], x)
-    np.testing.assert_array_equal(jitted(top_k_filter)(x, k), want)
-    vals, ids, exact = jitted(filter_candidates, cap=64)(x, k, 1.0)
-    exact = np.asarray(exact)
-    if kind == "normal" or k == 1:
-        assert exact.all() == (k <= 64)  # no ties at the threshold: exact iff k fits in the candidates
-    np.testing.assert_array_equal(scatter_candidates(vals, ids)[exact], want[exact])
-
-
-def test_top_k_zero_is_off():
-    x = scores("ties")
-    np.testing.assert_array_equal(top_k_filter(x, 0), x)
-
-
-@pytest.mark.parametrize("kind", ["normal", "ties"])
-@pytest.mark.parametrize("p", [1e-6, 0.01, 0.3, 0.7, 0.95, 0.999, 0.999999])
-def test_top_p(kind, p):
-    x = scores(kind)
-    want = hf_reference([hf_lp.TopPLogitsWarper(p)], x)
-    np.testing.assert_array_equal(jitted(top_p_filter)(x, p), want)
-    for cap in (8, 64):
-        vals, ids, exact = jitted(filter_candidates, cap=cap)(x, 0, p)
-        exact = np.asarray(exact)
-        np.testing.assert_array_equal(scatter_candidates(vals, ids)[exact], want[exact])
-
-
-def test_top_p_one_is_off():
-    # generate skips TopPLogitsWarper at top_p == 1, so even zero-probability tokens stay.
-    x = scores("normal")
-    x[:, :3] = -200.0
-    np.testing.assert_array_equal(top_p_filter(x, 1.0), x)
-
-
-WARP_CASES = [(0.9, 30, 0.7), (1.0, 5, 1.0), (0.5, 0, 0.9), (2.0, 0, 0.3), (1.3, 100, 0.95), (0.7, 250, 0.5),
-              (1.0, 0, 1.0), (0.9, 64, 0.999999), (1.1, 3, 1e-6)]
-
-
-@pytest.mark.parametrize("kind", ["normal", "ties"])
-@pytest.mark.parametrize("t,k,p", WARP_CASES)
-def test_warp_chain(kind, t, k, p):
-    """Temperature -> top-k -> top-p as generate chains them, on the exact path and the candidate path."""
-    x = scores(kind)
-    procs = [hf_lp.TemperatureLogitsWarper(t)]
-    procs += [hf_lp.TopKLogitsWarper(k)] if k else []
-    procs += [hf_lp.TopPLogitsWarper(p)] if p < 1 else []
-    want = hf_reference(procs, x)
-    np.testing.assert_array_equal(jitted(warp)(x, t, k, p), want)
-    for cap in (8, 64, 1024):
-        vals, ids, exact = jitted(_warp_candidates, cap=cap)(x, t, k, p)
-        exact = np.asarray(exact)
-        np.testing.assert_array_equal(scatter_candidates(vals, ids)[exact], want[exact])
-        if cap >= V:
-            assert exact.all()
-
-
-def test_candidate_path_exactness_flags():
-    """The fast path claims exactness exactly when the candidates decide the answer."""
-    x = scores("normal")
-    flag = lambda k, p, cap: jitted(filter_candidates, cap=cap)(x, k, p)[2]  # noqa: E731
-    assert flag(30, 0.7, 64).all() and flag(64, 1.0, 64).all()
-    assert not flag(65, 1.0, 64).any()  # top-k larger than the candidates
-    assert not flag(0, 1.0, 64).any()  # nothing filtered: the whole vocabulary
-    assert flag(0, 0.05, 64).all()  # a narrow nucleus fits
-    assert not flag(0, 0.99, 8).any()  # a wide one does not
-    tied = np.zeros((1, V), np.float32)
-    tied[0, :3] = 1.0  # top-2 with a three-way tie: all three stay, one of them outside a cap of 2
-    assert not jitted(filter_candidates, cap=2)(tied, 2, 1.0)[2][0]
-    np.testing.assert_array_equal(top_k_filter(tied, 2), hf_apply([hf_lp.TopKLogitsWarper(2)], tied))
-
-
-@pytest.mark.parametrize("penalty", [0.5, 1.0, 1.7])
-def test_repetition_penalty(penalty):
-    x = scores("normal")
-    ids = np.random.default_rng(1).integers(0, 20, size=(4, 12))  # many repeats
-    want = hf_apply([hf_lp.RepetitionPenaltyLogitsProcessor(penalty)], x, ids)
-    got = jitted(_penalise)(x, ids, penalty)
-    np.testing.assert_array_equal(got, want)
-
-
-@pytest.mark.parametrize("length", [5, 6, 7, 8, 9])
-def test_min_new_tokens(length):
-    x = scores("normal")
-    ids = np.zeros((4, length), np.int64)
-    eos_mask = np.zeros(V, bool)
-    eos_mask[[3, 7]] = True
-    want = hf_apply([hf_lp.MinNewTokensLengthLogitsProcessor(5, 3, [3, 7])], x, ids)
-    np.testing.assert_array_equal(jitted(apply_min_new_tokens)(x, eos_mask, length - 5, 3), want)
-
-
-# --- sampling statistics ---------------------------------------------------------------------------------
-
-def chi2_pvalue(counts, probs, n):
-    """Pearson's chi-square test of `counts` against `probs`; bins expecting < 5 draws are pooled."""
-    expected = probs * n
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    if exp[-1] < 5:  # too little pooled mass for its own bin: fold it into the largest
-        obs[np.argmax(exp[:-1])] += obs[-1]
-        exp[np.argmax(exp[:-1])] += exp[-1]
-        obs, exp = obs[:-1], exp[:-1]
-    stat = float(((obs - exp) ** 2 / exp).sum())
-    dof = len(obs) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
-
-
-# (top_k, top_p, candidate caps, whether the first cap is exact): each path of sample_tokens.
-PATHS = {
-    "candidates": (30, 0.7, (64,), True),
-    "candidates_top_p_only": (0, 0.6, (64,), True),
-    "second_cap": (0, 0.9, (8, 1024), False),
-    "full_sort_top_p": (0, 0.9, (8,), False),
-    "full_sort_top_k": (12, 0.95, (8,), False),
-    "unfiltered": (0, 1.0, (64,), False),
-}
-
-
-@pytest.mark.parametrize("path", PATHS)
-def test_sampling_frequencies(path):
-    """20,000 draws from one fixed row: frequencies fit HF's filtered distribution (chi-square p > 1e-3,
-    so a correct sampler fails one run in a thousand per path; the seed is fixed, so runs are repeatable),
-    and no token HF filters out is ever drawn."""
-    top_k, top_p, caps, first_exact = PATHS[path]
-    t, n = 0.9, 20_000
-    row = scores("normal", B=1, seed=3) / 2
-    assert np.asarray(filter_candidates(jnp.asarray(row) / t, top_k, top_p, caps[0])[2])[0] == first_exact
-    procs = [hf_lp.TemperatureLogitsWarper(t)]
-    procs += [hf_lp.TopKLogitsWarper(top_k)] if top_k else []
-    procs += [hf_lp.TopPLogitsWarper(top_p)] if top_p < 1 else []
-    probs = torch.softmax(torch.as_tensor(hf_apply(procs, row)[0]).double(), -1).numpy()
-    draw = jax.jit(lambda key, s: sample_tokens(key, s, top_k, top_p, caps=caps))
-    scaled = jnp.broadcast_to(apply_temperature(jnp.asarray(row), t), (n, V))
-    tokens = np.asarray(draw(jax.random.key(0), scaled))
-    counts = np.bincount(tokens, minlength=V)
-    assert counts[probs == 0].sum() == 0
-    assert chi2_pvalue(counts, probs, n) > 1e-3
-    np.testing.assert_array_equal(np.asarray(draw(jax.random.key(0), scaled)), tokens)  # same key, same draws
 
 
 # --- generate against transformers ---------------------------------------------------------------------------
@@ -335,26 +115,19 @@ def test_config_eos_and_pad_defaults(models):
     np.testing.assert_array_equal(got[:, :want.shape[1]], want)
 
 
-def test_cached_logits_equal_full_forward(models, attention_path):
-    """Every decode step's logits equal a full forward pass over prompt + tokens so far (ours and HF's)."""
-    ref, model = models
+def test_greedy_tokens_are_argmax_of_full_forward(models, attention_path):
+    """Each token greedy generate picks through its KV cache (prefilled, grown, decoded step by step) is the
+    argmax of a full forward pass over prompt + tokens so far; model-level cached logits: test_model.py."""
+    _, model = models
     ids, mask = left_padded(LENGTHS, pad=0, seed=1)
-    N = 12
-    seqs, step_logits = sampling._generate(
-        model, ids, mask, max_new_tokens=N, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
-        repetition_penalty=1.0, min_new_tokens=0, num_return_sequences=1, eos_token_id=[], pad_token_id=0,
-        seed=0, with_logits=True)
-    P = ids.shape[1]
+    N, P = 12, ids.shape[1]
+    seqs = generate(model, ids, mask, max_new_tokens=N, eos_token_id=[], pad_token_id=0)
     full_mask = np.concatenate([mask, np.ones((3, N), np.int64)], axis=1)
     pos = np.where(full_mask == 1, np.cumsum(full_mask, axis=1) - 1, 1)
-    ours = np.asarray(model(seqs, full_mask, pos))[:, P - 1:-1]
-    with torch.no_grad():
-        theirs = ref(torch.as_tensor(seqs).long(), attention_mask=torch.as_tensor(full_mask),
-                     position_ids=torch.as_tensor(pos)).logits.numpy()[:, P - 1:-1]
-    assert step_logits.shape == (3, N, V)
-    np.testing.assert_allclose(step_logits, ours, atol=1e-4, rtol=1e-5)
-    np.testing.assert_allclose(step_logits, theirs, atol=1e-4, rtol=1e-5)
-    np.testing.assert_array_equal(seqs[:, P:], step_logits.argmax(-1))
+    logits = np.asarray(model(seqs, full_mask, pos))[:, P - 1:-1]
+    top2 = np.sort(logits, axis=-1)[..., -2:]
+    assert (top2[..., 1] - top2[..., 0]).min() > 1e-3  # no near-tie that rounding could flip
+    np.testing.assert_array_equal(seqs[:, P:], logits.argmax(-1))
 
 
 def test_sampling_seed_and_num_return_sequences(models):
@@ -458,28 +231,30 @@ def test_missing_model_path(tmp_path):
         load_pretrained(str(tmp_path / "nope"))
 
 
-def test_generate_with_parameters_sharded_by_logical_axes(models):
-    """On 8 (fake CPU) devices, parameters sharded over a mesh by their logical axis names: the same tokens."""
-    from flax import nnx
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+def test_sampling_params_are_traced_leaves():
+    """Every setting is a pytree leaf, so jit traces it instead of baking it into the program."""
+    p = SamplingParams.of(vocab_size=V, do_sample=True, temperature=0.7, top_k=20, top_p=0.9,
+                          repetition_penalty=1.2, min_new_tokens=2, max_new_tokens=10, pad_token_id=0,
+                          eos_ids=[3, CFG_EOS], seed=5)
+    leaves, _ = jax.tree.flatten(p)
+    assert len(leaves) == len(SamplingParams.__dataclass_fields__)
+    assert p.top_p_cut == np.float32(1 - 0.9) and p.eos_mask_V.nonzero()[0].tolist() == [3, CFG_EOS]
 
+
+def test_generate_with_parameters_sharded_by_logical_axes(models):
+    """On 8 (fake CPU) devices, parameters laid out by the project's own rules (sharding.py, from each
+    parameter's logical axes): the same tokens."""
     _, model = models
     ids, mask = left_padded(LENGTHS, pad=0)
     want = generate(model, ids, mask, max_new_tokens=8, eos_token_id=CFG_EOS, pad_token_id=0)
     sharded = nnx.clone(model)
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
-    rules = {"embed": "fsdp", "mlp": "data", "heads": "data"}  # a logical -> mesh rule set, as sharding will use
-
-    def place(var):
-        axes = var.get_metadata()["out_sharding"]
-        spec = [rules.get(a) if a in rules and n % mesh.shape[rules[a]] == 0 else None
-                for a, n in zip(axes, var.shape)]
-        return jax.device_put(var[...], NamedSharding(mesh, PartitionSpec(*spec)))
-
-    state = nnx.state(sharded, nnx.Param)
-    for path, var in nnx.to_flat_state(state):
-        var.set_value(place(var))
-    nnx.update(sharded, state)
+    mesh = make_mesh(data=2, fsdp=4)
+    flat = nnx.to_flat_state(nnx.state(sharded, nnx.Param))
+    logical = {path: var.get_metadata().get("out_sharding") for path, var in flat}
+    shardings = named_shardings(logical, {path: var for path, var in flat}, mesh)
+    for path, var in flat:
+        var.set_value(jax.device_put(var[...], shardings[path]))
+    nnx.update(sharded, nnx.from_flat_state(flat))
     kernel = sharded.transformer.h[0].mlp.c_fc.kernel[...]
     assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
     got = generate(sharded, ids, mask, max_new_tokens=8, eos_token_id=CFG_EOS, pad_token_id=0)

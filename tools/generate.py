@@ -24,7 +24,7 @@ repetition penalty 1.0). The seed project sampled with:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate text with a GPT-2 model (sampling unless --greedy).",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a Hugging Face model directory")
+    p.add_argument("--model", required=True, help="a Hugging Face model directory or a training run's directory")
     p.add_argument("--tokenizer", help="tokenizer path (default: the model directory)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--title", help="the title to write about (with --keywords)")
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     if not args.no_compile_cache:
         from gpt2_jax.runtime import enable_compilation_cache
         enable_compilation_cache()
-    from gpt2_jax.hf import load_pretrained
+    from gpt2_jax.pretrained import load_pretrained
     from gpt2_jax.sampling import generate_text
     from gpt2_jax.tokenizer import load_tokenizer
 

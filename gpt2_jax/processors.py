@@ -1,0 +1,231 @@
+"""Hugging Face's logits processors as pure functions of [B, V] float32 scores and traced parameters.
+
+Shape letters: B batch, V vocabulary, C top-k candidates.
+
+They follow `transformers.generation.logits_process` exactly (order, ties, edge values): repetition
+penalty -> min new tokens -> temperature -> top-k -> top-p, then softmax sampling (or argmax).
+Sorting the whole vocabulary is slow on CPU (~10 ms a row for GPT-2's 50,257 tokens), so sampling filters
+the top-`C` candidates found by `lax.top_k` and only falls back to the exact full sort (under `lax.cond`,
+so it costs nothing when not taken) when the candidates cannot decide the answer exactly: top-k off or
+larger than C with a nucleus wider than C, or ties straddling the C-th value.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Candidate counts for the fast top-k/top-p path, tried in order before the full sort. 64 covers the usual
+# top_k (HF's default 50, the seed's 30); 1024 and 4096 cover most nuclei of pure top-p sampling. On CPU,
+# top_k(64) of 8 x 50,257 scores takes ~0.7 ms, top_k(4096) ~11 ms, a full sort ~90 ms.
+CANDIDATE_CAPS = (64, 1024, 4096)
+
+_NEG_INF = -jnp.inf
+
+
+def token_presence(ids_BT, vocab_size: int, valid_BT=None):
+    """bool [B, V]: which tokens occur in each row of `ids_BT` (where `valid_BT`), for the repetition penalty."""
+    ids_BT = jnp.asarray(ids_BT)
+    B = ids_BT.shape[0]
+    if valid_BT is not None:
+        ids_BT = jnp.where(valid_BT, ids_BT, vocab_size)  # out of range: dropped by the scatter
+    rows = jnp.arange(B)[:, None]
+    return jnp.zeros((B, vocab_size), bool).at[rows, ids_BT].set(True, mode="drop")
+
+
+def _div(x_BV, d):
+    """x / d exactly as torch divides. XLA:CPU rewrites x / broadcast(d) as x * (1 / d), an ulp off at times,
+    enough to move a top-p boundary; dividing by a materialised array (behind a barrier) keeps the division."""
+    d_BV = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(d, x_BV.dtype), x_BV.shape))
+    return x_BV / d_BV
+
+
+def apply_repetition_penalty(scores_BV, seen_BV, penalty):
+    """HF `RepetitionPenaltyLogitsProcessor`: seen tokens' scores are divided (>= 0) or multiplied (< 0).
+
+    Applied once per token however often it occurred. `penalty == 1` is exactly the identity.
+    """
+    scores_BV = jnp.asarray(scores_BV, jnp.float32)
+    penalised = jnp.where(scores_BV < 0, scores_BV * penalty, _div(scores_BV, penalty))
+    return jnp.where(seen_BV, penalised, scores_BV)
+
+
+def apply_min_new_tokens(scores_BV, eos_mask_V, num_new, min_new_tokens):
+    """HF `MinNewTokensLengthLogitsProcessor`: EOS scores are -inf while fewer than `min_new_tokens` are out."""
+    block = (num_new < min_new_tokens) & eos_mask_V
+    return jnp.where(block[None, :], _NEG_INF, scores_BV)
+
+
+def apply_temperature(scores_BV, temperature):
+    """HF `TemperatureLogitsWarper`: scores / temperature (1 is exactly the identity)."""
+    return _div(jnp.asarray(scores_BV, jnp.float32), temperature)
+
+
+def one_minus_top_p(top_p):
+    """The top-p cut on cumulative probabilities, 1 - top_p, rounded as HF rounds it."""
+    # HF compares float32 cumulative probabilities with the Python float `1 - top_p` (computed in double,
+    # then rounded to float32 by torch); do the same when top_p is a concrete number.
+    if isinstance(top_p, (int, float, np.floating, np.integer)):
+        return np.float32(1.0 - float(top_p))
+    return 1.0 - jnp.asarray(top_p, jnp.float32)
+
+
+def _top_k_off(top_k, V):
+    return (top_k <= 0) | (top_k >= V)
+
+
+def _full_filter(scores_BV, top_k, top_p_cut, top_p_on):
+    """Exact top-k then top-p over the whole vocabulary with one stable ascending sort, as HF does."""
+    B, V = scores_BV.shape
+    iota_BV = jax.lax.broadcasted_iota(jnp.int32, (B, V), 1)
+    # Stable: equal scores keep index order. HF's torch.sort is not stable on CPU, so where tied tokens
+    # straddle the nucleus boundary, which of them HF keeps is unspecified; we keep the highest ids.
+    sorted_BV, order_BV = jax.lax.sort((scores_BV, iota_BV), dimension=1, num_keys=1, is_stable=True)
+    # Top-k: drop every score below the k-th largest (ties at the threshold stay), as TopKLogitsWarper.
+    kk = jnp.clip(top_k, 1, V)
+    thr_B = jax.lax.dynamic_index_in_dim(sorted_BV, V - kk, axis=1, keepdims=False)
+    thr_B = jnp.where(_top_k_off(top_k, V), _NEG_INF, thr_B)
+    sorted_BV = jnp.where(sorted_BV < thr_B[:, None], _NEG_INF, sorted_BV)
+    # Top-p: remove ascending-sorted tokens whose cumulative probability is <= 1 - top_p, keep the largest.
+    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+    remove_BV = (cum_BV <= top_p_cut) & top_p_on
+    remove_BV = remove_BV.at[:, -1].set(False)
+    sorted_BV = jnp.where(remove_BV, _NEG_INF, sorted_BV)
+    rows = jnp.arange(B)[:, None]
+    return jnp.zeros_like(scores_BV).at[rows, order_BV].set(sorted_BV, unique_indices=True)
+
+
+def top_k_filter(scores_BV, top_k):
+    """HF `TopKLogitsWarper` (exact; ties with the k-th value are kept); `top_k` 0 (or >= V) is off."""
+    scores_BV = jnp.asarray(scores_BV, jnp.float32)
+    return _full_filter(scores_BV, jnp.asarray(top_k, jnp.int32), jnp.float32(0.0), False)
+
+
+def top_p_filter(scores_BV, top_p):
+    """HF `TopPLogitsWarper` with min_tokens_to_keep=1 (exact, stable sort); `top_p` 1 is off, as in generate."""
+    scores_BV = jnp.asarray(scores_BV, jnp.float32)
+    return _full_filter(scores_BV, jnp.int32(0), one_minus_top_p(top_p), jnp.asarray(top_p) < 1)
+
+
+def warp(scores_BV, temperature, top_k, top_p):
+    """Temperature, top-k, top-p in HF's order, exactly, with one sort: what sampling draws from."""
+    scores_BV = apply_temperature(jnp.asarray(scores_BV, jnp.float32), temperature)
+    return _full_filter(scores_BV, jnp.asarray(top_k, jnp.int32), one_minus_top_p(top_p), jnp.asarray(top_p) < 1)
+
+
+def _top_k(x_BV, k: int):
+    # XLA:CPU runs top_k as a partial sort only while its output is a plain slice of a sort; a second slice
+    # of that output (x[:, -1:]) gets folded into the sort and turns it into a full sort, ~100x slower.
+    # The barrier keeps the pattern intact.
+    return jax.lax.optimization_barrier(jax.lax.top_k(x_BV, k))
+
+
+def filter_candidates(scores_BV, top_k, top_p, cap: int, *, top_p_cut=None):
+    """Top-k then top-p restricted to the `cap` largest scores: the fast path of `warp` (after temperature).
+
+    Returns (scores_BC, ids_BC, exact_B): the candidates' warped scores (-inf where filtered) and token ids,
+    and per row whether they are exactly `warp`'s surviving tokens and scores. Exactness needs the answer
+    to lie among the candidates with no tie straddling the cap: top-k on and <= cap, or top-k off and a
+    nucleus narrower than the cap.
+    """
+    B, V = scores_BV.shape
+    C = min(cap, V)
+    top_k = jnp.asarray(top_k, jnp.int32)
+    top_p_cut = one_minus_top_p(top_p) if top_p_cut is None else top_p_cut
+    top_p_on = jnp.asarray(top_p) < 1
+    vals_BC, ids_BC = _top_k(scores_BV, C)  # descending; equal values in index order
+    low_B = vals_BC[:, -1]  # the smallest candidate
+    k_off = _top_k_off(top_k, V)
+    thr_B = jax.lax.dynamic_index_in_dim(vals_BC, jnp.clip(top_k, 1, C) - 1, axis=1, keepdims=False)
+    thr_B = jnp.where(k_off | (top_k > C), _NEG_INF, thr_B)
+    vals_BC = jnp.where(vals_BC < thr_B[:, None], _NEG_INF, vals_BC)
+    # HF's stable ascending order: by value, then by token id.
+    vals_BC, ids_BC = jax.lax.sort((vals_BC, ids_BC), dimension=1, num_keys=2)
+
+    # Softmax over the whole vocabulary after top-k. With top-k on, tokens outside have probability 0;
+    # with it off, their total mass starts the cumulative sum.
+    def mass_outside():
+        m_B1 = jnp.max(scores_BV, axis=-1, keepdims=True)
+        e_BV = jnp.exp(scores_BV - m_B1)
+        z_B = jnp.sum(e_BV, axis=-1)
+        return m_B1, z_B, jnp.sum(jnp.where(scores_BV < low_B[:, None], e_BV, 0.0), axis=-1) / z_B
+
+    def no_mass_outside():
+        m_B1 = jnp.max(vals_BC, axis=-1, keepdims=True)
+        z_B = jnp.sum(jnp.exp(vals_BC - m_B1), axis=-1)
+        return m_B1, z_B, jnp.zeros((B,), jnp.float32)
+
+    if C == V:
+        m_B1, z_B, mass_out_B = no_mass_outside()
+    else:
+        m_B1, z_B, mass_out_B = jax.lax.cond(k_off & top_p_on, mass_outside, no_mass_outside)
+    cum_BC = mass_out_B[:, None] + jnp.cumsum(jnp.exp(vals_BC - m_B1) / z_B[:, None], axis=-1)
+    remove_BC = (cum_BC <= top_p_cut) & top_p_on
+    remove_BC = remove_BC.at[:, -1].set(False)
+    vals_BC = jnp.where(remove_BC, _NEG_INF, vals_BC)
+    if C == V:
+        exact_B = jnp.ones((B,), bool)
+    else:
+        # No score outside the candidates equals the smallest one (else which of them is in is ambiguous).
+        separated_B = jnp.sum(scores_BV >= low_B[:, None], axis=-1) == C
+        # Top-k on and <= C: exact unless the k-th value ties with a token outside the candidates.
+        k_exact_B = ~k_off & (top_k <= C) & ((thr_B > low_B) | separated_B)
+        # Top-k off: exact if top-p removes the smallest candidate, hence every token outside.
+        p_exact_B = k_off & top_p_on & separated_B & remove_BC[:, 0]
+        exact_B = k_exact_B | p_exact_B
+    return vals_BC, ids_BC, exact_B
+
+
+def categorical(key, scores_BV, block: int = 256):
+    """One draw per row from softmax(scores_BV), like `jax.random.categorical` but with O(V / block + block)
+    random numbers: first a block of `block` tokens by its total probability, then a token inside it.
+    Gumbel noise for all 50,257 GPT-2 tokens costs more than a small model's decode step on CPU."""
+    B, V = scores_BV.shape
+    if V <= block:
+        return jax.random.categorical(key, scores_BV, axis=-1)
+    nb = -(-V // block)
+    s_BNG = jnp.pad(scores_BV, ((0, 0), (0, nb * block - V)), constant_values=-jnp.inf).reshape(B, nb, block)
+    m_B11 = jnp.max(s_BNG, axis=(1, 2), keepdims=True)
+    mass_BN = jnp.sum(jnp.exp(s_BNG - m_B11), axis=-1)
+    key_block, key_token = jax.random.split(key)
+    blk_B = jax.random.categorical(key_block, jnp.log(mass_BN), axis=-1)
+    s_BG = jnp.take_along_axis(s_BNG, blk_B[:, None, None], axis=1)[:, 0]
+    return blk_B * block + jax.random.categorical(key_token, s_BG, axis=-1)
+
+
+def sample_tokens(key, scores_BV, top_k, top_p, *, top_p_cut=None, caps: Sequence[int] = CANDIDATE_CAPS):
+    """Draw one token per row from softmax(warp(scores)) (scores already divided by the temperature).
+
+    Tries the candidate path for each cap in turn and falls back to the full sort; each fallback sits in a
+    `lax.cond` branch, so only the path taken runs.
+    """
+    B, V = scores_BV.shape
+    top_k = jnp.asarray(top_k, jnp.int32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    top_p_cut = one_minus_top_p(top_p) if top_p_cut is None else top_p_cut
+
+    def from_candidates(vals_BC, ids_BC):
+        j_B = jax.random.categorical(key, vals_BC, axis=-1)
+        return jnp.take_along_axis(ids_BC, j_B[:, None], axis=-1)[:, 0]
+
+    def full():
+        return categorical(key, _full_filter(scores_BV, top_k, top_p_cut, top_p < 1))
+
+    def unfiltered():
+        return categorical(key, scores_BV)
+
+    def tier(i):
+        if i == len(caps):
+            return full()
+        vals_BC, ids_BC, exact_B = filter_candidates(scores_BV, top_k, top_p, caps[i], top_p_cut=top_p_cut)
+        return jax.lax.cond(jnp.all(exact_B), lambda: from_candidates(vals_BC, ids_BC), lambda: tier(i + 1))
+
+    if not caps:
+        return full().astype(jnp.int32)
+    vals_BC, ids_BC, exact_B = filter_candidates(scores_BV, top_k, top_p, caps[0], top_p_cut=top_p_cut)
+    no_filter = _top_k_off(top_k, V) & (top_p >= 1)
+    branch = jnp.where(jnp.all(exact_B), 0, jnp.where(no_filter, 1, 2))
+    tok_B = jax.lax.switch(branch, [lambda: from_candidates(vals_BC, ids_BC), unfiltered, lambda: tier(1)])
+    return tok_B.astype(jnp.int32)
