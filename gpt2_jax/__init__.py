@@ -10,7 +10,7 @@ _EXPORTS = {
     "GPT2LMHeadModel": "gpt2_jax.model",
     "ModelConfig": "gpt2_jax.config",
     "generate": "gpt2_jax.sampling",
-    "load_pretrained": "gpt2_jax.hf",
+    "load_pretrained": "gpt2_jax.pretrained",
     "load_tokenizer": "gpt2_jax.tokenizer",
     "preset": "gpt2_jax.config",
     "resize_token_embeddings": "gpt2_jax.model",

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run: `RUN_DIR/checkpoints/<step>/{state, meta}`.
+"""Orbax checkpoints of a training run, and nothing else: `RUN_DIR/checkpoints/<step>/{state, meta}`.
 
 `state` is the whole TrainState (step, trainable and frozen parameters, optimiser state, dropout RNG);
 `meta` is JSON: the resolved training config, the model config and the data position (the step: batches
@@ -34,9 +34,15 @@ class Checkpointer:
 
     def __init__(self, run_dir: str, *, every: int = 0, keep: int = 3, read_only: bool = False):
         self.every = every
+        # A reader is this process alone (the end-of-run export runs on process 0 only); a writer is every
+        # process of the job, which Orbax synchronises.
+        me = jax.process_index()
+        multiprocessing = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}) \
+            if read_only else ocp.options.MultiprocessingOptions()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=not read_only,
                                                read_only=read_only, enable_async_checkpointing=True,
-                                               cleanup_tmp_directories=not read_only)
+                                               cleanup_tmp_directories=not read_only,
+                                               multiprocessing_options=multiprocessing)
         if read_only:  # readers restore parts of the state (parameters only), which the PyTree handler allows
             handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
             self.manager = ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=handlers)
@@ -105,11 +111,6 @@ class Checkpointer:
         self.manager.close()
 
 
-def abstract_target(state: Any) -> Any:
-    """ShapeDtypeStructs with the shardings of `state` (a live or abstract state on the current mesh)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(changes that break resumption, harmless changes) between two TrainConfig.to_dict()s, as dotted keys."""
     breaking, harmless = [], []
@@ -131,72 +132,3 @@ def check_resumable(saved: dict, current: dict, run_dir: str) -> list[str]:
                            f"from ({'; '.join(breaking)}); use another train.out_dir, or checkpoint.resume=false "
                            f"to start over")
     return harmless
-
-
-def is_run_dir(path: str) -> bool:
-    """A training run's output directory (train.out_dir): model_config.json beside checkpoints/."""
-    return os.path.isdir(checkpoint_dir(path)) and os.path.isfile(os.path.join(path, "model_config.json"))
-
-
-def open_run(run_dir: str, step: Optional[int] = None) -> tuple[Any, "Checkpointer", int]:
-    """(ModelConfig, read-only Checkpointer, step) of a run directory; `step` defaults to the latest
-    complete checkpoint. The caller closes the Checkpointer."""
-    from gpt2_jax.config import ModelConfig
-
-    config = ModelConfig.from_json(os.path.join(run_dir, "model_config.json"))
-    ckpt = Checkpointer(run_dir, read_only=True)
-    steps = ckpt.all_steps()
-    if not steps:
-        ckpt.close()
-        raise GPT2JaxError(f"{run_dir}: no complete checkpoint in {checkpoint_dir(run_dir)}")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        ckpt.close()
-        raise GPT2JaxError(f"{run_dir}: no checkpoint of step {step}; there are: {', '.join(map(str, sorted(steps)))}")
-    return config, ckpt, step
-
-
-def load_run(run_dir: str, *, step: Optional[int] = None, dtype: Optional[str] = None, seed: int = 0):
-    """The model of a run directory's checkpoint (`step`, default the latest complete one), in eval mode."""
-    from gpt2_jax.model import model_from_params
-
-    config, ckpt, step = open_run(run_dir, step)
-    if dtype is not None:
-        config = config.replace(dtype=str(dtype), param_dtype=str(dtype))
-    flat = ckpt.restore_params(step)
-    ckpt.close()
-    paths = _param_keys(config)
-    missing = sorted(set(paths) - set(flat))
-    if missing:
-        raise GPT2JaxError(f"{run_dir}: checkpoint of step {step} lacks {missing[0]} (model_config.json mismatch?)")
-    return model_from_params(config, {paths[k]: flat[k] for k in paths}, seed=seed)
-
-
-def export_run(run_dir: str, out_dir: str, *, step: Optional[int] = None) -> str:
-    """Write a run's checkpoint as a Hugging Face directory (hf.write_pretrained with the run's tokenizer),
-    restoring one parameter at a time: host memory holds one tensor, never the model or optimiser state."""
-    from gpt2_jax.hf import write_pretrained
-    from gpt2_jax.model import path_key
-    from gpt2_jax.tokenizer import load_tokenizer
-
-    config, ckpt, step = open_run(run_dir, step)
-    try:
-        shapes, read = ckpt.param_reader(step)
-        paths = _param_keys(config)
-        if set(paths) != set(shapes):
-            odd = sorted(set(paths) ^ set(shapes))[0]
-            raise GPT2JaxError(f"{run_dir}: checkpoint of step {step} and model_config.json disagree on {odd}")
-        tok_dir = os.path.join(run_dir, "tokenizer")
-        tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
-        return write_pretrained(config, {paths[k]: v for k, v in shapes.items()},
-                                lambda p: read(path_key(p)), out_dir, tokenizer)
-    finally:
-        ckpt.close()
-
-
-def _param_keys(config) -> dict[str, tuple]:
-    """{flat key: parameter path} of every parameter of `config`."""
-    from gpt2_jax.model import param_shapes, path_key
-
-    return {path_key(p): p for p in param_shapes(config)}

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import param_shapes, path_key
+from gpt2_jax.model import param_shapes
 
 # Dense bf16 peak FLOP/s per device (vendor figures). float32 compute on GPUs runs at the TF32 rate, half this.
 _PEAK_BF16 = (
@@ -29,9 +29,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, trainable: Optional[Iterable
     activation gradients (2 per parameter, 8·H·Q·T per attention), so MFU stays the fraction of peak used by
     the work that was needed.
     """
-    d, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    L = cfg.n_layer
     attn_fwd = 4.0 * cfg.n_head * cfg.head_dim * seq_len  # QKᵀ and PV of one layer, per token
-    shapes = {path_key(p): shape for p, shape in param_shapes(cfg).items()}
+    shapes = param_shapes(cfg)
     units = _units(cfg, shapes)
     n = sum(size for prefix, size in units[1:])  # all but the position embedding
     forward = 2.0 * n + L * attn_fwd

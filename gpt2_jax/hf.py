@@ -11,14 +11,18 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Callable, Optional
+from typing import Callable
 
+import ml_dtypes
+import msgpack
 import numpy as np
-from flax import nnx
+from flax import nnx, serialization
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import GPT2JaxError, first_line
-from gpt2_jax.model import GPT2LMHeadModel, model_from_params, param_shapes, path_key
+from gpt2_jax.model import GPT2LMHeadModel, param_shapes, path_key
 
 # Our leaf name -> PyTorch leaf name. Flax msgpack keeps our leaf names.
 _TO_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
@@ -30,9 +34,10 @@ _IGNORED = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight
 WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin")
 
 
-def torch_name(path: tuple) -> str:
-    """('transformer', 'h', 0, 'ln_1', 'scale') -> 'transformer.h.0.ln_1.weight'."""
-    return ".".join(str(p) for p in path[:-1]) + "." + _TO_TORCH_LEAF[path[-1]]
+def torch_name(key: str) -> str:
+    """'transformer/h/0/ln_1/scale' -> 'transformer.h.0.ln_1.weight'."""
+    *module, leaf = key.split("/")
+    return ".".join(module) + "." + _TO_TORCH_LEAF[leaf]
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -58,8 +63,6 @@ def _weight_files(model_dir: str) -> tuple[str, list[str]]:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
@@ -77,7 +80,6 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
         raise GPT2JaxError(f"cannot read {path} safely: {first_line(e)}") from None
-    import ml_dtypes
     out = {}
     for k, t in sd.items():
         if t.dtype == torch.bfloat16:
@@ -88,7 +90,6 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_flax_msgpack(path: str) -> dict[str, np.ndarray]:
-    from flax import serialization
     try:
         with open(path, "rb") as f:
             tree = serialization.msgpack_restore(f.read())
@@ -129,19 +130,19 @@ def read_hf_state_dict(model_dir: str) -> tuple[str, dict[str, np.ndarray]]:
     return fmt, out
 
 
-def params_from_state_dict(config: ModelConfig, state: dict[str, np.ndarray], source: str) -> dict:
-    """Map a canonical state dict onto our parameter paths, checking names and shapes against `config`."""
+def params_from_state_dict(config: ModelConfig, state: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """Map a canonical state dict onto our parameter keys, checking names and shapes against `config`."""
     shapes = param_shapes(config)
     params, expected = {}, set()
-    for path, shape in shapes.items():
-        name = torch_name(path)
+    for key, shape in shapes.items():
+        name = torch_name(key)
         expected.add(name)
         if name not in state:
             continue
         value = state[name]
         if tuple(value.shape) != shape:
             raise GPT2JaxError(f"{source}: {name} has shape {tuple(value.shape)} but config.json implies {shape}")
-        params[path] = value
+        params[key] = value
     missing = sorted(expected - set(state))
     if missing:
         raise GPT2JaxError(f"{source}: {len(missing)} parameters missing, e.g. {missing[0]} "
@@ -164,30 +165,11 @@ def load_hf_config(model_dir: str) -> ModelConfig:
     return ModelConfig.from_json(path)
 
 
-def load_pretrained(path: str, *, dtype: Optional[str] = None, seed: int = 0) -> GPT2LMHeadModel:
-    """Load a Hugging Face GPT-2 directory (safetensors, Flax msgpack or pytorch_model.bin, sharded or not).
-
-    `dtype` ("float32", "bfloat16", "float16") sets both the compute and the parameter dtype.
-    A training run's directory (train.out_dir) loads its latest checkpoint.
-    The model comes back in evaluation mode (dropout off).
-    """
-    from gpt2_jax.checkpoint import is_run_dir, load_run
-
-    if is_run_dir(path):
-        return load_run(path, dtype=dtype, seed=seed)
-    config = load_hf_config(path)
-    if dtype is not None:
-        config = config.replace(dtype=str(dtype), param_dtype=str(dtype))
-    fmt, state = read_hf_state_dict(path)
-    params = params_from_state_dict(config, state, os.path.join(path, fmt))
-    return model_from_params(config, params, seed=seed)
-
-
 # --- writing -------------------------------------------------------------------------------------
 
-def model_tensors(model: GPT2LMHeadModel) -> tuple[dict[tuple, tuple], Callable[[tuple], np.ndarray]]:
-    """({path: (shape, dtype)}, read(path) -> numpy array) of the model's parameters, for write_pretrained."""
-    flat = {tuple(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+def model_tensors(model: GPT2LMHeadModel) -> tuple[dict[str, tuple], Callable[[str], np.ndarray]]:
+    """({key: (shape, dtype)}, read(key) -> numpy array) of the model's parameters, for write_pretrained."""
+    flat = {path_key(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     return {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()}, lambda p: np.asarray(flat[p][...])
 
 
@@ -210,9 +192,9 @@ def save_pretrained(model: GPT2LMHeadModel, out_dir: str, tokenizer=None) -> str
     return write_pretrained(model.config, shapes, read, out_dir, tokenizer)
 
 
-def write_pretrained(config: ModelConfig, shapes: dict[tuple, tuple], read: Callable[[tuple], np.ndarray],
+def write_pretrained(config: ModelConfig, shapes: dict[str, tuple], read: Callable[[str], np.ndarray],
                      out_dir: str, tokenizer=None) -> str:
-    """`save_pretrained` from `read(path)`, called once per parameter path of `shapes` ({path: (shape,
+    """`save_pretrained` from `read(key)`, called once per parameter key of `shapes` ({key: (shape,
     dtype)}): each tensor goes into both weight files as it is read, so no more than one is held at a time
     (a checkpoint's export never gathers the whole model)."""
     out_dir = os.path.abspath(out_dir)
@@ -245,18 +227,16 @@ def write_pretrained(config: ModelConfig, shapes: dict[tuple, tuple], read: Call
     return out_dir
 
 
-def _write_weights(shapes: dict[tuple, tuple], read: Callable[[tuple], np.ndarray], st, mp) -> None:
+def _write_weights(shapes: dict[str, tuple], read: Callable[[str], np.ndarray], st, mp) -> None:
     """Stream safetensors (PyTorch names and layouts; the header first, from the shapes) and Flax msgpack
     (a nested map, kernels transposed to [out, in]) in one pass over the tensors, in one order."""
-    import msgpack
-    from flax import serialization
 
-    paths = sorted(shapes, key=lambda p: tuple(str(k) for k in p))
+    paths = sorted(shapes, key=lambda p: tuple(p.split("/")))
     header, offset = {}, 0
     for p in paths:
         shape, dtype = shapes[p]
         if np.dtype(dtype).name not in _SAFETENSORS_DTYPES:
-            raise GPT2JaxError(f"cannot export {path_key(p)} of dtype {np.dtype(dtype).name}")
+            raise GPT2JaxError(f"cannot export {p} of dtype {np.dtype(dtype).name}")
         size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         header[torch_name(p)] = {"dtype": _SAFETENSORS_DTYPES[np.dtype(dtype).name], "shape": list(shape),
                                  "data_offsets": [offset, offset + size]}
@@ -268,10 +248,11 @@ def _write_weights(shapes: dict[tuple, tuple], read: Callable[[tuple], np.ndarra
 
     tree: dict = {}  # the msgpack nesting: {key: subtree or path}
     for p in paths:
+        *module, leaf = p.split("/")
         node = tree
-        for key in p[:-1]:
-            node = node.setdefault(str(key), {})
-        node[p[-1]] = p
+        for key in module:
+            node = node.setdefault(key, {})
+        node[leaf] = p
     packer = msgpack.Packer(use_bin_type=True)
 
     def emit(node: dict) -> None:
@@ -284,10 +265,10 @@ def _write_weights(shapes: dict[tuple, tuple], read: Callable[[tuple], np.ndarra
             value = np.asarray(read(child))
             shape, dtype = shapes[child]
             if value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
-                raise GPT2JaxError(f"{path_key(child)}: read {value.dtype}{list(value.shape)}, "
+                raise GPT2JaxError(f"{child}: read {value.dtype}{list(value.shape)}, "
                                    f"expected {np.dtype(dtype)}{list(shape)}")
             st.write(np.ascontiguousarray(value).tobytes())
-            if child[-1] in _FLAX_TRANSPOSED_LEAVES:
+            if child.rsplit("/", 1)[-1] in _FLAX_TRANSPOSED_LEAVES:
                 value = value.T
             mp.write(serialization.msgpack_serialize(np.ascontiguousarray(value)))
             del value  # before the next read: one tensor in memory at a time

@@ -9,9 +9,10 @@ msgpack format needs transposes (see hf.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ def _zeros(axes: tuple):
 
 
 def _linear(cfg: ModelConfig, din: int, dout: int, axes: tuple, std: float, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+    return nnx.Linear(din, dout, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                       kernel_init=_normal(std, axes), bias_init=_zeros(axes[1:]), rngs=rngs)
 
 
@@ -68,10 +69,10 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         shape = (cfg.n_embd,)
-        self.scale = nnx.Param(_named(nnx.initializers.ones_init(), ("embed",))(rngs.params(), shape, cfg.params_dtype))
-        self.bias = nnx.Param(_zeros(("embed",))(rngs.params(), shape, cfg.params_dtype))
+        self.scale = nnx.Param(_named(nnx.initializers.ones_init(), ("embed",))(rngs.params(), shape, jnp.dtype(cfg.param_dtype)))
+        self.bias = nnx.Param(_zeros(("embed",))(rngs.params(), shape, jnp.dtype(cfg.param_dtype)))
         self.epsilon = cfg.layer_norm_epsilon
-        self.dtype = cfg.compute_dtype
+        self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x):
         y = _layer_norm_f32(x.astype(jnp.float32), self.scale[...].astype(jnp.float32),
@@ -228,9 +229,9 @@ class GPT2Model(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         std = cfg.initializer_range
-        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                              embedding_init=_normal(std, ("vocab", "embed")), rngs=rngs)
-        self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                              embedding_init=_normal(std, (None, "embed")), rngs=rngs)
         self.drop = nnx.Dropout(cfg.embd_pdrop, deterministic=True, rngs=rngs)
         self.h = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layer)])
@@ -332,32 +333,86 @@ def grow_embedding(old, new_vocab_size: int):
     return xp.concatenate([old, xp.repeat(mean, new_vocab_size - old.shape[0], axis=0)], axis=0)
 
 
-ParamPath = tuple  # ('transformer', 'h', 0, 'attn', 'c_attn', 'kernel')
+def path_key(path) -> str:
+    """An nnx state path ('transformer', 'h', 0, 'ln_1', 'scale') -> 'transformer/h/0/ln_1/scale'.
 
-
-def path_key(path: ParamPath) -> str:
-    """('transformer', 'h', 0, 'ln_1', 'scale') -> 'transformer/h/0/ln_1/scale', the flat-dict key."""
+    That string is the one parameter key everywhere (flat dicts, freezing, optimiser masks, checkpoints),
+    as Hugging Face's state-dict names are, with '/' for '.'."""
     return "/".join(map(str, path))
 
 
-def param_shapes(config: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:
-    """Every parameter's path and shape, computed abstractly."""
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of every parameter, computed abstractly."""
     flat = nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))
-    return {tuple(path): tuple(var.shape) for path, var in flat}
+    return {path_key(path): tuple(var.shape) for path, var in flat}
 
 
-def model_from_params(config: ModelConfig, params: dict[ParamPath, jax.Array], *, seed: int = 0) -> GPT2LMHeadModel:
-    """A model holding `params` (every path of `param_shapes(config)`), without random-initialising them."""
-    graphdef, abs_params, abs_rest = nnx.split(abstract_model(config), nnx.Param, ...)
+def model_from_params(config: ModelConfig, params: dict[str, jax.Array], *, seed: int = 0) -> GPT2LMHeadModel:
+    """A model holding `params` ({key: array} for every key of `param_shapes(config)`), without
+    random-initialising them."""
+    layout = ModelLayout.of(config)
     # Only the non-parameter state (dropout RNG keys) is built for real; XLA drops the unused initialisers.
-    rest = jax.jit(lambda: nnx.split(GPT2LMHeadModel(config, seed=seed), nnx.Param, ...)[2])()
-    flat = nnx.to_flat_state(abs_params)
-    dtype = config.params_dtype
-    leaves = []
-    for path, var in flat:
-        value = jnp.asarray(params[tuple(path)], dtype=dtype)
-        if value.shape != var.shape:
-            raise GPT2JaxError(f"parameter {path_key(path)} has shape {value.shape}, expected {var.shape}")
-        leaves.append((path, var.replace(value)))
-    state = nnx.from_flat_state(leaves)
-    return nnx.merge(graphdef, state, rest)
+    rng = jax.jit(lambda: rng_arrays(nnx.split(GPT2LMHeadModel(config, seed=seed), nnx.Param, ...)[2]))()
+    dtype = jnp.dtype(config.param_dtype)
+    flat = {}
+    for k, want in layout.shapes.items():
+        flat[k] = jnp.asarray(params[k], dtype=dtype)
+        if flat[k].shape != want.shape:
+            raise GPT2JaxError(f"parameter {k} has shape {flat[k].shape}, expected {want.shape}")
+    return layout.model(flat, rng, train=False)
+
+
+@dataclasses.dataclass
+class ModelLayout:
+    """How flat `{key: array}` dicts map onto the NNX model, plus each parameter's logical axes and shape.
+
+    Steps take plain dicts at the jit boundary and rebuild the model inside with `model(...)`."""
+
+    config: ModelConfig
+    graphdef_train: Any  # dropout on
+    graphdef_eval: Any  # dropout off
+    abstract_params: Any  # nnx.State of ShapeDtypeStruct Params: the template that flat dicts fill
+    abstract_rng: Any  # nnx.State of the dropout RNG keys and counts
+    logical: dict[str, Optional[tuple]]  # {key: logical axis names} (sharding.py maps them to the mesh)
+    shapes: dict[str, jax.ShapeDtypeStruct]
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> "ModelLayout":
+        model = abstract_model(config)
+        graphdef_eval, abstract_params, abstract_rng = nnx.split(model, nnx.Param, ...)
+        model.train()
+        graphdef_train = nnx.split(model, nnx.Param, ...)[0]
+        logical, shapes = {}, {}
+        for path, var in nnx.to_flat_state(abstract_params):
+            k = path_key(path)
+            logical[k] = var.get_metadata().get("out_sharding")
+            shapes[k] = jax.ShapeDtypeStruct(var.shape, var.dtype)
+        return cls(config, graphdef_train, graphdef_eval, abstract_params, abstract_rng, logical, shapes)
+
+    def state(self, flat: dict) -> nnx.State:
+        """The nnx.State of parameters holding the arrays of `flat` (every key)."""
+        leaves = [(path, var.replace(flat[path_key(path)])) for path, var in nnx.to_flat_state(self.abstract_params)]
+        return nnx.from_flat_state(leaves)
+
+    def rng_state(self, flat: dict) -> nnx.State:
+        """The nnx RNG state from plain arrays (typed keys travel as uint32 key data, which Orbax stores)."""
+        leaves = []
+        for path, var in nnx.to_flat_state(self.abstract_rng):
+            value = flat[path_key(path)]
+            if jax.dtypes.issubdtype(var.dtype, jax.dtypes.prng_key):
+                value = jax.random.wrap_key_data(value)
+            leaves.append((path, var.replace(value)))
+        return nnx.from_flat_state(leaves)
+
+    def model(self, flat: dict, rng: dict, train: bool) -> GPT2LMHeadModel:
+        return nnx.merge(self.graphdef_train if train else self.graphdef_eval, self.state(flat), self.rng_state(rng))
+
+
+def rng_arrays(state: nnx.State) -> dict:
+    """Plain arrays of an nnx RNG state: the inverse of ModelLayout.rng_state."""
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        value = var[...]
+        out[path_key(path)] = jax.random.key_data(value) if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) \
+            else value
+    return out

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gpt2_jax.errors import GPT2JaxError
@@ -70,24 +71,32 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[list] = None) -> 
     return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def spec_for(logical: Optional[tuple], shape: tuple, mesh: Mesh) -> P:
-    """The PartitionSpec of a tensor with logical axis names; a dimension the mesh axis does not divide stays whole."""
+def spec_for(logical: Optional[tuple], shape: tuple, mesh: Mesh, name: str = "a tensor") -> P:
+    """The PartitionSpec of a tensor of `shape` whose dimensions have the logical axis names `logical`.
+
+    Two dimensions mapped to one mesh axis, or a dimension that its mesh axis does not divide, raise:
+    silently keeping such a dimension whole would replicate it on every device."""
     if not logical:
         return P()
-    used, spec = set(), []
-    for name, dim in zip(logical, shape):
-        axis = RULES.get(name) if name is not None else None
-        if axis is not None and (axis in used or dim % mesh.shape[axis]):
-            axis = None
+    used, spec = {}, []
+    for i, (logical_name, dim) in enumerate(zip(logical, shape)):
+        axis = RULES[logical_name] if logical_name is not None else None
         if axis is not None:
-            used.add(axis)  # two tensor dimensions never share one mesh axis
+            if axis in used:
+                raise GPT2JaxError(f"{name}: dimensions {used[axis]} and {i} ({logical[used[axis]]!r}, "
+                                   f"{logical_name!r}) both map to mesh axis {axis!r}; one mesh axis shards one "
+                                   f"dimension (sharding.RULES)")
+            if dim % mesh.shape[axis]:
+                raise GPT2JaxError(f"{name}: dimension {i} ({logical_name!r}, size {dim}) does not divide over mesh "
+                                   f"axis {axis!r} of size {mesh.shape[axis]}; choose a mesh.{axis} that divides {dim}")
+            used[axis] = i
         spec.append(axis)
     return P(*spec)
 
 
 def named_shardings(logical_axes: dict[str, Any], shapes: dict[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
     """NamedShardings for flat dicts of parameters given their logical names and shapes."""
-    return {k: NamedSharding(mesh, spec_for(logical_axes[k], tuple(shapes[k].shape), mesh)) for k in shapes}
+    return {k: NamedSharding(mesh, spec_for(logical_axes[k], tuple(shapes[k].shape), mesh, k)) for k in shapes}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -107,3 +116,20 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """Assemble each process's rows of a batch into global arrays sharded by `batch_sharding`."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def local_value(x: jax.Array) -> np.ndarray:
+    """A replicated (or single-process) array's value on this host, without cross-process communication."""
+    return np.asarray(x) if x.is_fully_addressable else np.asarray(x.addressable_data(0))
+
+
+def host_values(tree: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+    """{key: numpy array} of sharded arrays, gathered one tensor at a time (every process must call this)."""
+    return {k: local_value(v) if v.is_fully_addressable or v.is_fully_replicated else
+            np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in tree.items()}
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (nothing in a single process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -10,7 +10,8 @@ import transformers
 
 from conftest import TINY, make_hf_model, torch_logits
 from gpt2_jax.errors import GPT2JaxError
-from gpt2_jax.hf import load_pretrained, save_pretrained
+from gpt2_jax.hf import save_pretrained
+from gpt2_jax.pretrained import load_pretrained
 
 TOL = 1e-5
 IDS = np.random.default_rng(1).integers(0, TINY["vocab_size"], size=(2, 24))

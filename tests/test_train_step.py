@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2_jax import sharding, trainer
-from gpt2_jax.config import ModelConfig, load_train_config
+from gpt2_jax import sharding, train_step
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.train_config import load_train_config
 
 MC = ModelConfig(vocab_size=96, n_positions=32, n_embd=32, n_layer=4, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
                  attn_pdrop=0.0)
@@ -27,15 +28,19 @@ def run(overrides=(), data=1, fsdp=1, n_devices=1, accum=1, steps=3, params=None
     cfg = load_train_config(None, ["optim.warmup_steps=0", "optim.lr=1e-2", f"optim.grad_accum={accum}",
                                    f"train.steps={steps}", *overrides])
     mesh = sharding.make_mesh(data, fsdp, jax.devices()[:n_devices])
-    setup = trainer.build_setup(mc, cfg, mesh)
-    state = trainer.init_state(setup, seed=0, params=params)
-    start = trainer.host_params(state)
-    step, _ = trainer.compile_steps(setup)
+    setup = train_step.build_setup(mc, cfg, mesh)
+    state = train_step.init_state(setup, params=params)
+    start = host_params(state)
+    step, _ = train_step.compile_steps(setup)
     losses = []
     for b in data_batches or batches(steps, accum):
         state, m = step(state, sharding.global_batch(b, mesh))
         losses.append(float(m["loss"]))
-    return np.array(losses), start, trainer.host_params(state), state
+    return np.array(losses), start, host_params(state), state
+
+
+def host_params(state) -> dict:
+    return sharding.host_values({**state.params, **state.frozen})
 
 
 def assert_close_params(a: dict, b: dict):
@@ -83,7 +88,7 @@ def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(overrid
             assert np.array_equal(start[k], end[k]), f"{k} is frozen but changed"
     # Adam's two moments for exactly the trainable parameters, plus step counters.
     moments = 2 * sum(end[k].nbytes for k in trainable)
-    assert moments <= trainer.optimizer_state_bytes(state) <= moments + 64
+    assert moments <= train_step.optimizer_state_bytes(state) <= moments + 64
 
 
 def test_loss_and_adamw_step_equal_transformers_and_torch(hf_dir):
@@ -94,7 +99,7 @@ def test_loss_and_adamw_step_equal_transformers_and_torch(hf_dir):
     path, tmodel = hf_dir(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     mc = load_hf_config(path)
     fmt, sd = read_hf_state_dict(path)
-    params = {trainer.path_key(p): v for p, v in params_from_state_dict(mc, sd, fmt).items()}
+    params = params_from_state_dict(mc, sd, fmt)
     b = batches(1, 1, batch=4, T=12)[0]
     b["input_ids"] %= mc.vocab_size
     b["labels"] %= mc.vocab_size
@@ -124,29 +129,28 @@ def test_loss_and_adamw_step_equal_transformers_and_torch(hf_dir):
     from gpt2_jax.hf import torch_name
 
     for k, v in end.items():
-        want = named[torch_name(tuple(int(x) if x.isdigit() else x for x in k.split("/")))].detach().numpy()
+        want = named[torch_name(k)].detach().numpy()
         np.testing.assert_allclose(v, want, rtol=1e-4, atol=2e-6, err_msg=k)
 
 
 def test_gradients_equal_torch(hf_dir):
     """Every parameter's gradient of the mean token loss equals PyTorch autograd's through GPT2LMHeadModel
     (LayerNorm has a hand-written backward; the tied head sums both uses)."""
-    from functools import partial
 
     from gpt2_jax.hf import load_hf_config, params_from_state_dict, read_hf_state_dict, torch_name
 
     path, tmodel = hf_dir(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     mc = load_hf_config(path)
     fmt, sd = read_hf_state_dict(path)
-    params = {trainer.path_key(p): np.asarray(v) for p, v in params_from_state_dict(mc, sd, fmt).items()}
+    params = {k: np.asarray(v) for k, v in params_from_state_dict(mc, sd, fmt).items()}
     b = {k: v[0] for k, v in batches(1, 1, batch=4, T=12)[0].items()}
     b["input_ids"] %= mc.vocab_size
     b["labels"] %= mc.vocab_size
-    setup = trainer.build_setup(mc, load_train_config(None, []), sharding.make_mesh(1, 1, jax.devices()[:1]))
-    state = trainer.init_state(setup, seed=0, params=params)
+    setup = train_step.build_setup(mc, load_train_config(None, []), sharding.make_mesh(1, 1, jax.devices()[:1]))
+    state = train_step.init_state(setup, params=params)
 
     def mean_loss(p):
-        total, (count, _) = trainer.loss_sums(setup.layout, p, {}, state.rng, b, train=True)
+        total, (count, _) = train_step.loss_sums(setup.layout, p, {}, state.rng, b, train=True)
         return total / count
 
     grads = jax.grad(mean_loss)(state.params)
@@ -158,7 +162,7 @@ def test_gradients_equal_torch(hf_dir):
     named = dict(tmodel.named_parameters())
     assert len(grads) == len(named)
     for k, g in grads.items():
-        want = named[torch_name(tuple(int(x) if x.isdigit() else x for x in k.split("/")))].grad.numpy()
+        want = named[torch_name(k)].grad.numpy()
         scale = np.abs(want).max()
         assert scale > 0, k
         np.testing.assert_allclose(np.asarray(g), want, atol=1e-5 * scale, rtol=0, err_msg=k)

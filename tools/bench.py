@@ -193,8 +193,9 @@ def _train_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> l
 def _jax_train(impl: str, shape: dict, args, batches):
     """(a no-argument callable that runs one gpt2-jax train step on the next batch and waits, what trains)."""
     import jax
-    from gpt2_jax import sharding, trainer
-    from gpt2_jax.config import ModelConfig, load_train_config
+    from gpt2_jax import sharding, train_step as steps
+    from gpt2_jax.config import ModelConfig
+    from gpt2_jax.train_config import load_train_config
 
     half = shape["n_layer"] // 2  # jax-last6: the top half of the blocks, 6 of GPT-2's 12
     overrides, trainable = {
@@ -204,10 +205,10 @@ def _jax_train(impl: str, shape: dict, args, batches):
         "jax-head": (["freeze.trainable=head"], "head"),
     }[impl]
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-    setup = trainer.build_setup(ModelConfig(**shape, **NO_DROPOUT, dtype=args.dtype), load_train_config(None, overrides),
+    setup = steps.build_setup(ModelConfig(**shape, **NO_DROPOUT, dtype=args.dtype), load_train_config(None, overrides),
                                 mesh)
-    state = trainer.init_state(setup, seed=0)
-    train_step, _ = trainer.compile_steps(setup)
+    state = steps.init_state(setup)
+    train_step, _ = steps.compile_steps(setup)
     placed = cycle([sharding.global_batch(b, mesh) for b in batches])
 
     def run():

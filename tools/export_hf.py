@@ -19,7 +19,7 @@ def main() -> None:
     p.add_argument("--out", required=True, help="the Hugging Face directory to write")
     args = p.parse_args()
 
-    from gpt2_jax.checkpoint import export_run, is_run_dir
+    from gpt2_jax.pretrained import export_run, is_run_dir
 
     if not is_run_dir(args.checkpoint):
         raise GPT2JaxError(f"{args.checkpoint} is not a training run directory (no model_config.json and "

@@ -1,0 +1,88 @@
+"""A model source: a Hugging Face directory or a training run's directory, read or exported.
+
+This module sits above `hf.py` (Hugging Face files) and `checkpoint.py` (Orbax), so neither knows the
+other: a run directory is `model_config.json`, `tokenizer/` and `checkpoints/` (train.out_dir).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from gpt2_jax.checkpoint import Checkpointer, checkpoint_dir
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.hf import load_hf_config, params_from_state_dict, read_hf_state_dict, write_pretrained
+from gpt2_jax.model import GPT2LMHeadModel, model_from_params, param_shapes
+from gpt2_jax.tokenizer import load_tokenizer
+
+
+def load_pretrained(path: str, *, dtype: Optional[str] = None, seed: int = 0) -> GPT2LMHeadModel:
+    """Load a Hugging Face GPT-2 directory (safetensors, Flax msgpack or pytorch_model.bin, sharded or not),
+    or a training run's directory (its latest complete checkpoint).
+
+    `dtype` ("float32", "bfloat16", "float16") sets both the compute and the parameter dtype.
+    The model comes back in evaluation mode (dropout off).
+    """
+    if is_run_dir(path):
+        return load_run(path, dtype=dtype, seed=seed)
+    config = _with_dtype(load_hf_config(path), dtype)
+    fmt, state = read_hf_state_dict(path)
+    return model_from_params(config, params_from_state_dict(config, state, os.path.join(path, fmt)), seed=seed)
+
+
+def is_run_dir(path: str) -> bool:
+    """A training run's output directory (train.out_dir): model_config.json beside checkpoints/."""
+    return os.path.isdir(checkpoint_dir(path)) and os.path.isfile(os.path.join(path, "model_config.json"))
+
+
+def open_run(run_dir: str, step: Optional[int] = None) -> tuple[ModelConfig, Checkpointer, int]:
+    """(ModelConfig, read-only Checkpointer, step) of a run directory; `step` defaults to the latest
+    complete checkpoint. The caller closes the Checkpointer."""
+    config = ModelConfig.from_json(os.path.join(run_dir, "model_config.json"))
+    ckpt = Checkpointer(run_dir, read_only=True)
+    steps = ckpt.all_steps()
+    if not steps:
+        ckpt.close()
+        raise GPT2JaxError(f"{run_dir}: no complete checkpoint in {checkpoint_dir(run_dir)}")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        ckpt.close()
+        raise GPT2JaxError(f"{run_dir}: no checkpoint of step {step}; there are: {', '.join(map(str, sorted(steps)))}")
+    return config, ckpt, step
+
+
+def load_run(run_dir: str, *, step: Optional[int] = None, dtype: Optional[str] = None,
+             seed: int = 0) -> GPT2LMHeadModel:
+    """The model of a run directory's checkpoint (`step`, default the latest complete one), in eval mode."""
+    config, ckpt, step = open_run(run_dir, step)
+    config = _with_dtype(config, dtype)
+    try:
+        flat = ckpt.restore_params(step)
+    finally:
+        ckpt.close()
+    missing = sorted(set(param_shapes(config)) - set(flat))
+    if missing:
+        raise GPT2JaxError(f"{run_dir}: checkpoint of step {step} lacks {missing[0]} (model_config.json mismatch?)")
+    return model_from_params(config, flat, seed=seed)
+
+
+def export_run(run_dir: str, out_dir: str, *, step: Optional[int] = None) -> str:
+    """Write a run's checkpoint as a Hugging Face directory (hf.write_pretrained with the run's tokenizer),
+    restoring one parameter at a time: host memory holds one tensor, never the model or optimiser state."""
+    config, ckpt, step = open_run(run_dir, step)
+    try:
+        shapes, read = ckpt.param_reader(step)
+        expected = set(param_shapes(config))
+        if expected != set(shapes):
+            odd = sorted(expected ^ set(shapes))[0]
+            raise GPT2JaxError(f"{run_dir}: checkpoint of step {step} and model_config.json disagree on {odd}")
+        tok_dir = os.path.join(run_dir, "tokenizer")
+        tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+        return write_pretrained(config, shapes, read, out_dir, tokenizer)
+    finally:
+        ckpt.close()
+
+
+def _with_dtype(config: ModelConfig, dtype: Optional[str]) -> ModelConfig:
+    return config if dtype is None else config.replace(dtype=str(dtype), param_dtype=str(dtype))
