@@ -96,11 +96,24 @@ class TokenizedCorpus:
         return np.concatenate([self.kw_tokens[self.kw_off[p]:self.kw_off[p + 1]] for p in pieces] or
                               [np.zeros(0, np.int32)])
 
+    def keyword_lengths(self, r: int, order: Sequence[int]) -> np.ndarray:
+        """Tokens of each keyword of ``keywords_in_order(r, order)``, in that order."""
+        ids = self.row_kw[self.row_kw_off[r] + np.asarray(order, np.int64)].astype(np.int64)
+        pieces = 2 * ids + (np.arange(len(ids)) > 0)
+        return (self.kw_off[pieces + 1] - self.kw_off[pieces]).astype(np.int64)
+
     def sequence(self, r: int, keyword_order: Sequence[int] | None = None, *, bos_id: int, sep_id: int,
-                 eos_id: int, limit: int | None = None) -> tuple[np.ndarray, int]:
+                 eos_id: int, limit: int | None = None, prompt_limit: int | None = None) -> tuple[np.ndarray, int]:
         """``[BOS] title [SEP] keywords [SEP] text [EOS]`` of row r, cut to ``limit`` tokens (the text
-        first), and the position of its first text token. ``keyword_order=None``: all, in order."""
+        first), and the position of its first text token. ``keyword_order=None``: all, in order.
+
+        ``prompt_limit``: the longest ``[BOS] title [SEP] keywords [SEP]``; keywords that would pass it
+        are dropped from the end of the order (the title is kept whole)."""
         title = self.title(r)
+        if prompt_limit is not None and len(title) + len(self.keywords(r)) + 3 > prompt_limit:
+            order = np.arange(self.num_keywords(r)) if keyword_order is None else np.asarray(keyword_order)
+            fits = len(title) + 3 + np.cumsum(self.keyword_lengths(r, order)) <= prompt_limit
+            keyword_order = order[:int(np.count_nonzero(fits))]  # a prefix: the sums only grow
         kw = self.keywords(r) if keyword_order is None else self.keywords_in_order(r, keyword_order)
         text_start = len(title) + len(kw) + 3
         text = self.text(r)
@@ -365,7 +378,7 @@ class Batches:
                 continue
             seq, text_start = self.corpus.sequence(
                 i, self.keyword_order(i, int(epoch_AM[a, r])), bos_id=self.bos_id, sep_id=self.sep_id,
-                eos_id=self.eos_id, limit=self.max_length + 1)
+                eos_id=self.eos_id, limit=self.max_length + 1, prompt_limit=prompt_limit(self.max_length))
             n = len(seq) - 1
             input_AMT[a, r, :n] = seq[:-1]
             labels_AMT[a, r, :n] = seq[1:]
@@ -407,6 +420,7 @@ def unigram_entropy(corpus: TokenizedCorpus, indices: Sequence[int], *, bos_id: 
         p = 3 * indices[a:a + (1 << 16)]
         t0, k0, x0, x1 = (corpus.piece_off[p + i].astype(np.int64) for i in range(4))
         lt, lk, lx = k0 - t0, x0 - k0, x1 - x0
+        lk = _kept_keyword_tokens(corpus, indices[a:a + (1 << 16)], lt, lk, prompt_limit(max_length))
         S = lt + lk + lx + 4  # BOS title SEP keywords SEP text EOS
         s = np.minimum(S, limit)  # tokens kept; labels are positions 1 .. s-1
         first = np.ones_like(s) if loss_on == "all" else lt + lk + 3  # the first counted position
@@ -426,6 +440,41 @@ def unigram_entropy(corpus: TokenizedCorpus, indices: Sequence[int], *, bos_id: 
                            f"the titles and keywords leave no room for text")
     p = counts[counts > 0] / total
     return float(-(p * np.log(p)).sum())
+
+
+def prompt_limit(max_length: int) -> int:
+    """The longest ``[BOS] title [SEP] keywords [SEP]`` trained: half the window, so that a long keyword
+    list (the seed's news rows carry about 30 words) leaves room for text. Keywords past it are dropped,
+    after augmentation has chosen and shuffled them; titles are never cut."""
+    return max_length // 2
+
+
+def prompt_overflow(corpus: TokenizedCorpus, indices: Sequence[int], max_length: int) -> dict[str, int]:
+    """How `prompt_limit` touches the rows `indices`: {"cut": rows whose keyword lists are cut,
+    "no_text": rows whose title alone leaves no room for text, "longest": the longest full prompt}."""
+    p = 3 * _check_indices(indices, len(corpus))
+    lt = corpus.piece_off[p + 1] - corpus.piece_off[p]
+    prompt = corpus.piece_off[p + 2] - corpus.piece_off[p] + 3  # BOS title SEP keywords SEP
+    return {"cut": int(np.count_nonzero(prompt > prompt_limit(max_length))),
+            "no_text": int(np.count_nonzero(lt + 3 >= max_length)), "longest": int(prompt.max())}
+
+
+def _kept_keyword_tokens(corpus: TokenizedCorpus, rows: np.ndarray, lt: np.ndarray, lk: np.ndarray,
+                         limit: int) -> np.ndarray:
+    """The keyword tokens each row keeps in order under `prompt_limit` (vectorised `sequence`): `lk` where
+    all fit, else the tokens of the longest prefix of its keywords that fits after the title."""
+    counts = (corpus.row_kw_off[rows + 1] - corpus.row_kw_off[rows]).astype(np.int64)
+    starts = np.cumsum(counts) - counts
+    at = np.arange(counts.sum()) - np.repeat(starts, counts)  # each keyword's position in its row
+    ids = corpus.row_kw[_ranges(corpus.row_kw_off[rows].astype(np.int64), counts)].astype(np.int64)
+    pieces = 2 * ids + (at > 0)
+    cum = np.cumsum(corpus.kw_off[pieces + 1] - corpus.kw_off[pieces])
+    row = np.repeat(np.arange(len(rows)), counts)
+    within = cum - np.concatenate([[0], cum])[np.repeat(starts, counts)]  # tokens up to and with this keyword
+    kept = np.zeros(len(rows), np.int64)
+    fits = lt[row] + 3 + within <= limit
+    np.maximum.at(kept, row[fits], within[fits])
+    return np.where(lt + lk + 3 <= limit, lk, kept)
 
 
 def _check_loss_on(loss_on: str) -> None:

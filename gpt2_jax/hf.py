@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Callable
+from typing import Callable, Optional
 
 import ml_dtypes
 import msgpack
@@ -193,10 +193,11 @@ def save_pretrained(model: GPT2LMHeadModel, out_dir: str, tokenizer=None) -> str
 
 
 def write_pretrained(config: ModelConfig, shapes: dict[str, tuple], read: Callable[[str], np.ndarray],
-                     out_dir: str, tokenizer=None) -> str:
+                     out_dir: str, tokenizer=None, generation: Optional[dict] = None) -> str:
     """`save_pretrained` from `read(key)`, called once per parameter key of `shapes` ({key: (shape,
     dtype)}): each tensor goes into both weight files as it is read, so no more than one is held at a time
-    (a checkpoint's export never gathers the whole model)."""
+    (a checkpoint's export never gathers the whole model). `generation`: sampling defaults for
+    generation_config.json (`do_sample`, `top_k`, ...), as transformers' `generate` reads them."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -204,6 +205,7 @@ def write_pretrained(config: ModelConfig, shapes: dict[str, tuple], read: Callab
     gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "_from_model_config": True}
     if cfg.get("pad_token_id") is not None:
         gen["pad_token_id"] = cfg["pad_token_id"]
+    gen.update(generation or {})
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         with open(os.path.join(tmp, "model.safetensors"), "wb") as st, \

@@ -14,6 +14,7 @@ from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.hf import load_hf_config, params_from_state_dict, read_hf_state_dict, write_pretrained
 from gpt2_jax.model import GPT2LMHeadModel, model_from_params, param_shapes
 from gpt2_jax.tokenizer import load_tokenizer
+from gpt2_jax.train_config import load_train_config
 
 
 def load_pretrained(path: str, *, dtype: Optional[str] = None, seed: int = 0) -> GPT2LMHeadModel:
@@ -79,9 +80,19 @@ def export_run(run_dir: str, out_dir: str, *, step: Optional[int] = None) -> str
             raise GPT2JaxError(f"{run_dir}: checkpoint of step {step} and model_config.json disagree on {odd}")
         tok_dir = os.path.join(run_dir, "tokenizer")
         tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
-        return write_pretrained(config, shapes, read, out_dir, tokenizer)
+        return write_pretrained(config, shapes, read, out_dir, tokenizer, generation=_sampling_defaults(run_dir))
     finally:
         ckpt.close()
+
+
+def _sampling_defaults(run_dir: str) -> Optional[dict]:
+    """The run's `sample` settings in transformers' GenerationConfig names, from its config.yaml."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    s = load_train_config(path).sample
+    return {"do_sample": True, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+            "repetition_penalty": s.repetition_penalty, "max_new_tokens": s.max_new_tokens}
 
 
 def _with_dtype(config: ModelConfig, dtype: Optional[str]) -> ModelConfig:

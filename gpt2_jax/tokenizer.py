@@ -13,6 +13,12 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import sentencepiece as spm
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as RustTokenizer
+from transformers import BertTokenizerFast, GPT2TokenizerFast, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import SpmConverter
+
 from gpt2_jax.errors import GPT2JaxError, first_line
 
 SPECIAL_TOKENS = ("[BOS]", "[SEP]", "[EOS]", "[PAD]")
@@ -67,10 +73,16 @@ class Tokenizer:
         """Write the tokenizer files so that ``load_tokenizer(out_dir)`` gives identical ids."""
         raise NotImplementedError
 
-    def format_prompt(self, title: str, keywords: str | Sequence[str]) -> list[int]:
-        """``[BOS] title [SEP] keywords [SEP]``: what generation continues from."""
-        kw = " ".join(keywords.split() if isinstance(keywords, str) else keywords)
-        return [self.bos_id, *self.encode(title), self.sep_id, *self.encode(kw), self.sep_id]
+    def format_prompt(self, title: str, keywords: str | Sequence[str], max_tokens: int | None = None) -> list[int]:
+        """``[BOS] title [SEP] keywords [SEP]``: what generation continues from. With ``max_tokens``, the
+        last keywords are dropped until it fits, as training does (data.prompt_limit); the title stays whole."""
+        words = keywords.split() if isinstance(keywords, str) else [w for k in keywords for w in k.split()]
+        title_ids = self.encode(title)
+        while True:
+            ids = [self.bos_id, *title_ids, self.sep_id, *self.encode(" ".join(words)), self.sep_id]
+            if max_tokens is None or len(ids) <= max_tokens or not words:
+                return ids
+            words.pop()
 
     def format_example(self, title: str, keywords: str | Sequence[str], text: str) -> list[int]:
         """``[BOS] title [SEP] keywords [SEP] text [EOS]``: one training example."""
@@ -104,6 +116,7 @@ class HFTokenizer(Tokenizer):
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         self.hf.save_pretrained(out)
+        write_hf_tokenizer(self.hf.backend_tokenizer, out, self.special_ids, unk_token=self.hf.unk_token)
         return out
 
 
@@ -113,8 +126,6 @@ class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
     def __init__(self, model_file: Path):
-        import sentencepiece as spm
-
         self.model_file = model_file
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
@@ -150,17 +161,26 @@ class SentencePieceTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        pieces, run = [], []
+        """As the exported tokenizer.json decodes: the text between special tokens is decoded as one run,
+        a run's leading "▁" is a space unless it starts the text, and special tokens are written as is."""
+        parts, run = [], []
+
+        def flush():
+            if run:
+                text = self.sp.decode(run)
+                if parts and self.sp.id_to_piece(run[0]).startswith("\u2581"):
+                    text = " " + text
+                parts.append(text)
+                run.clear()
+
         for i in map(int, ids):
-            if i in self._id_to_special:
-                pieces.append(self.sp.decode(run))
-                run = []
-                if not skip_special_tokens:
-                    pieces.append(self._id_to_special[i])
-            else:
+            if i not in self._id_to_special:
                 run.append(i)
-        pieces.append(self.sp.decode(run))
-        return "".join(pieces)
+            elif not skip_special_tokens:
+                flush()
+                parts.append(self._id_to_special[i])
+        flush()
+        return "".join(parts)
 
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
@@ -168,7 +188,58 @@ class SentencePieceTokenizer(Tokenizer):
         if out.resolve() != self.model_file.parent.resolve():  # saving in place keeps the model as it is
             shutil.copyfile(self.model_file, out / SP_MODEL_FILE)
         (out / SP_SPECIALS_FILE).write_text(json.dumps(self.special_ids, indent=2) + "\n")
+        # No unk_token: transformers would drop it as special when decoding, where SentencePiece writes " ⁇ ".
+        write_hf_tokenizer(_sentencepiece_to_rust(self.model_file), out, self.special_ids)
         return out
+
+
+class _SpmToRust(SpmConverter):
+    """transformers' SentencePiece converter with byte fallback, a run-wise leading-space rule as
+    SentencePiece applies it to each piece of text we encode, and a decoder that undoes both."""
+
+    handle_byte_fallback = True
+
+    def normalizer(self, proto):
+        # SentencePiece's remove_extra_whitespaces: no leading or trailing spaces, runs of spaces as one.
+        # Spaces only: a newline the normalisation rule keeps is a piece of its own.
+        steps = [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+        charsmap = proto.normalizer_spec.precompiled_charsmap
+        return normalizers.Sequence(([normalizers.Precompiled(charsmap)] if charsmap else []) + steps)
+
+    def pre_tokenizer(self, replacement, add_prefix_space):
+        # "always": every piece of text between special tokens starts a word, as each part we encode does.
+        return pre_tokenizers.Metaspace(replacement=replacement, prepend_scheme="always")
+
+    def decoder(self, replacement, add_prefix_space):
+        spec = self.proto.trainer_spec  # an unknown piece reads as SentencePiece writes it: " ⁇ "
+        return decoders.Sequence([decoders.Replace(spec.unk_piece, spec.unk_surface), decoders.Replace("\u2581", " "),
+                                  decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1, right=0)])
+
+
+def _sentencepiece_to_rust(model_file: Path) -> RustTokenizer:
+    class Source:  # what the converter reads of a slow tokenizer
+        vocab_file = str(model_file)
+        add_prefix_space = True
+        legacy = False
+
+    return _SpmToRust(Source()).converted()
+
+
+def write_hf_tokenizer(backend: RustTokenizer, out: Path, special_ids: dict[str, int], *, unk_token=None) -> None:
+    """`tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` that `AutoTokenizer`
+    (transformers 4 and 5) loads as a generic fast tokenizer giving our ids: `[BOS] [SEP] [EOS] [PAD]`
+    registered as special tokens with their roles, and no post-processor (a BERT vocabulary's would wrap
+    every call in [CLS] ... [SEP]; our examples carry their own special tokens)."""
+    spec = json.loads(backend.to_str())
+    spec["post_processor"] = None
+    rust = RustTokenizer.from_str(json.dumps(spec))
+    rust.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    hf = PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="[BOS]", sep_token="[SEP]", eos_token="[EOS]",
+                                 pad_token="[PAD]", unk_token=unk_token, clean_up_tokenization_spaces=False)
+    got = {t: hf.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    if got != special_ids:
+        raise GPT2JaxError(f"the exported tokenizer.json would give the special tokens ids {got}, not {special_ids}")
+    hf.save_pretrained(str(out))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -180,31 +251,33 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if path.name in (*_HF_VOCAB_FILES, "merges.txt"):
             return _load_hf(path.parent)
         return SentencePieceTokenizer(path)
+    sp_models = sorted(path.glob("*.model"))
+    if len(sp_models) == 1 and (path / SP_SPECIALS_FILE).is_file():  # ours; its tokenizer.json is the export
+        return SentencePieceTokenizer(sp_models[0])
     if any((path / f).is_file() for f in _HF_VOCAB_FILES):
         return _load_hf(path)
     if (path / "tokenizer").is_dir() and (path / "model_config.json").is_file():  # a training run's directory
         return load_tokenizer(path / "tokenizer")
-    models = sorted(path.glob("*.model"))
-    if len(models) == 1:
-        return SentencePieceTokenizer(models[0])
-    if models:
-        raise GPT2JaxError(f"{path}: several SentencePiece models ({', '.join(m.name for m in models)}); "
+    if len(sp_models) == 1:
+        return SentencePieceTokenizer(sp_models[0])
+    if sp_models:
+        raise GPT2JaxError(f"{path}: several SentencePiece models ({', '.join(m.name for m in sp_models)}); "
                            f"give the path of one")
     raise GPT2JaxError(f"{path}: no tokenizer files (looked for {_LOOKED_FOR})")
 
 
 def _load_hf(d: Path) -> HFTokenizer:
-    from transformers import BertTokenizerFast, GPT2TokenizerFast, PreTrainedTokenizerFast
-
     has = lambda name: (d / name).is_file()  # noqa: E731
     if has("vocab.json") and not has("merges.txt") and not has("tokenizer.json"):
         raise GPT2JaxError(f"{d}: vocab.json without merges.txt (a byte-level BPE tokenizer needs both)")
-    if has("vocab.json"):
+    if has("tokenizer.json"):
+        cls = PreTrainedTokenizerFast  # it describes any fast tokenizer whole, as our exports write it
+    elif has("vocab.json"):
         cls = GPT2TokenizerFast
     elif has("vocab.txt"):
         cls = BertTokenizerFast
     else:
-        cls = PreTrainedTokenizerFast  # tokenizer.json alone describes any fast tokenizer
+        raise GPT2JaxError(f"{d}: no tokenizer files (looked for {_LOOKED_FOR})")
     try:
         hf = cls.from_pretrained(str(d))
     except Exception as e:  # transformers and tokenizers raise many types for a corrupt file
@@ -229,8 +302,6 @@ def _read_special_ids(file: Path, sp) -> dict[str, int]:
 def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int, *,
                         model_type: str = "unigram") -> Tokenizer:
     """Train a SentencePiece model on ``texts``; writes ``out_dir/spm.model`` (+ ``spm.vocab``)."""
-    import sentencepiece as spm
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -258,10 +329,6 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: i
 
 def train_bpe(texts: Iterable[str], out_dir: str | Path, vocab_size: int) -> Tokenizer:
     """Train a GPT-2 style byte-level BPE on ``texts``; writes a Hugging Face tokenizer directory."""
-    from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-    from transformers import GPT2TokenizerFast
-
     specials = ["<|endoftext|>", *SPECIAL_TOKENS]
     if vocab_size < 256 + len(specials):
         raise GPT2JaxError(f"vocab size {vocab_size} is too small for byte-level BPE: it needs at least "

@@ -23,7 +23,7 @@ from gpt2_jax import data, sharding
 from gpt2_jax.checkpoint import Checkpointer, check_resumable, checkpoint_dir
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.corpus import Row, Rows, read_rows, resolve_corpus, row_texts
-from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.errors import GPT2JaxError, first_line
 from gpt2_jax.flops import flops_per_token, peak_flops
 from gpt2_jax.hf import load_hf_config, params_from_state_dict, read_hf_state_dict
 from gpt2_jax.metrics import MetricsWriter
@@ -128,9 +128,23 @@ def prepare_data(cfg: TrainConfig, process_index: int, process_count: int) -> Ru
     if len(val_idx):
         val = data.Batches(corpus, val_idx, batch_size=cfg.train.batch_size, grad_accum=1, shuffle=False,
                            keyword_augment=False, repeat=False, **common)
+    _report_prompt_overflow(cfg, corpus, train_idx)
     unigram = data.unigram_entropy(corpus, train_idx, bos_id=tokenizer.bos_id, sep_id=tokenizer.sep_id,
                                    eos_id=tokenizer.eos_id, loss_on=cfg.data.loss_on, max_length=cfg.data.max_length)
     return RunData(tokenizer, train, val, [all_rows[i] for i in val_idx], len(train_idx), unigram)
+
+
+def _report_prompt_overflow(cfg: TrainConfig, corpus, train_idx) -> None:
+    """One line each for rows whose keyword lists training cuts, and rows whose titles leave no text."""
+    over, L = data.prompt_overflow(corpus, train_idx, cfg.data.max_length), cfg.data.max_length
+    if over["cut"]:
+        _out(f"data: {over['cut']} of {len(train_idx)} training rows have a title + keywords longer than half of "
+             f"data.max_length={L} (up to {over['longest']} tokens); their last keywords are dropped to fit "
+             f"{data.prompt_limit(L)} tokens, after keyword augmentation's shuffle")
+    if over["no_text"]:
+        _out(f"data: {over['no_text']} training rows have a title that leaves no room for text within "
+             f"data.max_length={L}" + ("; with data.loss_on=text they train nothing" if cfg.data.loss_on == "text"
+                                       else ""))
 
 
 def evaluate(eval_step, state: TrainState, val, n_batches: int, mesh) -> dict:
@@ -321,25 +335,49 @@ def train(cfg: TrainConfig) -> dict:
     ckpt.close()
     del state
 
-    # The export streams the final checkpoint one tensor at a time: no host gathers the model.
+    # The training is saved: what follows are extras, which warn instead of failing the run.
     if leader:
-        model_dir = export_run(out_dir, os.path.join(out_dir, "hf"), step=end)
-        _out(f"saved the Hugging Face model to {model_dir}")
+        try:  # the export streams the final checkpoint one tensor at a time: no host gathers the model
+            _out(f"saved the Hugging Face model to {export_run(out_dir, os.path.join(out_dir, 'hf'), step=end)}")
+        except Exception as e:
+            _out(f"warning: the Hugging Face export failed ({first_line(e)}); the checkpoint of step {end} is "
+                 f"saved: python tools/export_hf.py --checkpoint {out_dir} --out DIR")
         if cfg.sample.num and run_data.val_rows:
-            final["samples"] = print_samples(load_run(out_dir, step=end), tokenizer,
-                                             run_data.val_rows[: cfg.sample.num], cfg)
+            try:
+                final["samples"] = print_samples(load_run(out_dir, step=end), tokenizer,
+                                                 run_data.val_rows[: cfg.sample.num], cfg)
+            except Exception as e:
+                _out(f"warning: the held-out samples failed ({first_line(e)})")
     final.update(steps=end, seconds=time.time() - t_start)
     _out(f"done in {time.time() - t_start:.0f} s")
     return final
 
 
 def print_samples(model, tokenizer, rows, cfg: TrainConfig) -> list[str]:
-    """Write text for held-out titles and keywords with the configured sampling settings."""
-    s = cfg.sample
-    prompts = [tokenizer.format_prompt(r.title, r.keywords) for r in rows]
-    texts = generate_text(model, tokenizer, prompts, max_new_tokens=s.max_new_tokens, do_sample=True,
-                          temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                          repetition_penalty=s.repetition_penalty, seed=cfg.train.seed)
-    for r, text in zip(rows, texts):
-        _out(f"\n[held-out] title: {r.title}\n  keywords: {' '.join(r.keywords)}\n  text: {text}")
+    """Write text for held-out titles and keywords with the configured sampling settings.
+
+    Prompts are formatted as training formats them (keyword lists cut to data.prompt_limit). A prompt that
+    leaves less room than sample.max_new_tokens in the context gets fewer new tokens, and one with no room
+    is skipped, each with a warning line."""
+    s, n_ctx = cfg.sample, model.config.n_positions
+    groups: dict[int, list] = {}  # new tokens -> [(row, prompt)]: one generate call each
+    for r in rows:
+        prompt = tokenizer.format_prompt(r.title, r.keywords, max_tokens=data.prompt_limit(cfg.data.max_length))
+        room = n_ctx - len(prompt)
+        if room < 1:
+            _out(f"warning: held-out sample {r.title!r} skipped: its prompt of {len(prompt)} tokens fills the "
+                 f"context of {n_ctx}")
+            continue
+        if room < s.max_new_tokens:
+            _out(f"warning: held-out sample {r.title!r} gets {room} new tokens, not sample.max_new_tokens="
+                 f"{s.max_new_tokens}: its prompt of {len(prompt)} tokens leaves no more of the context of {n_ctx}")
+        groups.setdefault(min(room, s.max_new_tokens), []).append((r, prompt))
+    texts = []
+    for n, group in groups.items():
+        out = generate_text(model, tokenizer, [p for _, p in group], max_new_tokens=n, do_sample=True,
+                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                            repetition_penalty=s.repetition_penalty, seed=cfg.train.seed)
+        for (r, _), text in zip(group, out):
+            _out(f"\n[held-out] title: {r.title}\n  keywords: {' '.join(r.keywords)}\n  text: {text}")
+        texts += out
     return texts

@@ -75,3 +75,29 @@ def attention_path(request, monkeypatch):
     if request.param == "query-blocks":
         monkeypatch.setattr(model, "QUERY_CHUNK", 16)
     return request.param
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def transformers5_python() -> str:
+    """The python of a second virtual environment with the latest transformers 5 and the CPU torch
+    (tests/requirements-transformers5.txt), made on first use in .venv-tf5 and reused while that file is
+    unchanged: exports must load in what most users run, and transformers 5 cannot share a venv with the
+    4.57 reference (the last with Flax)."""
+    import subprocess
+    import sys
+
+    venv = os.path.join(ROOT, ".venv-tf5")
+    python = os.path.join(venv, "bin", "python")
+    requirements = os.path.join(ROOT, "tests", "requirements-transformers5.txt")
+    stamp = os.path.join(venv, "installed-requirements.txt")
+    with open(requirements) as f:
+        wanted = f.read()
+    if not (os.path.isfile(python) and os.path.isfile(stamp) and open(stamp).read() == wanted):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True, timeout=300)
+        subprocess.run([python, "-m", "pip", "install", "-q", "-r", requirements], check=True, timeout=1200)
+        with open(stamp, "w") as f:
+            f.write(wanted)
+    return python

@@ -11,7 +11,7 @@ import pytest
 
 from gpt2_jax import data
 from gpt2_jax.corpus import Row, read_rows
-from gpt2_jax.data import Batches, split_indices, tokenize_corpus, unigram_entropy
+from gpt2_jax.data import Batches, prompt_limit, prompt_overflow, split_indices, tokenize_corpus, unigram_entropy
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.tokenizer import Tokenizer, train_bpe, train_sentencepiece
 
@@ -163,15 +163,15 @@ def test_tokenizer_digest_ignores_cosmetic_files(tokenizers, tmp_path):
 
 def test_keyword_augmentation_deterministic_and_varies_by_epoch(tmp_path):
     rows = [Row("T", ("a", "b", "c", "d", "e"), "x"), Row("U", (), "y"), Row("V", ("only",), "z")]
-    b = char_batches(rows, tmp_path, batch_size=3)
-    same = char_batches(rows, tmp_path, batch_size=3)
+    b = char_batches(rows, tmp_path, batch_size=3, max_length=32)  # half of 32 holds all the keywords
+    same = char_batches(rows, tmp_path, batch_size=3, max_length=32)
     orders = [b.keyword_order(0, e) for e in range(40)]
     assert all(np.array_equal(o, same.keyword_order(0, e)) for e, o in enumerate(orders))
     assert all(1 <= len(o) <= 5 and len(set(o.tolist())) == len(o) and set(o.tolist()) <= set(range(5))
                for o in orders)
     assert {len(o) for o in orders} == {1, 2, 3, 4, 5}
     assert len({tuple(o) for o in orders}) > 30  # differs across epochs
-    other_seed = char_batches(rows, tmp_path, batch_size=3, seed=4)
+    other_seed = char_batches(rows, tmp_path, batch_size=3, seed=4, max_length=32)
     assert any(not np.array_equal(o, other_seed.keyword_order(0, e)) for e, o in enumerate(orders))
     assert b.keyword_order(1, 0) is None and b.keyword_order(2, 7).tolist() == [0]
     # In the batches: the keywords between the two SEPs are the epoch's subset, in its order.
@@ -183,7 +183,7 @@ def test_keyword_augmentation_deterministic_and_varies_by_epoch(tmp_path):
                 seq = batch["input_ids"][a, r].tolist()
                 kw = seq[seq.index(2) + 1:seq.index(2, seq.index(2) + 1)]
                 assert kw == [ord(c) for c in " ".join(rows[0].keywords[j] for j in b.keyword_order(0, epoch))]
-    off = char_batches(rows, tmp_path, batch_size=3, keyword_augment=False)
+    off = char_batches(rows, tmp_path, batch_size=3, keyword_augment=False, max_length=32)
     assert off.keyword_order(0, 5) is None
     assert off.local_batch(0)["input_ids"][0, off.example_ids(0)[0].tolist().index(0), :14].tolist() == \
         CHAR.format_example("T", rows[0].keywords, "x")[:14]
@@ -257,14 +257,42 @@ def test_loss_mask_all_and_text_hand_checked(tmp_path):
 
 
 def test_truncation_cuts_the_text_and_the_eos(tmp_path):
-    rows = [Row("T", ("k",), "xy"), Row("Title", ("kw",), "long text " * 50)]
-    b = char_batches(rows, tmp_path, batch_size=2, max_length=5, shuffle=False, loss_on="text")
+    rows = [Row("T", ("k",), "xyzwvu"), Row("A long title", ("kw",), "long text " * 50)]
+    b = char_batches(rows, tmp_path, batch_size=2, max_length=10, shuffle=False, loss_on="text")
     batch = {k: v[0] for k, v in b.local_batch(0).items()}
-    assert batch["input_ids"][0].tolist() == [1, 84, 2, 107, 2]
-    assert batch["labels"][0].tolist() == [84, 2, 107, 2, 120]  # y and EOS are cut
-    assert batch["loss_mask"][0].tolist() == [0, 0, 0, 0, 1]
-    assert batch["labels"][1].tolist() == [ord(c) for c in "Title"]  # not even the prompt fits
+    text = [ord(c) for c in "xyzwvu"]
+    assert batch["input_ids"][0].tolist() == [1, 84, 2, 107, 2, *text[:5]]
+    assert batch["labels"][0].tolist() == [84, 2, 107, 2, *text]  # EOS is cut
+    assert batch["loss_mask"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    assert batch["labels"][1].tolist() == [ord(c) for c in "A long tit"]  # not even the prompt fits
     assert batch["loss_mask"][1].sum() == 0
+
+
+def test_long_keyword_lists_are_cut_to_half_the_window(tmp_path):
+    """A prompt longer than max_length // 2 drops its last keywords (after augmentation's shuffle); the
+    title stays whole; the rest of the window is text."""
+    keywords = tuple(f"w{i}" for i in range(12))  # 12 keywords: 37 characters joined
+    rows = [Row("Title", keywords, "t" * 100), Row("T", ("ab",), "u" * 100)]
+    for augment in (False, True):
+        b = char_batches(rows, tmp_path, batch_size=2, max_length=40, shuffle=False, loss_on="text",
+                         keyword_augment=augment)
+        for step in range(6):
+            batch = b.local_batch(step)
+            for r, i in enumerate(b.example_ids(step)[0]):
+                seq = batch["input_ids"][0, r].tolist()
+                first_text = int(batch["loss_mask"][0, r].argmax())
+                prompt = seq[:first_text + 1]
+                assert len(prompt) <= 20 and prompt[0] == 1 and prompt[-1] == 2
+                order = b.keyword_order(i, step)
+                chosen = [rows[i].keywords[j] for j in (range(len(rows[i].keywords)) if order is None else order)]
+                title = rows[i].title
+                kept = [w for n, w in enumerate(chosen) if len(title) + 3 + len(" ".join(chosen[:n + 1])) <= 20]
+                assert prompt == CHAR.format_prompt(title, kept), (augment, step, r)
+                assert seq[first_text + 1:] == [ord(rows[i].text[0])] * (39 - first_text)
+    over = prompt_overflow(tokenize_corpus(rows, CHAR, tmp_path / "cache"), [0, 1], 40)
+    assert over == {"cut": 1, "no_text": 0, "longest": 5 + 37 + 3}
+    assert CHAR.format_prompt("Title", keywords, max_tokens=20) == CHAR.format_prompt("Title", keywords[:4])
+    assert prompt_limit(40) == 20
 
 
 def test_unigram_entropy_hand_checked_and_equal_to_batches(tmp_path, corpora, tokenizers, rows):
@@ -284,6 +312,7 @@ def test_unigram_entropy_hand_checked_and_equal_to_batches(tmp_path, corpora, to
             p = np.bincount(labels)[np.bincount(labels) > 0] / len(labels)
             assert unigram_entropy(corpus, split, **ids, loss_on=loss_on, max_length=max_length) == pytest.approx(
                 -(p * np.log(p)).sum(), rel=1e-12)
+            assert (prompt_overflow(corpus, split, max_length)["cut"] > 0) == (max_length == 24)  # keywords cut
     with pytest.raises(GPT2JaxError, match="no label counts toward the loss"):
         unigram_entropy(corpus, [0], **ids, loss_on="text", max_length=3)
 

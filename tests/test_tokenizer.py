@@ -3,6 +3,7 @@ merges.txt, and tokenizer.json), a hand-written BERT vocab.txt, SentencePiece wi
 tokens as user-defined symbols. transformers is the reference for the Hugging Face backends."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +101,12 @@ EXPECTED_DECODE = {  # decode(format_example(...)) without and with the special 
              "[BOS] garden notes [SEP] soil seeds [SEP] plant the seeds in spring. [EOS]"),
     **{name: ("Garden notessoil seedsPlant the seeds in spring.",
               "[BOS]Garden notes[SEP]soil seeds[SEP]Plant the seeds in spring.[EOS]")
-       for name in ("gpt2_files", "gpt2_json", "sp_user", "sp_plain")},
+       for name in ("gpt2_files", "gpt2_json")},
+    # SentencePiece starts every encoded piece with a word boundary; decoding keeps it, as the exported
+    # tokenizer.json decodes in transformers.
+    **{name: ("Garden notes soil seeds Plant the seeds in spring.",
+              "[BOS] Garden notes[SEP] soil seeds[SEP] Plant the seeds in spring.[EOS]")
+       for name in ("sp_user", "sp_plain")},
 }
 
 
@@ -221,3 +227,43 @@ def test_cli_missing_corpus_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: corpus file {tmp_path / 'none.csv'} does not exist"
     assert "Traceback" not in result.stderr
+
+
+EXPORT_TEXTS = ["[BOS]Garden notes[SEP]soil seeds[SEP]Plant the seeds in spring.[EOS]",
+                "[BOS] Garden notes [SEP] soil seeds [SEP] Plant the seeds [PAD][PAD]", "你好，世界。我爱花园",
+                "  spaces  and\ttabs\nand a newline ", "unseen: é ü ﬁ 😀"]
+
+
+def exported(backend, texts, tmp_path) -> tuple[Path, Path]:
+    """The backend saved as a run saves it, and what transformers must give for `texts` (tests/test_demo.py)."""
+    from test_demo import expected_tokenizer
+
+    name, tok = backend
+    out = tok.save(tmp_path / name)
+    expected = tmp_path / f"{name}.json"
+    expected.write_text(json.dumps(expected_tokenizer(tok, texts[:60] + EXPORT_TEXTS)))
+    return out, expected
+
+
+def test_export_loads_in_transformers_4_with_our_ids_and_text(backend, texts, tmp_path):
+    """AutoTokenizer (transformers 4.57) on the saved directory: our ids with the special tokens inline, our
+    decoding, [BOS] [SEP] [EOS] [PAD] in their roles; our own loader gives the same tokenizer back."""
+    from hf_export_check import check_tokenizer
+
+    out, expected = exported(backend, texts, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (out / name).is_file(), name
+    hf = check_tokenizer(str(out), json.loads(expected.read_text()))
+    assert type(hf).__name__ == "PreTrainedTokenizerFast"
+    again = load_tokenizer(out)
+    assert type(again) is type(backend[1]) and again.special_ids == backend[1].special_ids
+    assert [again.encode(t) for t in EXPORT_TEXTS] == [backend[1].encode(t) for t in EXPORT_TEXTS]
+
+
+def test_export_loads_in_transformers_5_with_our_ids_and_text(paths, texts, tmp_path, transformers5_python):
+    for name in BACKENDS:
+        out, expected = exported((name, load_tokenizer(paths[name])), texts, tmp_path)
+        res = subprocess.run([transformers5_python, str(ROOT / "tests" / "hf_export_check.py"), str(out),
+                              str(expected), "--tokenizer-only"], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, (name, res.stderr[-3000:])
+        assert json.loads(res.stdout.splitlines()[-1])["transformers"].startswith("5."), res.stdout

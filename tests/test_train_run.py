@@ -1,5 +1,6 @@
 """Whole training runs on data/sample.csv with a tiny model: resume, preemption, faults, export, errors."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -445,3 +446,57 @@ def test_export_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
 
     ids = np.array([[1, 5, 7, 9]])
     np.testing.assert_array_equal(np.asarray(load_pretrained(out)(ids)), np.asarray(load_pretrained(str(tmp_path / "run"))(ids)))
+
+
+def seed_shaped_news(tmp: Path, rows: int, rng) -> tuple[Path, list[str]]:
+    """Headerless `title,keywords,content` CSV of Chinese news as the seed's users have it: ~2,000-character
+    articles, 30 keywords a row taken from the article, and the characters of a BERT vocab.txt."""
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 400)]
+    lines = []
+    for _ in range(rows):
+        text = "".join(rng.choice(chars, 2000))
+        keywords = [text[i:i + 2] for i in rng.integers(0, 1998, 30)]
+        lines.append(f"{''.join(rng.choice(chars, 16))},{' '.join(keywords)},{text}\n")
+    path = tmp / "news.csv"
+    path.write_text("".join(lines), encoding="utf-8")
+    return path, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "，", "。", *chars]
+
+
+def test_fine_tune_on_seed_shaped_news_exits_0_with_its_samples(tmp_path):
+    """The fine-tune of issue 12: a GPT-2 with a BERT vocabulary, 30-keyword rows far longer than the window,
+    loss on text only, the top block trained. Keyword lists are cut to half the window at data time, and the
+    held-out samples adapt to the context (fewer tokens, or skipped), so the run ends with rc 0."""
+    from conftest import make_hf_model
+
+    rng = np.random.default_rng(0)
+    train_csv, vocab = seed_shaped_news(tmp_path, 12, rng)
+    val_csv = tmp_path / "val.csv"
+    val_csv.write_text(train_csv.read_text(encoding="utf-8").splitlines()[0] + "\n"
+                       + "".join(rng.choice(list(vocab[7:]), 140)) + ",新闻 报道,短文。\n", encoding="utf-8")
+    model_dir = tmp_path / "bert-gpt2"
+    make_hf_model(vocab_size=len(vocab), n_positions=128, attn_gain=1.0).save_pretrained(model_dir)
+    (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    proc = cli(tmp_path, model__init_from=model_dir, tokenizer__path="null", model__n_layer="null",
+               model__n_embd="null", model__n_head="null", model__n_positions="null", data__train=train_csv,
+               data__val=val_csv, data__max_length=128, data__loss_on="text", freeze__trainable="last_n_blocks",
+               freeze__last_n_blocks=1, train__steps=4, train__batch_size=8, optim__grad_accum=1,
+               checkpoint__every=0, sample__num=2, sample__max_new_tokens=80)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert re.search(r"data: 12 of 12 training rows have a title \+ keywords longer than half of data.max_length=128 "
+                     r"\(up to \d+ tokens\); their last keywords are dropped to fit 64 tokens", stdout), stdout
+    assert re.search(r"warning: held-out sample '.{16}' gets 6\d new tokens, not sample.max_new_tokens=80", stdout)
+    assert re.search(r"warning: held-out sample '.{140}' skipped: its prompt of 14\d tokens fills the context of 128",
+                     stdout)
+    assert stdout.count("[held-out] title: ") == 1
+    # Each training row keeps a prompt of at most 64 tokens and trains on the text after it.
+    from gpt2_jax import load_tokenizer
+
+    tok = load_tokenizer(tmp_path / "run")
+    corpus = data_lib.tokenize_corpus(read_rows(train_csv), tok, tmp_path / "cache")
+    batches = data_lib.Batches(corpus, np.arange(12), bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id,
+                               pad_id=tok.pad_id, max_length=128, batch_size=12, loss_on="text", seed=0)
+    b = batches.local_batch(0)
+    first_text = b["loss_mask"][0].argmax(axis=1)
+    assert (first_text < 64).all() and (b["loss_mask"][0].sum(axis=1) >= 64).all()
+    assert (b["input_ids"][0] == tok.sep_id).sum(axis=1).tolist() == [2] * 12
