@@ -38,11 +38,15 @@ class Row:
 
 
 class Rows(list):
-    """A ``list[Row]`` that also says how many bad rows ``skip_bad_rows`` dropped (``.skipped``)."""
+    """A ``list[Row]`` that also says which bad rows ``skip_bad_rows`` dropped (``.bad``: "file:line: why")."""
 
-    def __init__(self, rows: list[Row], skipped: int = 0):
+    def __init__(self, rows: list[Row], bad: Sequence[str] = ()):
         super().__init__(rows)
-        self.skipped = skipped
+        self.bad = list(bad)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.bad)
 
 
 def row_texts(rows: Sequence[Row]) -> list[str]:
@@ -58,11 +62,13 @@ class _BadRow(Exception):
 _Parsed = Iterator[tuple[Union[int, str], Union[Row, _BadRow]]]
 
 
-def read_rows(path: str | Path, format: str | None = None, *, skip_bad_rows: bool = False) -> Rows:
+def read_rows(path: str | Path, format: str | None = None, *, skip_bad_rows: bool = False,
+              with_text: bool = True) -> Rows:
     """Read a corpus file into rows; ``format=None`` infers it from the extension.
 
     A malformed row raises GPT2JaxError naming ``file:line``; with ``skip_bad_rows`` it is dropped,
-    counted in the result's ``.skipped`` and reported in one logged warning.
+    listed in the result's ``.bad`` and reported in one logged warning. ``with_text=False`` reads
+    prompts for generation: CSV rows may have two columns (title,keywords) and JSONL rows no "text".
     """
     path = Path(path)
     if format is None:
@@ -85,7 +91,8 @@ def read_rows(path: str | Path, format: str | None = None, *, skip_bad_rows: boo
 
     rows: list[Row] = []
     bad: list[str] = []
-    for where, row in {"csv": _csv, "jsonl": _jsonl, "text": _text}[format](content):
+    parse = {"csv": lambda c: _csv(c, with_text), "jsonl": lambda c: _jsonl(c, with_text), "text": _text}[format]
+    for where, row in parse(content):
         if isinstance(row, Row):
             rows.append(row)
         elif skip_bad_rows:
@@ -96,10 +103,10 @@ def read_rows(path: str | Path, format: str | None = None, *, skip_bad_rows: boo
         log.warning("skipped %d bad row(s) of %s; the first: %s", len(bad), path, bad[0])
     if not rows:
         raise GPT2JaxError(f"{path}: empty corpus" + (f" (all {len(bad)} rows were bad)" if bad else ""))
-    return Rows(rows, skipped=len(bad))
+    return Rows(rows, bad)
 
 
-def _csv(content: str) -> _Parsed:
+def _csv(content: str, with_text: bool = True) -> _Parsed:
     # Long articles exceed the csv module's default 128 KiB field limit; the limit is process-wide.
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     reader = csv.reader(io.StringIO(content, newline=""))
@@ -119,17 +126,21 @@ def _csv(content: str) -> _Parsed:
         if first:
             first = False
             names = [c.strip().lower() for c in cells]
-            if set(_COLUMNS) <= set(names):  # a header row; its columns may come in any order
-                index, width = tuple(names.index(c) for c in _COLUMNS), len(names)
+            if set(_COLUMNS) <= set(names) or (not with_text and set(_COLUMNS[:2]) <= set(names)):
+                # a header row; its columns may come in any order
+                index = tuple(names.index(c) if c in names else None for c in _COLUMNS)
+                width = len(names)
                 continue
+            if not with_text and len(cells) == 2:
+                index, width = (0, 1, None), 2
         if len(cells) != width:
-            yield line, _BadRow(f"expected {width} CSV columns (title,keywords,text), got {len(cells)}")
+            yield line, _BadRow(f"expected {width} CSV columns ({','.join(_COLUMNS[:width])}), got {len(cells)}")
             continue
-        title, keywords, text = (cells[i] for i in index)
+        title, keywords, text = (cells[i] if i is not None else "" for i in index)
         yield line, Row(title.strip(), tuple(keywords.split()), text.strip())
 
 
-def _jsonl(content: str) -> _Parsed:
+def _jsonl(content: str, with_text: bool = True) -> _Parsed:
     if content.lstrip().startswith("["):  # a JSON array of objects (a common shape of .json files)
         try:
             items = json.loads(content)
@@ -137,7 +148,7 @@ def _jsonl(content: str) -> _Parsed:
             yield e.lineno, _BadRow(f"invalid JSON ({e.msg})")
             return
         for i, item in enumerate(items, 1):
-            yield f"item {i}", _json_row(item)
+            yield f"item {i}", _json_row(item, with_text)
         return
     for n, line in enumerate(content.splitlines(), 1):
         if line.strip():
@@ -146,13 +157,16 @@ def _jsonl(content: str) -> _Parsed:
             except json.JSONDecodeError as e:
                 yield n, _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
                 continue
-            yield n, _json_row(obj)
+            yield n, _json_row(obj, with_text)
 
 
-def _json_row(obj: object) -> Row | _BadRow:
+def _json_row(obj: object, with_text: bool = True) -> Row | _BadRow:
+    columns = _COLUMNS if with_text else _COLUMNS[:2]
     if not isinstance(obj, dict):
-        return _BadRow(f"expected a JSON object with keys {', '.join(_COLUMNS)}, got {type(obj).__name__}")
-    missing = [k for k in _COLUMNS if k not in obj]
+        return _BadRow(f"expected a JSON object with keys {', '.join(columns)}, got {type(obj).__name__}")
+    if not with_text:
+        obj = {"text": "", **obj}
+    missing = [k for k in columns if k not in obj]
     if missing:
         return _BadRow(f"missing key(s) {', '.join(map(repr, missing))}")
     for key in ("title", "text"):

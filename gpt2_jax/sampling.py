@@ -309,11 +309,14 @@ def generate_text(model, tokenizer, prompts: Sequence[Sequence[int]], **kwargs) 
         raise GPT2JaxError("no prompts to generate from")
     prompts = [list(p) for p in prompts]
     out = generate(model, prompts, **kwargs)
-    P = max(len(p) for p in prompts)
-    eos = kwargs["eos_token_id"]
-    eos = {eos} if _is_int(eos) else set(eos or ())
-    texts = []
-    for row in out[:, P:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return texts
+    new = new_tokens(out[:, max(len(p) for p in prompts):], kwargs["eos_token_id"])
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+
+
+def new_tokens(new_BN: np.ndarray, eos_token_id) -> list[list[int]]:
+    """Each row's generated tokens up to (not including) its first EOS."""
+    eos = {eos_token_id} if _is_int(eos_token_id) else set(eos_token_id or ())
+    rows = []
+    for row in np.asarray(new_BN).tolist():
+        rows.append(row[:next((i for i, t in enumerate(row) if t in eos), len(row))])
+    return rows

@@ -162,3 +162,19 @@ def test_unknown_builtin(tmp_path):
                                            r"known: builtin:stdlib-docs$"):
         resolve_corpus("builtin:stdlib-doc", tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prompt_rows_for_generation_need_no_text(tmp_path):
+    two = tmp_path / "two.csv"
+    two.write_text("Soup,leek potato\nBread,flour yeast\n")
+    assert read_rows(two, with_text=False) == [Row("Soup", ("leek", "potato"), ""), Row("Bread", ("flour", "yeast"), "")]
+    with pytest.raises(GPT2JaxError, match=r"two.csv:1: expected 3 CSV columns \(title,keywords,text\), got 2"):
+        read_rows(two)  # training rows need their text
+    header = tmp_path / "header.csv"
+    header.write_text("keywords,title\nleek potato,Soup\nonly one\n")
+    rows = read_rows(header, with_text=False, skip_bad_rows=True)
+    assert rows == [Row("Soup", ("leek", "potato"), "")]
+    assert rows.bad == [f"{header}:3: expected 2 CSV columns (title,keywords), got 1"]
+    three = tmp_path / "three.csv"
+    three.write_text("Soup,leek potato,Text.\n")
+    assert read_rows(three, with_text=False) == [Row("Soup", ("leek", "potato"), "Text.")]

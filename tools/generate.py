@@ -3,12 +3,16 @@
     python tools/generate.py --model PATH --title "..." --keywords "k1 k2" [--num-return-sequences 3]
     python tools/generate.py --model PATH --prompt "Once upon a time"
     python tools/generate.py --model PATH          # interactive: title, then keywords, until an empty title
+    python tools/generate.py --model PATH --input rows.csv --output out.jsonl [--batch-size 32]
 
-Prints only the generated text: no prompt, no special tokens. Logic lives in gpt2_jax.sampling.
+Prints only the generated text: no prompt, no special tokens. With --input (CSV or JSONL rows with a title
+and keywords), writes one JSON line per row to --output, in batches, and continues an existing output.
+Logic lives in gpt2_jax.sampling and gpt2_jax.generate_file.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 import sys
 
@@ -29,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--title", help="the title to write about (with --keywords)")
     src.add_argument("--prompt", help="plain text to continue, instead of a title and keywords")
+    src.add_argument("--input", help="a CSV (title,keywords[,text]) or JSONL file of rows to write texts for")
+    p.add_argument("--output", help="with --input: the JSONL file to write (continued if it exists)")
+    p.add_argument("--batch-size", type=int, default=32, help="with --input: rows generated together (default 32)")
     p.add_argument("--keywords", default="", help='space-separated keywords, e.g. "k1 k2" (with --title)')
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
     p.add_argument("--min-new-tokens", type=int, default=0, help="EOS is not allowed before this many (default 0)")
@@ -47,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.keywords and args.title is None:
         p.error("--keywords needs --title")
+    if (args.input is None) != (args.output is None):
+        p.error("--input and --output go together")
+    if args.input is not None and args.num_return_sequences != 1:
+        p.error("--input writes one text per row: --num-return-sequences must be 1")
     return args
 
 
@@ -55,6 +66,7 @@ def main(argv=None) -> None:
     if not args.no_compile_cache:
         from gpt2_jax.runtime import enable_compilation_cache
         enable_compilation_cache()
+    from gpt2_jax.generate_file import generate_file
     from gpt2_jax.pretrained import load_pretrained
     from gpt2_jax.sampling import generate_text
     from gpt2_jax.tokenizer import load_tokenizer
@@ -66,6 +78,8 @@ def main(argv=None) -> None:
     eos = tok.eos_id if tok.eos_id < vocab else model.config.eos_token_id
     pad = tok.pad_id if tok.pad_id < vocab else eos
     seed = args.seed
+    if seed is None and args.input is not None:
+        seed = 0  # a file's run is reproducible and resumable by default
     if seed is None:
         seed = secrets.randbelow(2**31)
         print(f"seed: {seed}", file=sys.stderr)
@@ -86,7 +100,13 @@ def main(argv=None) -> None:
         for i, text in enumerate(texts):
             print(text if len(texts) == 1 else f"[{i + 1}] {text}", flush=True)
 
-    if args.prompt is not None:
+    if args.input is not None:
+        titled("", "")  # the model must know [BOS] and [SEP]
+        del kwargs["num_return_sequences"], kwargs["max_new_tokens"]
+        stats = generate_file(model, tok, args.input, args.output, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, seed=seed, **kwargs)
+        print(json.dumps(stats), file=sys.stderr)
+    elif args.prompt is not None:
         show(tok.encode(args.prompt), 0)
     elif args.title is not None:
         show(titled(args.title, args.keywords), 0)
