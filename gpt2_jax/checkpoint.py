@@ -8,6 +8,7 @@ Restoring targets the current mesh's shardings, whatever mesh wrote the checkpoi
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Optional
 
@@ -39,13 +40,19 @@ class Checkpointer:
         me = jax.process_index()
         multiprocessing = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}) \
             if read_only else ocp.options.MultiprocessingOptions()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=not read_only,
+        options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep or None,
+                                               save_interval_steps=0 if read_only else 1, create=not read_only,
                                                read_only=read_only, enable_async_checkpointing=True,
                                                cleanup_tmp_directories=not read_only,
                                                multiprocessing_options=multiprocessing)
         if read_only:  # readers restore parts of the state (parameters only), which the PyTree handler allows
             handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-            self.manager = ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=handlers)
+            absl, level = logging.getLogger("absl"), logging.getLogger("absl").level
+            absl.setLevel(logging.ERROR)  # Orbax warns "Given directory is read only": what a reader asked for
+            try:
+                self.manager = ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=handlers)
+            finally:
+                absl.setLevel(level)
         else:
             self.manager = ocp.CheckpointManager(checkpoint_dir(run_dir), options=options,
                                                  item_names=("state", "meta"))

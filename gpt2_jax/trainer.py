@@ -30,6 +30,7 @@ from gpt2_jax.metrics import MetricsWriter
 from gpt2_jax.model import grow_embedding
 from gpt2_jax.pretrained import export_run, load_run
 from gpt2_jax.sampling import generate_text
+from gpt2_jax.token_cache import tokenize_corpus
 from gpt2_jax.tokenizer import load_tokenizer, train_sentencepiece
 from gpt2_jax.train_config import TrainConfig
 from gpt2_jax.train_step import (Setup, TrainState, build_setup, compile_steps, count_params, init_state,
@@ -118,7 +119,7 @@ def prepare_data(cfg: TrainConfig, process_index: int, process_count: int) -> Ru
         all_rows = rows
         train_idx, val_idx = data.split_indices(len(rows), cfg.data.val_fraction, cfg.train.seed)
     tokenizer = prepare_tokenizer(cfg, [all_rows[i] for i in train_idx])
-    corpus = data.tokenize_corpus(all_rows, tokenizer, cache_dir)
+    corpus = tokenize_corpus(all_rows, tokenizer, cache_dir)
     common = dict(bos_id=tokenizer.bos_id, sep_id=tokenizer.sep_id, eos_id=tokenizer.eos_id,
                   pad_id=tokenizer.pad_id, max_length=cfg.data.max_length, loss_on=cfg.data.loss_on,
                   process_index=process_index, process_count=process_count, seed=cfg.train.seed)

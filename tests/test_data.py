@@ -1,5 +1,6 @@
-"""Tests for gpt2_jax/data.py: the tokenized cache, keyword augmentation, batches (per process, per
-micro-batch, resumable), loss masks, the split and the unigram baseline."""
+"""Tests for gpt2_jax/token_cache.py (the tokenized cache) and gpt2_jax/data.py (keyword augmentation, the
+prompt limit, batches per process and per micro-batch, resumable; loss masks, the split, the unigram
+baseline), which share their fixtures."""
 from __future__ import annotations
 
 import logging
@@ -9,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2_jax import data
+from gpt2_jax import token_cache
 from gpt2_jax.corpus import Row, read_rows
-from gpt2_jax.data import Batches, prompt_limit, prompt_overflow, split_indices, tokenize_corpus, unigram_entropy
+from gpt2_jax.data import Batches, prompt_limit, prompt_overflow, split_indices, unigram_entropy
 from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.token_cache import tokenize_corpus
 from gpt2_jax.tokenizer import Tokenizer, train_bpe, train_sentencepiece
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample.csv"
@@ -58,7 +60,7 @@ def tokenizers(tmp_path_factory) -> dict[str, Tokenizer]:
 
 
 @pytest.fixture(scope="module")
-def corpora(tmp_path_factory, rows, tokenizers) -> dict[str, data.TokenizedCorpus]:
+def corpora(tmp_path_factory, rows, tokenizers) -> dict[str, token_cache.TokenizedCorpus]:
     root = tmp_path_factory.mktemp("cache")
     return {name: tokenize_corpus(rows, tok, root) for name, tok in tokenizers.items()}
 
@@ -110,7 +112,7 @@ def test_cache_hit_loads_without_encoding(tmp_path, rows, tokenizers, monkeypatc
     monkeypatch.setattr(type(tok), "encode_batch", lambda self, texts: refuse(texts))
     again = tokenize_corpus(list(rows), tok, tmp_path)
     assert again.directory == first.directory and isinstance(again.tokens, np.memmap)
-    for name in data._ARRAYS:
+    for name in token_cache._ARRAYS:
         np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
     with pytest.raises(AssertionError, match="encoded again"):  # a changed row is a miss
         tokenize_corpus(rows[:-1] + [Row("changed", (), "")], tok, tmp_path)
@@ -141,7 +143,7 @@ def test_publish_keeps_the_first_finished_copy(tmp_path):
     for d, mark in ((final, "first"), (tmp, "second")):
         d.mkdir()
         (d / "meta.json").write_text(mark)
-    data._publish(tmp, final)  # another process renamed its copy into place first
+    token_cache._publish(tmp, final)  # another process renamed its copy into place first
     assert [p.name for p in tmp_path.iterdir()] == ["tokens-x"] and (final / "meta.json").read_text() == "first"
 
 
@@ -157,8 +159,8 @@ def test_tokenizer_digest_ignores_cosmetic_files(tokenizers, tmp_path):
 
     for tok in tokenizers.values():
         tok.save(tmp_path / tok.kind)
-        assert data.tokenizer_digest(load_tokenizer(tmp_path / tok.kind)) == data.tokenizer_digest(tok)
-    assert data.tokenizer_digest(tokenizers["bpe"]) != data.tokenizer_digest(tokenizers["sentencepiece"])
+        assert token_cache.tokenizer_digest(load_tokenizer(tmp_path / tok.kind)) == token_cache.tokenizer_digest(tok)
+    assert token_cache.tokenizer_digest(tokenizers["bpe"]) != token_cache.tokenizer_digest(tokenizers["sentencepiece"])
 
 
 def test_keyword_augmentation_deterministic_and_varies_by_epoch(tmp_path):
@@ -369,7 +371,7 @@ class CrossSpaceTokenizer(CharTokenizer):
 
 def test_keywords_that_do_not_compose_are_counted_and_warned(tmp_path, caplog):
     tok = CrossSpaceTokenizer()
-    with caplog.at_level(logging.WARNING, logger="gpt2_jax.data"):
+    with caplog.at_level(logging.WARNING, logger="gpt2_jax.token_cache"):
         corpus = tokenize_corpus([Row("T", ("o", "o"), "x"), Row("U", ("o", "p"), "y")], tok, tmp_path)
     assert corpus.keyword_mismatches == 1 and "1 of 2 rows' keywords tokenize differently" in caplog.text
     # Unaugmented examples use the joined ids, so they stay exact.

@@ -17,6 +17,7 @@ import transformers
 from gpt2_jax import data as data_lib
 from gpt2_jax.checkpoint import Checkpointer
 from gpt2_jax.corpus import read_rows
+from gpt2_jax.token_cache import tokenize_corpus
 from gpt2_jax.train_config import load_train_config
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.trainer import train
@@ -296,7 +297,7 @@ def test_loss_on_text_gives_no_gradient_from_title_and_keywords(tmp_path, loss_o
     rows = read_rows(SAMPLE)[:8]
     tok = train_sentencepiece([s for r in read_rows(SAMPLE) for s in (r.title, " ".join(r.keywords), r.text)],
                               tmp_path / "tok", 400)
-    corpus = data_lib.tokenize_corpus(rows, tok, tmp_path / "cache")
+    corpus = tokenize_corpus(rows, tok, tmp_path / "cache")
     batches = data_lib.Batches(corpus, np.arange(8), bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id,
                                pad_id=tok.pad_id, max_length=64, batch_size=8, shuffle=False, keyword_augment=False,
                                loss_on=loss_on)
@@ -493,7 +494,7 @@ def test_fine_tune_on_seed_shaped_news_exits_0_with_its_samples(tmp_path):
     from gpt2_jax import load_tokenizer
 
     tok = load_tokenizer(tmp_path / "run")
-    corpus = data_lib.tokenize_corpus(read_rows(train_csv), tok, tmp_path / "cache")
+    corpus = tokenize_corpus(read_rows(train_csv), tok, tmp_path / "cache")
     batches = data_lib.Batches(corpus, np.arange(12), bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id,
                                pad_id=tok.pad_id, max_length=128, batch_size=12, loss_on="text", seed=0)
     b = batches.local_batch(0)

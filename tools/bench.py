@@ -366,6 +366,30 @@ def _names(known):
     return parse
 
 
+def generate_file_bench(args) -> None:
+    """tools/generate.py --input's tokens/s at each batch size, interleaved over rounds after a warm-up
+    round (which compiles every bucket), on a model and a file of rows."""
+    from gpt2_jax.generate_file import generate_file
+    from gpt2_jax.pretrained import load_pretrained
+    from gpt2_jax.tokenizer import load_tokenizer
+
+    model, tok = load_pretrained(args.model), load_tokenizer(args.model)
+    sampling = dict(do_sample=True, top_k=30, top_p=0.7, temperature=0.9, repetition_penalty=2.0,
+                    min_new_tokens=args.min_new_tokens)
+    with tempfile.TemporaryDirectory() as d:
+        for rnd in range(args.rounds + 1):
+            for bs in args.batch_sizes:
+                out = os.path.join(d, f"{rnd}-{bs}.jsonl")
+                stats = generate_file(model, tok, args.input, out, batch_size=bs, max_new_tokens=args.max_new_tokens,
+                                      progress=False, **sampling)
+                if rnd:  # round 0 compiles
+                    print(json.dumps({"bench": "generate_file", "model": args.model, "input": args.input,
+                                      "batch_size": bs, "min_new_tokens": args.min_new_tokens, "round": rnd,
+                                      "rows": stats["written"],
+                                      "new_tokens": stats["new_tokens"], "seconds": round(stats["seconds"], 3),
+                                      "tokens_per_s": round(stats["tokens_per_s"], 1)}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
@@ -385,6 +409,14 @@ def main() -> None:
     g.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--compile-cache", help=argparse.SUPPRESS)
     g.add_argument("--weights", help=argparse.SUPPRESS)
+    f = sub.add_parser("generate-file", help="tools/generate.py --input's tokens/s at several batch sizes")
+    f.add_argument("--model", default="runs/demo", help="a model or run directory (default: the demo's)")
+    f.add_argument("--input", default="data/sample.csv", help="rows to write texts for")
+    f.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
+    f.add_argument("--max-new-tokens", type=int, default=60)
+    f.add_argument("--min-new-tokens", type=int, default=0,
+                   help="EOS blocked before this many (= --max-new-tokens: every row decodes the same length)")
+    f.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up one")
     t = sub.add_parser("train", help="train-step speed and MFU against transformers' Flax GPT-2")
     t.add_argument("--shapes", nargs="+", type=_names(TRAIN_SHAPES), default=[list(TRAIN_SHAPES)])
     t.add_argument("--impls", nargs="+", type=_names(TRAIN_IMPLS), default=[list(TRAIN_IMPLS)],
@@ -401,6 +433,9 @@ def main() -> None:
     args = p.parse_args()
     if args.bench == "generate":
         generate_bench(args)
+        return
+    if args.bench == "generate-file":
+        generate_file_bench(args)
         return
     args.shapes, args.impls = sum(args.shapes, []), sum(args.impls, [])  # --shapes tiny,gpt2 or tiny gpt2
     longest = min(TRAIN_SHAPES[s]["n_positions"] for s in args.shapes)
