@@ -429,8 +429,17 @@ def test_export_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
         live = []  # weak references to every tensor read so far: at most one may be alive at a read
 
         def tracked(path):
-            gc.collect()
-            held.append(sum(r() is not None for r in live))
+            def alive():
+                gc.collect()
+                return sum(r() is not None for r in live)
+
+            # Orbax restores on a thread pool: under load a pool thread may not yet have dropped its
+            # reference to the last result when the next read starts. Ours must be gone; give theirs 2 s.
+            n, deadline = alive(), time.time() + 2
+            while n and time.time() < deadline:
+                time.sleep(0.01)
+                n = alive()
+            held.append(n)
             value = read(path)
             live.append(weakref.ref(value))
             return value
