@@ -9,14 +9,18 @@ Restoring targets the current mesh's shardings, whatever mesh wrote the checkpoi
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax import sharding
+from gpt2_jax.errors import GPT2JaxError, first_line
 
 CHECKPOINT_DIR = "checkpoints"
 # Config keys that may change between a run and its resumption: they do not touch the state's layout,
@@ -67,40 +71,70 @@ class Checkpointer:
         return bool(self.every) and step % self.every == 0
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Start an asynchronous save of `state` (arrays are copied first, so training may go on)."""
+        """Start an asynchronous save of `state` (arrays are copied first, so training may go on). The
+        checksum of every array goes into `meta`, so that a restore can tell a damaged step."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(dict(state._asdict())),
+        tree = dict(state._asdict())
+        meta = {**meta, CHECKSUMS: {k: int(sharding.local_value(v)) for k, v in _checksums(tree).items()}}
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
 
     def meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        """The JSON saved with `step`; a step without it, or with it unreadable, raises CorruptCheckpoint."""
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # Orbax raises KeyError, JSONDecodeError, FileNotFoundError, ... for a damaged step
+            raise CorruptCheckpoint(f"its meta is unreadable ({first_line(e)})") from None
+        if not isinstance(meta, dict):
+            raise CorruptCheckpoint("its meta is not a JSON object")
+        return meta
 
     def restore(self, step: int, target: Any) -> Any:
-        """The state of `step`, laid out as `target` (a pytree of jax.ShapeDtypeStruct with shardings)."""
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(dict(target._asdict()))))
-        return type(target)(**out["state"])
+        """The state of `step`, laid out as `target` (a pytree of jax.ShapeDtypeStruct with shardings),
+        verified against its checksums; a damaged step raises CorruptCheckpoint."""
+        want = self.meta(step).get(CHECKSUMS, {})
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(dict(target._asdict()))))["state"]
+        except Exception as e:
+            raise CorruptCheckpoint(f"its state is unreadable ({first_line(e)})") from None
+        got = {k: int(sharding.local_value(v)) for k, v in _checksums(out).items()}
+        _verify(got, want)
+        finite = jax.jit(lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)])))
+        if not bool(sharding.local_value(finite({"params": out["params"], "frozen": out["frozen"]}))):
+            raise CorruptCheckpoint("its parameters are not all finite")
+        return type(target)(**out)
 
     def restore_params(self, step: int) -> dict:
-        """Only the parameters of `step` (trainable and frozen, no optimiser state), as host numpy arrays.
-
-        Needs a read-only Checkpointer."""
-        tree = self.manager.item_metadata(step)["state"]
-        out = self._restore_to_host(step, {part: {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                                                  for k, v in tree[part].items()} for part in ("params", "frozen")})
-        return {**out["params"], **out["frozen"]}
+        """Only the parameters of `step` (trainable and frozen, no optimiser state), as verified host numpy
+        arrays. Needs a read-only Checkpointer."""
+        shapes, read = self.param_reader(step)
+        return {k: read(k) for k in shapes}
 
     def param_reader(self, step: int) -> tuple[dict[str, tuple], Callable[[str], np.ndarray]]:
-        """({path: (shape, dtype)}, read(path)) over the parameters of `step`: `read` restores that one
-        tensor, to host memory, from whatever mesh wrote it. Needs a read-only Checkpointer."""
-        tree = self.manager.item_metadata(step)["state"]
-        where = {k: part for part in ("params", "frozen") for k in tree[part]}
+        """({key: (shape, dtype)}, read(key)) over the parameters of `step`: `read` restores that one
+        tensor, to host memory, from whatever mesh wrote it, and checks its checksum and that it is finite
+        (CorruptCheckpoint otherwise). Needs a read-only Checkpointer."""
+        want = self.meta(step).get(CHECKSUMS, {})
+        try:
+            tree = self.manager.item_metadata(step)["state"]
+            where = {k: part for part in ("params", "frozen") for k in tree[part]}
+        except Exception as e:
+            raise CorruptCheckpoint(f"its state is unreadable ({first_line(e)})") from None
         shapes = {k: (tuple(tree[part][k].shape), np.dtype(tree[part][k].dtype)) for k, part in where.items()}
 
         def read(key: str) -> np.ndarray:
             part = where[key]
-            return self._restore_to_host(step, {part: {key: jax.ShapeDtypeStruct(*shapes[key])}})[part][key]
+            try:
+                value = self._restore_to_host(step, {part: {key: jax.ShapeDtypeStruct(*shapes[key])}})[part][key]
+            except Exception as e:
+                raise CorruptCheckpoint(f"its {key} is unreadable ({first_line(e)})") from None
+            name = jax.tree_util.keystr((jax.tree_util.DictKey(part), jax.tree_util.DictKey(key)))
+            _verify({name: host_checksum(value)}, want)
+            if not np.isfinite(value).all():
+                raise CorruptCheckpoint(f"its {key} is not all finite")
+            return value
 
         return shapes, read
 
@@ -110,12 +144,79 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True)))["state"]
 
+    def set_aside(self, steps: list[int], run_dir: str) -> None:
+        """Move damaged steps out of the checkpoint directory (to RUN_DIR/corrupt-checkpoints/), so that the
+        run can write those steps again; nothing is deleted."""
+        if jax.process_index() == 0:
+            aside = os.path.join(os.path.abspath(run_dir), "corrupt-checkpoints")
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                src = os.path.join(checkpoint_dir(run_dir), str(step))
+                if os.path.exists(src):
+                    os.replace(src, os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        sharding.sync("set_aside")
+        self.manager.reload()
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class CorruptCheckpoint(GPT2JaxError):
+    """A checkpoint step that is incomplete, unreadable or fails its checksums."""
+
+
+CHECKSUMS = "checksums"  # meta key: {array path: checksum} of the saved state
+
+
+def array_checksum(x: jax.Array) -> jax.Array:
+    """uint32 sum of every 32-bit (or narrower) word of `x` times an odd weight from its flat position: any
+    changed bit changes it. Computed where the array lives (sharded arrays stay sharded)."""
+    words = _words(x, jnp)
+    flat = sum(jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * np.uint32(math.prod(x.shape[d + 1:]))
+               for d in range(x.ndim)) if x.ndim else jnp.uint32(0)
+    return jnp.sum(words * (flat * np.uint32(2) + np.uint32(1)), dtype=jnp.uint32)
+
+
+def host_checksum(x: np.ndarray) -> int:
+    """`array_checksum` of a host array, with the same wrap-around arithmetic."""
+    words = _words(np.asarray(x), np).reshape(-1)
+    return int(np.sum(words * (np.arange(words.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)),
+                      dtype=np.uint32))
+
+
+def _words(x, xp):
+    """`x`'s bits as uint32 words: 4-byte types bit for bit, narrower ones zero-extended."""
+    size = np.dtype(x.dtype).itemsize if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else 4
+    view = {4: xp.uint32, 2: xp.uint16, 1: xp.uint8}.get(size)
+    if view is None:
+        raise GPT2JaxError(f"cannot checksum an array of {x.dtype}")
+    if xp is jnp:
+        return jax.lax.bitcast_convert_type(x, view).astype(jnp.uint32) if x.dtype != jnp.bool_ else \
+            x.astype(jnp.uint32)
+    return (x.view(view) if x.dtype != np.bool_ else x.astype(np.uint8)).astype(np.uint32)
+
+
+@jax.jit
+def _checksum_tree(tree):
+    return jax.tree.map(array_checksum, tree)
+
+
+def _checksums(tree: dict) -> dict[str, jax.Array]:
+    leaves = jax.tree_util.tree_leaves_with_path(_checksum_tree(tree))
+    return {jax.tree_util.keystr(path): v for path, v in leaves}
+
+
+def _verify(got: dict[str, int], want: dict[str, int]) -> None:
+    """Raise if a checksum differs from the saved one (checkpoints written before checksums have none)."""
+    if not want:
+        return
+    for name, value in got.items():
+        if want.get(name) != value:
+            raise CorruptCheckpoint(f"{name} fails its checksum ({value} != {want.get(name)})")
 
 
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:

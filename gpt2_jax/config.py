@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from typing import Any, Optional
 
@@ -60,6 +61,20 @@ class ModelConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
+        # Types first: a config.json with "n_head": 0 or "n_embd": "256" must not fail as a division or a TypeError.
+        for name in _SIZES:
+            value = getattr(self, name)
+            if value is None and name == "n_inner":
+                continue
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+                raise GPT2JaxError(f"{name} must be a positive integer, got {value!r}")
+        for name in _FLOATS:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise GPT2JaxError(f"{name} must be a number, got {value!r}")
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise GPT2JaxError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head:
             raise GPT2JaxError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.activation_function not in ACTIVATIONS:
@@ -68,9 +83,6 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise GPT2JaxError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(DTYPES)}")
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if getattr(self, name) <= 0:
-                raise GPT2JaxError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -96,7 +108,10 @@ class ModelConfig:
         kwargs = {k: d[k] for k in _HF_FIELDS if k in d}
         if "n_ctx" in d and "n_positions" not in d:
             kwargs["n_positions"] = d["n_ctx"]
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except GPT2JaxError as e:
+            raise GPT2JaxError(f"{source}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json Hugging Face writes for `GPT2LMHeadModel`."""
@@ -129,6 +144,10 @@ class ModelConfig:
             f.write("\n")
 
 
+# The fields __post_init__ checks by type (the strings are checked against their lists of values).
+_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
+_FLOATS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range")
+_FLAGS = ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn")
 _FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 _HF_FIELDS = tuple(f for f in _FIELDS if f not in ("dtype", "param_dtype"))
 

@@ -7,9 +7,11 @@ names a bundled corpus, built once into a cache directory (``stdlib_docs``).
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +93,8 @@ def read_rows(path: str | Path, format: str | None = None, *, skip_bad_rows: boo
 
     rows: list[Row] = []
     bad: list[str] = []
-    parse = {"csv": lambda c: _csv(c, with_text), "jsonl": lambda c: _jsonl(c, with_text), "text": _text}[format]
+    parse = {"csv": lambda c: _csv(c, with_text, str(path)), "jsonl": lambda c: _jsonl(c, with_text),
+             "text": _text}[format]
     for where, row in parse(content):
         if isinstance(row, Row):
             rows.append(row)
@@ -106,38 +109,96 @@ def read_rows(path: str | Path, format: str | None = None, *, skip_bad_rows: boo
     return Rows(rows, bad)
 
 
-def _csv(content: str, with_text: bool = True) -> _Parsed:
+def _csv(content: str, with_text: bool = True, source: str = "") -> _Parsed:
     # Long articles exceed the csv module's default 128 KiB field limit; the limit is process-wide.
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
-    reader = csv.reader(io.StringIO(content, newline=""))
-    index, width, first, start = (0, 1, 2), 3, True, 1
+    # The reader splits lines as StringIO(newline="") does, so line numbers index this list (from 1).
+    lines = io.StringIO(content, newline="").readlines()
+    index, width, first = (0, 1, 2), 3, True
+    offset = 0  # lines before the ones the current reader reads (it restarts after a stray quote)
     while True:
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            yield start, _BadRow(f"malformed CSV ({e})")
-            start = reader.line_num + 1
-            continue
-        line, start = start, reader.line_num + 1  # a quoted field may span lines: report where it began
-        if not any(c.strip() for c in cells):
-            continue
-        if first:
-            first = False
-            names = [c.strip().lower() for c in cells]
-            if set(_COLUMNS) <= set(names) or (not with_text and set(_COLUMNS[:2]) <= set(names)):
-                # a header row; its columns may come in any order
-                index = tuple(names.index(c) if c in names else None for c in _COLUMNS)
-                width = len(names)
+        reader = csv.reader(iter(lines[offset:]))
+        start = offset + 1
+        restart = False
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield start, _BadRow(f"malformed CSV ({e})")
+                start = offset + reader.line_num + 1
                 continue
-            if not with_text and len(cells) == 2:
-                index, width = (0, 1, None), 2
-        if len(cells) != width:
-            yield line, _BadRow(f"expected {width} CSV columns ({','.join(_COLUMNS[:width])}), got {len(cells)}")
-            continue
-        title, keywords, text = (cells[i] if i is not None else "" for i in index)
-        yield line, Row(title.strip(), tuple(keywords.split()), text.strip())
+            line, start = start, offset + reader.line_num + 1  # a quoted field may span lines: report where it began
+            if not any(c.strip() for c in cells):
+                continue
+            if first:
+                first = False
+                names = [c.strip().lower() for c in cells]
+                if set(_COLUMNS) <= set(names) or (not with_text and set(_COLUMNS[:2]) <= set(names)):
+                    # a header row; its columns may come in any order
+                    index = tuple(names.index(c) if c in names else None for c in _COLUMNS)
+                    width = len(names)
+                    continue
+                if not with_text and len(cells) == 2:
+                    index, width = (0, 1, None), 2
+                if _looks_like_header(names):
+                    log.warning("%s:%d: the first row %s looks like a misspelt header (expected %s); it is read as "
+                                "a data row", source, line, ",".join(cells), ",".join(_COLUMNS[:width]))
+            if any("\n" in c or "\r" in c for c in cells):
+                swallowed = _swallowed_rows(lines[line - 1: start - 1], line, width, at_end=start > len(lines))
+                if swallowed:
+                    # Skip only the line that opened the stray quote, and read the lines it swallowed again.
+                    yield line, _BadRow(swallowed)
+                    offset, restart = line, True
+                    break
+            if len(cells) != width:
+                yield line, _BadRow(f"expected {width} CSV columns ({','.join(_COLUMNS[:width])}), got {len(cells)}")
+                continue
+            title, keywords, text = (cells[i] if i is not None else "" for i in index)
+            yield line, Row(title.strip(), tuple(keywords.split()), text.strip())
+        if not restart:
+            return
+
+
+# Header names a first row is compared with: a row of short words all close to these is a header with a typo.
+_HEADER_WORDS = (*_COLUMNS, "keyword", "content", "body", "tags", "headline", "article")
+# A stray quote's field that closes cleanly is caught only when it takes in this many lines, all shaped like rows.
+_MIN_SHAPED = 3
+
+
+def _looks_like_header(names: Sequence[str]) -> bool:
+    """Every cell a short identifier-like word close to a column name (``title,keyword,text``)."""
+    return len(names) >= 2 and all(
+        re.fullmatch(r"[a-z_][a-z0-9_]{0,23}", n) and difflib.get_close_matches(n, _HEADER_WORDS, n=1, cutoff=0.75)
+        for n in names)
+
+
+def _swallowed_rows(record: list[str], first: int, width: int, at_end: bool) -> str:
+    """Why the multi-line `record` (raw lines, from line `first`) is a stray quote that took in later rows, or "".
+
+    A legitimate quoted text may span lines; a stray opening quote instead runs on to the end of the
+    file, or until some later quote closes it irregularly (not before a comma or a line end), or, rarely,
+    cleanly; the lines it takes in look like rows: ``width`` CSV cells, none but the first starting with
+    a space (prose puts one after its commas; "x,y,z" rows do not).
+    """
+    rest = [ln for ln in record[1:] if ln.strip()]
+    shaped = 0
+    for ln in rest:
+        cells = next(csv.reader([ln]), [])
+        shaped += len(cells) == width and not any(c[:1].isspace() for c in cells[1:])
+    try:
+        list(csv.reader(io.StringIO("".join(record), newline=""), strict=True))
+        closed = True
+    except csv.Error:
+        closed = False
+    if closed and not (shaped >= _MIN_SHAPED and shaped == len(rest)):
+        return ""
+    if not closed and not at_end and not shaped:
+        return ""
+    where = "to the end of the file" if at_end and not closed else f"up to line {first + len(record) - 1}"
+    return (f"the quoted field that opens here runs {where} and takes in {len(record) - 1} more line(s), "
+            f"{shaped} shaped like rows; a stray '\"'?")
 
 
 def _jsonl(content: str, with_text: bool = True) -> _Parsed:
@@ -155,7 +216,8 @@ def _jsonl(content: str, with_text: bool = True) -> _Parsed:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                yield n, _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
+                # Some messages end in "at" ("Unterminated string starting at"): no "at at column".
+                yield n, _BadRow(f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
                 continue
             yield n, _json_row(obj, with_text)
 

@@ -302,7 +302,12 @@ def _read_special_ids(file: Path, sp) -> dict[str, int]:
 def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int, *,
                         model_type: str = "unigram") -> Tokenizer:
     """Train a SentencePiece model on ``texts``; writes ``out_dir/spm.model`` (+ ``spm.vocab``)."""
+    if vocab_size <= 0:  # SentencePiece's own message is an internal assertion
+        raise GPT2JaxError(f"vocab size must be positive, got {vocab_size}")
     out = Path(out_dir)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise GPT2JaxError(f"cannot write the tokenizer to {out}: {blocker} is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     try:
         spm.SentencePieceTrainer.train(
@@ -333,6 +338,10 @@ def train_bpe(texts: Iterable[str], out_dir: str | Path, vocab_size: int) -> Tok
     if vocab_size < 256 + len(specials):
         raise GPT2JaxError(f"vocab size {vocab_size} is too small for byte-level BPE: it needs at least "
                            f"{256 + len(specials)} (256 bytes and {len(specials)} special tokens)")
+    out = Path(out_dir)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # checked before training, not when saving after it
+        raise GPT2JaxError(f"cannot write the tokenizer to {out}: {blocker} is a file, not a directory")
     bpe = RustTokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -243,7 +243,7 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
 
 def _build(cls, d: Any, prefix: str):
     if not isinstance(d, dict):
-        raise GPT2JaxError(f"config section {prefix or '(top level)'} must be a mapping, got {d!r}")
+        raise GPT2JaxError(f"config section {prefix[:-1] or '(top level)'} must be a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -254,7 +254,7 @@ def _build(cls, d: Any, prefix: str):
             raise GPT2JaxError(f"unknown config key {full}{suggest(full, known)}; "
                                f"known{' in ' + prefix[:-1] if prefix else ' sections'}: {', '.join(names)}")
         if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], value or {}, f"{full}.")
+            kwargs[key] = _build(hints[key], {} if value is None else value, f"{full}.")
         else:
             kwargs[key] = _check_type(full, value, hints[key])
     return cls(**kwargs)
@@ -278,7 +278,10 @@ def load_train_config(path: Optional[str] = None, overrides: typing.Sequence[str
             with open(path) as f:
                 d = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise GPT2JaxError(f"{path} is not valid YAML: {first_line(e)}") from None
+            mark = getattr(e, "problem_mark", None)  # PyYAML's position of the problem, 0-based
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+            what = " ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+            raise GPT2JaxError(f"{where}: not valid YAML ({what or first_line(e)})") from None
         if not isinstance(d, dict):
             raise GPT2JaxError(f"{path} must hold a mapping of sections (model, data, train, ...)")
     for item in overrides:
@@ -326,6 +329,14 @@ def _validate(cfg: TrainConfig) -> None:
         section, name = key.split(".")
         check(getattr(getattr(cfg, section), name) >= 0, f"config key {key} must not be negative")
     check(cfg.optim.lr > 0, "optim.lr must be positive")
+    # The end-of-run samples' settings, checked here so that a typo fails before training, not after it.
+    s = cfg.sample
+    check(s.max_new_tokens >= 1, f"config key sample.max_new_tokens must be at least 1, got {s.max_new_tokens}")
+    check(s.temperature > 0, f"config key sample.temperature must be positive, got {s.temperature}")
+    check(s.top_k >= 0, f"config key sample.top_k must not be negative (0 turns it off), got {s.top_k}")
+    check(0 < s.top_p <= 1, f"config key sample.top_p must be in (0, 1] (1 turns it off), got {s.top_p}")
+    check(s.repetition_penalty > 0,
+          f"config key sample.repetition_penalty must be positive, got {s.repetition_penalty}")
     check(cfg.train.batch_size % cfg.optim.grad_accum == 0,
           f"train.batch_size={cfg.train.batch_size} is not divisible by optim.grad_accum={cfg.optim.grad_accum}")
     for key in ("mesh.data", "mesh.fsdp"):

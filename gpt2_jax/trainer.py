@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -20,7 +21,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gpt2_jax import data, sharding
-from gpt2_jax.checkpoint import Checkpointer, check_resumable, checkpoint_dir
+from gpt2_jax.checkpoint import Checkpointer, CorruptCheckpoint, check_resumable, checkpoint_dir
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.corpus import Row, Rows, read_rows, resolve_corpus, row_texts
 from gpt2_jax.errors import GPT2JaxError, first_line
@@ -30,7 +31,7 @@ from gpt2_jax.metrics import MetricsWriter
 from gpt2_jax.model import grow_embedding
 from gpt2_jax.pretrained import export_run, load_run
 from gpt2_jax.sampling import generate_text
-from gpt2_jax.token_cache import tokenize_corpus
+from gpt2_jax.token_cache import rows_digest, tokenize_corpus
 from gpt2_jax.tokenizer import load_tokenizer, train_sentencepiece
 from gpt2_jax.train_config import TrainConfig
 from gpt2_jax.train_step import (Setup, TrainState, build_setup, compile_steps, count_params, init_state,
@@ -50,13 +51,39 @@ def prepare_tokenizer(cfg: TrainConfig, rows):
     if cfg.model.init_from is not None:
         return load_tokenizer(cfg.model.init_from)
     tok_dir = os.path.join(cfg.train.out_dir, "tokenizer")
-    if not os.path.isdir(tok_dir):
-        if jax.process_index() == 0:
-            tmp = tok_dir + ".tmp"
-            train_sentencepiece(row_texts(rows), tmp, cfg.tokenizer.sentencepiece_vocab_size)
-            os.replace(tmp, tok_dir)
-        sharding.sync("tokenizer")
+    record_file = os.path.join(tok_dir, TRAINED_WITH)
+    record = {"sentencepiece_vocab_size": cfg.tokenizer.sentencepiece_vocab_size, "corpus": rows_digest(rows)}
+    saved = _read_record(record_file)
+    resuming = cfg.checkpoint.resume and os.path.isdir(checkpoint_dir(cfg.train.out_dir))
+    # A resumed run keeps the tokenizer its checkpoints were trained with (a changed vocab size is refused
+    # with the other config changes); a new run trains one unless the saved one was trained as asked.
+    if os.path.isdir(tok_dir) and (saved == record or resuming):
+        return load_tokenizer(tok_dir)
+    if jax.process_index() == 0:
+        if os.path.isdir(tok_dir):
+            changed = [k for k in record if (saved or {}).get(k) != record[k]]
+            _out(f"tokenizer: retraining {tok_dir}: it was not trained with this run's "
+                 f"{' and '.join('corpus' if k == 'corpus' else 'tokenizer.' + k for k in changed)}")
+        tmp = tok_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_sentencepiece(row_texts(rows), tmp, cfg.tokenizer.sentencepiece_vocab_size)
+        with open(os.path.join(tmp, TRAINED_WITH), "w") as f:
+            json.dump(record, f, indent=2)
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        os.replace(tmp, tok_dir)
+    sharding.sync("tokenizer")
     return load_tokenizer(tok_dir)
+
+
+TRAINED_WITH = "trained_with.json"  # beside a tokenizer a run trained: its settings and corpus digest
+
+
+def _read_record(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def run_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
@@ -197,21 +224,55 @@ def _run_meta(cfg: TrainConfig, model_config: ModelConfig, tokenizer, step: int)
             "tokenizer": {"size": len(tokenizer), "special_ids": dict(tokenizer.special_ids)}}
 
 
-def _resume(ckpt: Checkpointer, step: int, cfg: TrainConfig, setup: Setup, model_config: ModelConfig,
-            tokenizer) -> TrainState:
-    """The state of checkpoint `step`, restored straight onto this mesh's layout, if the run can continue
-    from it."""
-    meta = ckpt.meta(step)
-    harmless = check_resumable(meta["config"], cfg.to_dict(), cfg.train.out_dir)
-    want = _run_meta(cfg, model_config, tokenizer, step)
-    for part in ("model", "tokenizer"):
-        if meta[part] != want[part]:
-            diff = sorted(k for k in set(meta[part]) | set(want[part]) if meta[part].get(k) != want[part].get(k))
-            raise GPT2JaxError(f"cannot resume {cfg.train.out_dir}: its checkpoint's {part} differs ({', '.join(diff)});"
-                               f" use another train.out_dir, or checkpoint.resume=false to start over")
-    restored = ckpt.restore(step, setup.abstract_state)
-    _out(f"resumed from step {step} of {cfg.train.out_dir}" + (f" (changed: {'; '.join(harmless)})" if harmless else ""))
-    return restored
+def _resume(ckpt: Checkpointer, cfg: TrainConfig, setup: Setup, model_config: ModelConfig, tokenizer) -> TrainState:
+    """The newest checkpoint that verifies, restored straight onto this mesh's layout, if the run can
+    continue from it. Damaged newer steps are reported and set aside (RUN_DIR/corrupt-checkpoints/)."""
+    out_dir, damaged = cfg.train.out_dir, []
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            meta = ckpt.meta(step)
+            harmless = check_resumable(meta.get("config", {}), cfg.to_dict(), out_dir)
+            want = _run_meta(cfg, model_config, tokenizer, step)
+            for part in ("model", "tokenizer"):
+                if meta.get(part) != want[part]:
+                    got = meta.get(part) or {}
+                    diff = sorted(k for k in set(got) | set(want[part]) if got.get(k) != want[part].get(k))
+                    raise GPT2JaxError(f"cannot resume {out_dir}: its checkpoint's {part} differs "
+                                       f"({', '.join(diff)}); use another train.out_dir, or checkpoint.resume=false "
+                                       f"to start over")
+            restored = ckpt.restore(step, setup.abstract_state)
+        except CorruptCheckpoint as e:
+            _out(f"warning: checkpoint step {step} of {out_dir} skipped: {e}")
+            damaged.append(step)
+            continue
+        if damaged:
+            ckpt.set_aside(damaged, out_dir)
+            _out(f"moved the damaged step(s) {', '.join(map(str, damaged))} to {out_dir}/corrupt-checkpoints/")
+        _out(f"resumed from step {step} of {out_dir}" + (f" (changed: {'; '.join(harmless)})" if harmless else ""))
+        return restored
+    raise GPT2JaxError(f"cannot resume {out_dir}: no checkpoint verifies (steps {', '.join(map(str, damaged))}); "
+                       f"checkpoint.resume=false starts over (the damaged steps are kept until it saves)")
+
+
+def _replace_checkpoints(out_dir: str) -> Optional[str]:
+    """checkpoint.resume=false: move the earlier checkpoints aside (deleted once this run has saved one)."""
+    old = checkpoint_dir(out_dir)
+    aside = f"{old}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0 and os.path.isdir(old):
+        os.replace(old, aside)
+        _out(f"checkpoint.resume=false: moved the earlier checkpoints of {out_dir} aside to {aside}; they are "
+             f"deleted once this run has written its first checkpoint")
+    sharding.sync("replace_checkpoints")
+    return aside
+
+
+def _drop_replaced(out_dir: str) -> None:
+    """Delete the checkpoints that resume=false set aside, now that this run has one of its own."""
+    if jax.process_index() == 0:
+        parent, name = os.path.split(checkpoint_dir(out_dir))
+        for entry in os.listdir(parent):
+            if entry.startswith(name + ".replaced-"):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -235,20 +296,27 @@ def train(cfg: TrainConfig) -> dict:
             raise GPT2JaxError(f"model.init_from: {e}") from None
     out_dir = cfg.train.out_dir
     leader = jax.process_index() == 0
-    if not cfg.checkpoint.resume and os.path.isdir(checkpoint_dir(out_dir)) and leader:
-        shutil.rmtree(checkpoint_dir(out_dir))
-        _out(f"checkpoint.resume=false: removed the earlier checkpoints of {out_dir}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise GPT2JaxError(f"train.out_dir {out_dir} is a file, not a directory")
     os.makedirs(out_dir, exist_ok=True)
     sharding.sync("out_dir")
 
+    # Nothing is removed before the new run's data, tokenizer and model are prepared.
     run_data = prepare_data(cfg, jax.process_index(), jax.process_count())
     tokenizer, val_batches = run_data.tokenizer, run_data.val
     model_config = run_model_config(cfg, tokenizer)
-    ckpt = Checkpointer(out_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
     setup = build_setup(model_config, cfg, mesh)
-    resume_step = ckpt.latest_step()
-    if resume_step is not None:
-        state = _resume(ckpt, resume_step, cfg, setup, model_config, tokenizer)
+    replacing = not cfg.checkpoint.resume and os.path.isdir(checkpoint_dir(out_dir))
+    if replacing:
+        _replace_checkpoints(out_dir)
+    ckpt = Checkpointer(out_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
+    if ckpt.latest_step() is not None:
+        state = _resume(ckpt, cfg, setup, model_config, tokenizer)
+        done = int(sharding.local_value(state.step))
+        if done > cfg.train.steps:
+            ckpt.close()
+            raise GPT2JaxError(f"train.steps={cfg.train.steps} is below step {done} of the checkpoint in {out_dir}: "
+                               f"nothing to train; raise train.steps, or export that step with tools/export_hf.py")
     else:
         params = init_from_params(cfg.model.init_from, len(tokenizer)) if cfg.model.init_from else None
         state = init_state(setup, params)
@@ -315,6 +383,10 @@ def train(cfg: TrainConfig) -> dict:
             if ckpt.due(done) or done == cfg.train.steps or preempted:
                 check_finite(metrics, done)  # never save a state that has gone non-finite
                 ckpt.save(done, state, _run_meta(cfg, model_config, tokenizer, done))
+                if replacing:  # the earlier run's checkpoints go once this run's first one is complete
+                    ckpt.wait()
+                    _drop_replaced(out_dir)
+                    replacing = False
             if preempted:
                 ckpt.wait()
                 bar.close()

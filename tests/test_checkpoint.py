@@ -1,11 +1,17 @@
 """Orbax checkpoints without a whole run: a state saved on one mesh restores bitwise onto another, parameters
 read back one tensor at a time, and config changes that a checkpoint cannot continue from are refused."""
+import json
+import re
+import shutil
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
 
 from gpt2_jax import sharding, train_step
-from gpt2_jax.checkpoint import Checkpointer, check_resumable, config_changes
+from gpt2_jax.checkpoint import (Checkpointer, CorruptCheckpoint, array_checksum, check_resumable, config_changes,
+                                 host_checksum)
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.train_config import load_train_config
@@ -40,7 +46,7 @@ def test_a_state_saved_on_fsdp8_restores_bitwise_on_one_device_and_on_data2_fsdp
     for data, fsdp, n in [(1, 1, 1), (2, 4, 8)]:
         dst = setup_on(data, fsdp, n)
         ckpt = Checkpointer(str(tmp_path))
-        assert ckpt.latest_step() == 1 and ckpt.meta(1) == {"step": 1}
+        assert ckpt.latest_step() == 1 and ckpt.meta(1)["step"] == 1 and len(ckpt.meta(1)["checksums"]) == len(saved)
         restored = ckpt.restore(1, dst.abstract_state)
         ckpt.close()
         got = flat(restored)
@@ -86,3 +92,110 @@ def test_config_changes_split_into_breaking_and_harmless():
     assert harmless == [f"train.steps: {base['train']['steps']!r} -> 99"]
     with pytest.raises(GPT2JaxError, match=r"cannot resume RUN: .*data.max_length: \d+ -> 64; model.n_embd"):
         check_resumable(base, changed, "RUN")
+
+
+def damage(step_dir: Path, how: str) -> None:
+    """Damage a saved step as disks and copies do: a bit flipped in 37 places of each data file (as the issue
+    did; one flip may land in bytes no array uses), the largest data file cut in half, the step directory
+    emptied, or its meta JSON garbled."""
+    if how == "empty":
+        shutil.rmtree(step_dir)
+        step_dir.mkdir()
+        return
+    if how == "meta":
+        meta = next(p for p in (step_dir / "meta").rglob("*") if p.is_file())
+        meta.write_text('{"step": 2, "checksums": {')
+        return
+    files = sorted((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    if how == "bitflip":
+        for data in (p for p in files if p.stat().st_size >= 1024):
+            raw = bytearray(data.read_bytes())
+            for at in np.linspace(len(raw) // 8, len(raw) - 1, 37).astype(int):
+                raw[at] ^= 0x04
+            data.write_bytes(bytes(raw))
+    else:
+        files[-1].write_bytes(files[-1].read_bytes()[: files[-1].stat().st_size // 2])
+
+
+@pytest.mark.parametrize("how", ["bitflip", "truncated", "empty", "meta"])
+def test_a_damaged_step_is_refused_and_the_previous_one_used(tmp_path, how, capsys):
+    from gpt2_jax.pretrained import newest_good
+
+    setup = setup_on(1, 1, 1)
+    states = {s: train_step.init_state(setup)._replace(step=jax.numpy.int32(s)) for s in (1, 2)}
+    states[2] = states[2]._replace(frozen={k: v + 1 for k, v in states[2].frozen.items()})
+    ckpt = Checkpointer(str(tmp_path))
+    for s, state in states.items():
+        ckpt.save(s, state, {"step": s})
+    ckpt.close()
+    damage(tmp_path / "checkpoints" / "2", how)
+
+    ckpt = Checkpointer(str(tmp_path))
+    with pytest.raises(CorruptCheckpoint):
+        ckpt.restore(2, setup.abstract_state)
+    restored = ckpt.restore(1, setup.abstract_state)
+    ckpt.close()
+    assert int(restored.step) == 1
+    reader = Checkpointer(str(tmp_path), read_only=True)
+    with pytest.raises(CorruptCheckpoint):
+        reader.restore_params(2)
+    params = newest_good(str(tmp_path), reader, None, reader.restore_params)
+    reader.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {tmp_path}: checkpoint step 2 skipped: ")
+    host = sharding.host_values({**states[1].params, **states[1].frozen})
+    assert params.keys() == host.keys() and all(np.array_equal(params[k], host[k]) for k in host)
+
+
+def test_no_step_verifies_is_one_line(tmp_path):
+    from gpt2_jax.pretrained import newest_good
+
+    setup = setup_on(1, 1, 1)
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(1, train_step.init_state(setup), {"step": 1})
+    ckpt.close()
+    damage(tmp_path / "checkpoints" / "1", "bitflip")
+    reader = Checkpointer(str(tmp_path), read_only=True)
+    with pytest.raises(GPT2JaxError, match=rf"^{tmp_path}: no checkpoint verifies \(step 1: its "):
+        newest_good(str(tmp_path), reader, None, reader.restore_params)
+    with pytest.raises(GPT2JaxError, match=r"checkpoint step 1 is damaged: its "):
+        newest_good(str(tmp_path), reader, 1, reader.restore_params)
+    reader.close()
+
+
+def test_an_array_that_differs_from_its_checksum_is_refused(tmp_path):
+    """The values read back are checked against the checksums saved with them (here the saved checksum of
+    one parameter is off by one, as a changed bit in that array would make it)."""
+    setup = setup_on(1, 1, 1)
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(1, train_step.init_state(setup), {"step": 1})
+    ckpt.close()
+    meta_file = next(p for p in (tmp_path / "checkpoints" / "1" / "meta").rglob("*") if p.is_file())
+    meta = json.loads(meta_file.read_text())
+    name = "['frozen']['transformer/wte/embedding']"
+    meta["checksums"][name] = (meta["checksums"][name] + 1) % 2**32
+    meta_file.write_text(json.dumps(meta))
+    ckpt = Checkpointer(str(tmp_path))
+    with pytest.raises(CorruptCheckpoint, match=re.escape(name) + " fails its checksum"):
+        ckpt.restore(1, setup.abstract_state)
+    ckpt.close()
+    reader = Checkpointer(str(tmp_path), read_only=True)
+    shapes, read = reader.param_reader(1)
+    read("transformer/h/0/ln_1/scale")  # the other arrays verify
+    with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
+        read("transformer/wte/embedding")
+    reader.close()
+
+
+def test_checksums_see_every_bit_and_agree_on_device_and_host():
+    rng = np.random.default_rng(0)
+    for x in (rng.standard_normal((33, 7)).astype(np.float32), rng.integers(0, 2**31, (5,)).astype(np.uint32),
+              rng.standard_normal((4, 6)).astype(jax.numpy.bfloat16), np.int32(7)):
+        base = host_checksum(x)
+        assert int(jax.jit(array_checksum)(jax.numpy.asarray(x))) == base
+        flat = np.ascontiguousarray(x).reshape(-1).view(np.uint8).copy()
+        for byte in range(0, flat.size, max(1, flat.size // 9)):
+            for bit in (0, 7):
+                flipped = flat.copy()
+                flipped[byte] ^= 1 << bit
+                assert host_checksum(flipped.view(x.dtype).reshape(np.shape(x))) != base

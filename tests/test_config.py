@@ -50,3 +50,25 @@ def test_validation_names_the_problem(tmp_path):
     (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(GPT2JaxError, match="model_type is 'llama', not 'gpt2'"):
         ModelConfig.from_json(str(tmp_path / "llama.json"))
+
+
+@pytest.mark.parametrize("field, value, shown", [("n_head", 0, "0"), ("n_embd", "256", "'256'"),
+                                                 ("vocab_size", None, "None"), ("n_layer", 2.0, "2.0"),
+                                                 ("n_inner", -1, "-1"), ("n_positions", True, "True")])
+def test_config_json_with_a_bad_size_names_file_and_field(tmp_path, field, value, shown):
+    """Checked before n_embd % n_head: no ZeroDivisionError or TypeError traceback."""
+    d = ModelConfig(n_embd=64, n_layer=2, n_head=4).to_hf_dict()
+    d[field] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(GPT2JaxError) as e:
+        ModelConfig.from_json(str(path))
+    assert str(e.value) == f"{path}: {field} must be a positive integer, got {shown}"
+
+
+def test_config_bad_types_of_other_fields():
+    with pytest.raises(GPT2JaxError, match=r"^resid_pdrop must be a number, got '0.1'$"):
+        ModelConfig(resid_pdrop="0.1")
+    with pytest.raises(GPT2JaxError, match=r"^scale_attn_weights must be true or false, got 'false'$"):
+        ModelConfig(scale_attn_weights="false")
+    assert ModelConfig(n_inner=None).inner_dim == 4 * 768

@@ -178,3 +178,85 @@ def test_prompt_rows_for_generation_need_no_text(tmp_path):
     three = tmp_path / "three.csv"
     three.write_text("Soup,leek potato,Text.\n")
     assert read_rows(three, with_text=False) == [Row("Soup", ("leek", "potato"), "Text.")]
+
+
+# --- A stray quote, a misspelt header (issue 15) ---------------------------------------------------------------
+
+ROWS_20 = [f"Title {i},kw{i} more,Text of row {i} here." for i in range(1, 21)]
+
+
+def with_line(lines: list[str], n: int, line: str) -> str:
+    """`lines` with line `n` (from 1) replaced, as file content."""
+    return "\n".join(lines[: n - 1] + [line] + lines[n:]) + "\n"
+
+
+@pytest.mark.parametrize("line12, where, taken", [
+    (None, "to the end of the file", 15),  # no other quote: the field runs on to the end
+    ('Title 12,kw12,He said "yes" to it.', "up to line 12", 7),  # a later quote closes it irregularly
+    ('Title 12,kw12,a screen of 6"', "up to line 12", 7),  # ... or, by chance, cleanly
+])
+def test_csv_stray_quote_names_its_line_instead_of_swallowing_rows(tmp_path, caplog, line12, where, taken):
+    lines = list(ROWS_20)
+    if line12:
+        lines[11] = line12
+    path = write(tmp_path, "c.csv", with_line(lines, 5, 'Title 5,kw5 more,"Quoted start of text 5.'))
+    why = (f"the quoted field that opens here runs {where} and takes in {taken} more line(s), {taken} shaped like "
+           f"rows; a stray '\"'?")
+    with pytest.raises(GPT2JaxError) as e:
+        read_rows(path)
+    assert str(e.value) == f"{path}:5: {why} (skip_bad_rows skips such rows)"
+    # Skipping drops line 5 only: the rows it swallowed are read again.
+    with caplog.at_level(logging.WARNING, logger="gpt2_jax.corpus"):
+        rows = read_rows(path, skip_bad_rows=True)
+    assert [r.title for r in rows] == [f"Title {i}" for i in range(1, 21) if i != 5]
+    assert rows.bad == [f"{path}:5: {why}"] and "skipped 1 bad row(s)" in caplog.text
+
+
+def test_csv_multiline_articles_are_not_stray_quotes(tmp_path):
+    """News articles: paragraphs on their own lines, commas (two of them in most paragraphs), doubled quotes."""
+    articles = [
+        ("Storm closes harbour", "storm harbour ferries",
+         'The harbour closed on Monday, officials said, as the storm arrived.\n'
+         'Ferries stayed in port, and fishermen, wisely, stayed home.\n\n'
+         'A spokesman said: ""We will reopen, weather permitting, on Wednesday.""\n'
+         'Traders, meanwhile, counted their losses.\n'
+         'Prices rose to 3,000,000 in a day.'),
+        ("Council approves budget", "council budget", 'Line one, with, commas.\nLine two, also, here.\n'
+         'Line three, and, more.\nLine four, the, last.'),
+        ("Short", "one", "single line, no newline"),
+    ]
+    content = "title,keywords,text\n" + "".join(
+        f'{t},{k},"{x}"\n' for t, k, x in articles)
+    path = write(tmp_path, "news.csv", content)
+    rows = read_rows(path)
+    assert rows.skipped == 0
+    assert rows == [Row(t, tuple(k.split()), x.replace('""', '"')) for t, k, x in articles]
+
+
+def test_csv_misspelt_header_warns_once_naming_the_file(tmp_path, caplog):
+    path = write(tmp_path, "c.csv", "title,keyword,text\nA,k,x\nB,k,y\n")
+    with caplog.at_level(logging.WARNING, logger="gpt2_jax.corpus"):
+        rows = read_rows(path)
+    assert len(rows) == 3  # still read as data: only the user knows whether it is
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}:1: the first row title,keyword,text looks like a misspelt header (expected title,keywords,text); "
+        f"it is read as a data row"]
+
+
+@pytest.mark.parametrize("first", ["Title,k1 k2,Some text.", "Soup,leek potato,Boil it.", "Text,tags,A row."])
+def test_csv_data_rows_and_real_headers_do_not_warn(tmp_path, caplog, first):
+    for content in (f"{first}\nB,k,y\n", "Title,Keywords,Text\nA,k,x\n"):
+        path = write(tmp_path, "c.csv", content)
+        with caplog.at_level(logging.WARNING, logger="gpt2_jax.corpus"):
+            read_rows(path)
+    with caplog.at_level(logging.WARNING, logger="gpt2_jax.corpus"):
+        read_rows(SAMPLE)
+    assert caplog.records == []
+
+
+def test_jsonl_unterminated_string_message_reads_once(tmp_path):
+    path = write(tmp_path, "d.jsonl", '{"title": "T", "keywords": "k\n')
+    with pytest.raises(GPT2JaxError) as e:
+        read_rows(path)
+    assert str(e.value) == (f"{path}:1: invalid JSON (Unterminated string starting at column 28) "
+                            f"(skip_bad_rows skips such rows)")

@@ -267,3 +267,23 @@ def test_export_loads_in_transformers_5_with_our_ids_and_text(paths, texts, tmp_
                               str(expected), "--tokenizer-only"], capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, (name, res.stderr[-3000:])
         assert json.loads(res.stdout.splitlines()[-1])["transformers"].startswith("5."), res.stdout
+
+
+def test_train_vocab_size_not_positive_is_one_line(tmp_path, texts):
+    """Not SentencePiece's internal assertion text."""
+    with pytest.raises(GPT2JaxError) as e:
+        train_sentencepiece(texts, tmp_path / "sp", 0)
+    assert str(e.value) == "vocab size must be positive, got 0"
+    with pytest.raises(GPT2JaxError, match=r"^vocab size -5 is too small for byte-level BPE"):
+        train_bpe(texts, tmp_path / "bpe", -5)
+
+
+@pytest.mark.parametrize("train", [train_sentencepiece, train_bpe])
+def test_train_out_dir_that_is_a_file(tmp_path, texts, train):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(GPT2JaxError) as e:
+            train(texts, out, 300)
+        assert str(e.value) == f"cannot write the tokenizer to {out}: {blocker} is a file, not a directory"
+    assert blocker.read_text() == "x"

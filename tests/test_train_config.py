@@ -97,3 +97,47 @@ def test_allowed_values_today():
     assert train_config.LOSS_ON == ("all", "text")
     assert train_config.TRAINABLE == ("all", "head", "last_n_blocks", "patterns")
     assert train_config.SCHEDULES == ("cosine", "linear", "constant")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sample.top_p=0", "config key sample.top_p must be in (0, 1] (1 turns it off), got 0.0"),
+    ("sample.top_p=1.5", "config key sample.top_p must be in (0, 1] (1 turns it off), got 1.5"),
+    ("sample.temperature=0", "config key sample.temperature must be positive, got 0.0"),
+    ("sample.top_k=-1", "config key sample.top_k must not be negative (0 turns it off), got -1"),
+    ("sample.repetition_penalty=0", "config key sample.repetition_penalty must be positive, got 0.0"),
+    ("sample.max_new_tokens=0", "config key sample.max_new_tokens must be at least 1, got 0"),
+    ("sample.num=-1", "config key sample.num must not be negative"),
+])
+def test_sample_settings_checked_at_load(override, message):
+    """Checked when the config loads, not when the samples are written after training."""
+    with pytest.raises(GPT2JaxError) as e:
+        load_train_config(None, [override])
+    assert str(e.value) == message
+
+
+def test_sample_settings_edges_accepted():
+    cfg = load_train_config(None, ["sample.top_p=1", "sample.top_k=0", "sample.num=0", "sample.max_new_tokens=1"])
+    assert (cfg.sample.top_p, cfg.sample.top_k, cfg.sample.num, cfg.sample.max_new_tokens) == (1.0, 0, 0, 1)
+
+
+@pytest.mark.parametrize("yaml_text, shown", [("model: 3\n", "3"), ("model: []\n", "[]"), ("model: 0\n", "0"),
+                                              ("[1, 2]\n", None)])
+def test_section_that_is_not_a_mapping_names_it(tmp_path, yaml_text, shown):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(GPT2JaxError) as e:
+        load_train_config(str(path))
+    if shown is None:
+        assert str(e.value) == f"{path} must hold a mapping of sections (model, data, train, ...)"
+    else:  # "model", not "model."; and an empty list or 0 is no longer read as the defaults
+        assert str(e.value) == f"config section model must be a mapping, got {shown}"
+    path.write_text("model:\n")
+    assert load_train_config(str(path)).model == TrainConfig().model
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 10\nfreeze:\n  patterns: [ln_f, h/0\nmodel:\n  n_layer: 2\n")
+    with pytest.raises(GPT2JaxError, match=rf"^{path}:5:\d+: not valid YAML \(while parsing a flow sequence "
+                                           r"expected ',' or '\]', but got"):
+        load_train_config(str(path))

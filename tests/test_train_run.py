@@ -2,6 +2,7 @@
 import json
 import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,6 +114,9 @@ def test_resume_refuses_a_breaking_change_and_allows_a_harmless_one(tmp_path):
         run(tmp_path, model__n_embd=64, model__n_head=4)
     out = run(tmp_path, train__steps=4, train__log_every=2)  # more steps, other logging: fine
     assert out["steps"] == 4
+    with pytest.raises(GPT2JaxError, match=r"train.steps=2 is below step 4 of the checkpoint in .*: nothing to "
+                                           r"train; raise train.steps"):
+        run(tmp_path, train__steps=2)
     fresh = run(tmp_path, train__steps=2, checkpoint__resume="false")
     assert fresh["steps"] == 2 and Checkpointer(str(tmp_path / "run"), read_only=True).latest_step() == 2
 
@@ -214,6 +218,12 @@ def test_malformed_rows_and_empty_corpus(tmp_path):
     empty.write_text("title,keywords,text\n")
     with pytest.raises(GPT2JaxError, match="empty corpus"):
         run(tmp_path / "e", data__train=empty)
+
+
+def test_out_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(GPT2JaxError, match=r"train.out_dir .*file is a file, not a directory"):
+        run(tmp_path, train__out_dir=tmp_path / "file")
 
 
 def test_cli_error_is_one_line(tmp_path):
@@ -510,3 +520,88 @@ def test_fine_tune_on_seed_shaped_news_exits_0_with_its_samples(tmp_path):
     first_text = b["loss_mask"][0].argmax(axis=1)
     assert (first_text < 64).all() and (b["loss_mask"][0].sum(axis=1) >= 64).all()
     assert (b["input_ids"][0] == tok.sep_id).sum(axis=1).tolist() == [2] * 12
+
+
+@pytest.mark.parametrize("how", ["bitflip", "truncated", "empty", "meta"])
+def test_a_damaged_newest_checkpoint_falls_back_on_load_and_resume(tmp_path, how, capsys):
+    """Load and resume use the newest step that is complete and verifies, each with one line naming the step
+    skipped; resume sets the damaged step aside and trains past it again."""
+    from test_checkpoint import damage
+
+    from gpt2_jax import load_pretrained
+
+    run(tmp_path)  # checkpoints 3 and 6
+    reference = latest_state(tmp_path / "run")
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    damage(tmp_path / "run" / "checkpoints" / "6", how)
+    capsys.readouterr()
+    from gpt2_jax.hf import model_tensors
+
+    shapes, read = model_tensors(load_pretrained(str(tmp_path / "run")))
+    loaded = {k: read(k) for k in shapes}
+    err = capsys.readouterr().err.strip().splitlines()
+    intact = Checkpointer(str(tmp_path / "copy"), read_only=True)
+    # The parameters of step 6 may have escaped the damage (the optimiser state took it): then step 6 loads.
+    used = 3 if err else 6
+    want = intact.restore_params(used)
+    intact.close()
+    assert all(np.array_equal(loaded[k], want[k]) for k in want)
+    if how in ("empty", "meta"):
+        assert used == 3
+    if err:
+        assert len(err) == 1 and err[0].startswith(f"warning: {tmp_path / 'run'}: checkpoint step 6 skipped: "), err
+    out = run(tmp_path)
+    printed = capsys.readouterr().out
+    assert re.search(rf"warning: checkpoint step 6 of {tmp_path / 'run'} skipped: .+\n", printed), printed
+    assert "resumed from step 3" in printed and out["steps"] == 6
+    assert [p.name.split("-")[0] for p in (tmp_path / "run" / "corrupt-checkpoints").iterdir()] == ["6"]
+    again = latest_state(tmp_path / "run")  # steps 4-6 retrained from 3: the same state as the first time
+    for k in reference:
+        np.testing.assert_array_equal(again[k], reference[k], err_msg=k)
+
+
+def test_resume_false_keeps_the_old_checkpoints_until_the_new_run_has_one(tmp_path):
+    run(tmp_path, train__steps=3)
+    with pytest.raises(GPT2JaxError, match="does not exist"):
+        run(tmp_path, checkpoint__resume="false", data__train=tmp_path / "missing.csv")
+    assert latest_state(tmp_path / "run")["step"] == 3  # a run that never started removes nothing
+    ckpts = tmp_path / "run" / "checkpoints"
+    kept = tmp_path / "kept"
+    shutil.copytree(ckpts / "3", kept)
+    rng = np.random.default_rng(1)
+    for attempt in range(4):  # kill -9 at random moments of a resume=false start-up
+        proc = cli(tmp_path, checkpoint__resume="false", train__steps=6)
+        time.sleep(rng.uniform(1.0, 12.0))
+        proc.kill()
+        proc.communicate()
+        homes = [d / "3" for d in (tmp_path / "run").glob("checkpoints*") if (d / "3" / "meta").exists()]
+        new = Checkpointer(str(tmp_path / "run"), read_only=True)
+        finished_first = any(s >= 3 for s in new.all_steps()) and not list((tmp_path / "run").glob(
+            "checkpoints.replaced-*"))
+        new.close()
+        assert finished_first or any(same_tree(h, kept) for h in homes), attempt
+    out = run(tmp_path, checkpoint__resume="false")
+    assert out["steps"] == 6 and not list((tmp_path / "run").glob("checkpoints.replaced-*"))
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    files = lambda d: {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}  # noqa: E731
+    return files(a) == files(b)
+
+
+def test_a_failed_runs_tokenizer_is_retrained_when_the_settings_differ(tmp_path, capsys):
+    """A run that failed after training its tokenizer (here: max_length past n_positions) leaves it in out_dir;
+    the next run asks for another vocabulary size and gets it, not the earlier tokenizer."""
+    from gpt2_jax import load_tokenizer
+
+    mine = dict(tokenizer__path="null", tokenizer__sentencepiece_vocab_size=400)
+    with pytest.raises(GPT2JaxError, match="data.max_length=80 exceeds model n_positions=64"):
+        run(tmp_path, data__max_length=80, **mine)
+    assert len(load_tokenizer(tmp_path / "run" / "tokenizer")) <= 400
+    capsys.readouterr()
+    run(tmp_path, train__steps=1, checkpoint__every=0, **{**mine, "tokenizer__sentencepiece_vocab_size": 600})
+    assert "tokenizer: retraining" in capsys.readouterr().out
+    assert 400 < len(load_tokenizer(tmp_path / "run" / "tokenizer")) <= 600
+    capsys.readouterr()
+    run(tmp_path, train__steps=2, checkpoint__every=0, **{**mine, "tokenizer__sentencepiece_vocab_size": 600})
+    assert "tokenizer: retraining" not in capsys.readouterr().out  # resumed: the same tokenizer

@@ -8,6 +8,7 @@ FlaxGPT2LMHeadModel. Only the parameters are read from the checkpoint, one tenso
 mesh wrote it: the optimiser state and the whole model are never in memory.
 """
 import argparse
+from pathlib import Path
 
 from gpt2_jax.errors import GPT2JaxError, run_cli
 
@@ -18,6 +19,12 @@ def main() -> None:
     p.add_argument("--step", type=int, help="the checkpoint's step (default: the latest complete one)")
     p.add_argument("--out", required=True, help="the Hugging Face directory to write")
     args = p.parse_args()
+    # Checked before the export, which reads the whole checkpoint first.
+    out = Path(args.out)
+    blocker = next((d for d in (out, *out.parents) if d.exists() and not d.is_dir()), None)
+    if blocker is not None:
+        raise GPT2JaxError(f"--out {args.out} is a file, not a directory" if blocker == out
+                           else f"--out {args.out}: {blocker} is a file, not a directory")
 
     from gpt2_jax.pretrained import export_run, is_run_dir
 

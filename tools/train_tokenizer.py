@@ -5,9 +5,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from gpt2_jax.corpus import read_rows, row_texts
-from gpt2_jax.errors import run_cli
+from gpt2_jax.errors import GPT2JaxError, run_cli
 from gpt2_jax.tokenizer import train_bpe, train_sentencepiece
 from gpt2_jax.train_config import FORMATS
 
@@ -24,6 +25,14 @@ def main() -> None:
                    help="target size; SentencePiece makes it smaller when the corpus is too small")
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args()
+    # Checked before the corpus is read and the tokenizer trained, which can take a while.
+    if args.vocab_size <= 0:
+        raise GPT2JaxError(f"--vocab-size must be positive, got {args.vocab_size}")
+    out = Path(args.out)
+    blocker = next((d for d in (out, *out.parents) if d.exists() and not d.is_dir()), None)
+    if blocker is not None:
+        raise GPT2JaxError(f"--out {args.out} is a file, not a directory" if blocker == out
+                           else f"--out {args.out}: {blocker} is a file, not a directory")
 
     rows = read_rows(args.corpus, args.format, skip_bad_rows=args.skip_bad_rows)
     texts = row_texts(rows)
