@@ -86,6 +86,7 @@ def transformers5_python() -> str:
     (tests/requirements-transformers5.txt), made on first use in .venv-tf5 and reused while that file is
     unchanged: exports must load in what most users run, and transformers 5 cannot share a venv with the
     4.57 reference (the last with Flax)."""
+    import fcntl
     import subprocess
     import sys
 
@@ -95,9 +96,12 @@ def transformers5_python() -> str:
     stamp = os.path.join(venv, "installed-requirements.txt")
     with open(requirements) as f:
         wanted = f.read()
-    if not (os.path.isfile(python) and os.path.isfile(stamp) and open(stamp).read() == wanted):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True, timeout=300)
-        subprocess.run([python, "-m", "pip", "install", "-q", "-r", requirements], check=True, timeout=1200)
-        with open(stamp, "w") as f:
-            f.write(wanted)
+    # pytest-xdist workers may ask at once: one builds, the others wait for it.
+    with open(venv + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (os.path.isfile(python) and os.path.isfile(stamp) and open(stamp).read() == wanted):
+            subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True, timeout=300)
+            subprocess.run([python, "-m", "pip", "install", "-q", "-r", requirements], check=True, timeout=1200)
+            with open(stamp, "w") as f:
+                f.write(wanted)
     return python

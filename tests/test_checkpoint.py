@@ -199,3 +199,16 @@ def test_checksums_see_every_bit_and_agree_on_device_and_host():
                 flipped = flat.copy()
                 flipped[byte] ^= 1 << bit
                 assert host_checksum(flipped.view(x.dtype).reshape(np.shape(x))) != base
+
+
+def test_a_reader_prints_no_orbax_warnings(tmp_path, caplog):
+    """generate and export open run directories read-only: Orbax's read-only notices stay quiet."""
+    setup = setup_on(1, 1, 1)
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(1, train_step.init_state(setup), {"step": 1})
+    ckpt.close()
+    with caplog.at_level("WARNING"):
+        reader = Checkpointer(str(tmp_path), read_only=True)
+        reader.restore_params(1)
+        reader.close()
+    assert not [r for r in caplog.records if "read_only" in r.getMessage() or "read only" in r.getMessage()]
