@@ -37,6 +37,8 @@ from gpt2_jax.train_config import TrainConfig
 from gpt2_jax.train_step import (Setup, TrainState, build_setup, compile_steps, count_params, init_state,
                                  optimizer_state_bytes)
 
+TRAINED_WITH = "trained_with.json"  # beside a tokenizer a run trained: its settings and corpus digest
+
 
 def _out(msg: str) -> None:
     if jax.process_index() == 0:
@@ -45,7 +47,7 @@ def _out(msg: str) -> None:
 
 def prepare_tokenizer(cfg: TrainConfig, rows):
     """The run's tokenizer: tokenizer.path, else init_from's, else a SentencePiece model trained on the corpus
-    (once: a later run in the same out_dir reuses it)."""
+    (a later run in the same out_dir reuses it while it was trained with the same settings and corpus)."""
     if cfg.tokenizer.path is not None:
         return load_tokenizer(cfg.tokenizer.path)
     if cfg.model.init_from is not None:
@@ -73,9 +75,6 @@ def prepare_tokenizer(cfg: TrainConfig, rows):
         os.replace(tmp, tok_dir)
     sharding.sync("tokenizer")
     return load_tokenizer(tok_dir)
-
-
-TRAINED_WITH = "trained_with.json"  # beside a tokenizer a run trained: its settings and corpus digest
 
 
 def _read_record(path: str) -> Optional[dict]:
