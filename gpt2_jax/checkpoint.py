@@ -101,21 +101,25 @@ class Checkpointer:
             raise CorruptCheckpoint(f"its state is unreadable ({first_line(e)})") from None
         got = {k: int(sharding.local_value(v)) for k, v in _checksums(out).items()}
         _verify(got, want)
-        finite = jax.jit(lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)])))
-        if not bool(sharding.local_value(finite({"params": out["params"], "frozen": out["frozen"]}))):
+        if not bool(sharding.local_value(_all_finite({"params": out["params"], "frozen": out["frozen"]}))):
             raise CorruptCheckpoint("its parameters are not all finite")
         return type(target)(**out)
 
     def restore_params(self, step: int) -> dict:
         """Only the parameters of `step` (trainable and frozen, no optimiser state), as verified host numpy
-        arrays. Needs a read-only Checkpointer."""
-        shapes, read = self.param_reader(step)
-        return {k: read(k) for k in shapes}
+        arrays, in one restore. Needs a read-only Checkpointer."""
+        shapes, read = self._param_reader(step)
+        return read(list(shapes))
 
     def param_reader(self, step: int) -> tuple[dict[str, tuple], Callable[[str], np.ndarray]]:
         """({key: (shape, dtype)}, read(key)) over the parameters of `step`: `read` restores that one
         tensor, to host memory, from whatever mesh wrote it, and checks its checksum and that it is finite
         (CorruptCheckpoint otherwise). Needs a read-only Checkpointer."""
+        shapes, read = self._param_reader(step)
+        return shapes, lambda key: read([key])[key]
+
+    def _param_reader(self, step: int) -> tuple[dict[str, tuple], Callable[[list[str]], dict[str, np.ndarray]]]:
+        """({key: (shape, dtype)}, read(keys) -> {key: verified host array}) over the parameters of `step`."""
         want = self.meta(step).get(CHECKSUMS, {})
         try:
             tree = self.manager.item_metadata(step)["state"]
@@ -124,17 +128,23 @@ class Checkpointer:
             raise CorruptCheckpoint(f"its state is unreadable ({first_line(e)})") from None
         shapes = {k: (tuple(tree[part][k].shape), np.dtype(tree[part][k].dtype)) for k, part in where.items()}
 
-        def read(key: str) -> np.ndarray:
-            part = where[key]
+        def read(keys: list[str]) -> dict[str, np.ndarray]:
+            item: dict = {}
+            for key in keys:
+                item.setdefault(where[key], {})[key] = jax.ShapeDtypeStruct(*shapes[key])
             try:
-                value = self._restore_to_host(step, {part: {key: jax.ShapeDtypeStruct(*shapes[key])}})[part][key]
+                out = self._restore_to_host(step, item)
             except Exception as e:
-                raise CorruptCheckpoint(f"its {key} is unreadable ({first_line(e)})") from None
-            name = jax.tree_util.keystr((jax.tree_util.DictKey(part), jax.tree_util.DictKey(key)))
-            _verify({name: host_checksum(value)}, want)
-            if not np.isfinite(value).all():
-                raise CorruptCheckpoint(f"its {key} is not all finite")
-            return value
+                what = f"{keys[0]} is" if len(keys) == 1 else "parameters are"
+                raise CorruptCheckpoint(f"its {what} unreadable ({first_line(e)})") from None
+            values = {}
+            for key in keys:
+                value = values[key] = out[where[key]][key]
+                name = jax.tree_util.keystr((jax.tree_util.DictKey(where[key]), jax.tree_util.DictKey(key)))
+                _verify({name: host_checksum(value)}, want)
+                if not np.isfinite(value).all():
+                    raise CorruptCheckpoint(f"its {key} is not all finite")
+            return values
 
         return shapes, read
 
@@ -198,6 +208,11 @@ def _words(x, xp):
         return jax.lax.bitcast_convert_type(x, view).astype(jnp.uint32) if x.dtype != jnp.bool_ else \
             x.astype(jnp.uint32)
     return (x.view(view) if x.dtype != np.bool_ else x.astype(np.uint8)).astype(np.uint32)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 @jax.jit
