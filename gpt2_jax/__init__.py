@@ -3,7 +3,15 @@
 Top-level API: `load_pretrained`, `save_pretrained`, `load_tokenizer`, `generate`. Names are imported on
 first use, so `import gpt2_jax.config` does not pull in transformers or the sampler.
 """
+import glob
 import importlib
+import os
+
+# libtpu (the `tpu` extra, for compiling for TPU slices anywhere) asks the Cloud TPU metadata server for its
+# slice when JAX starts, and logs errors about it on a machine that has no TPU. A TPU VM has /dev/accel* or
+# VFIO devices; elsewhere the query is skipped.
+if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 _EXPORTS = {
     "GPT2JaxError": "gpt2_jax.errors",

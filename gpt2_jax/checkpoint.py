@@ -27,7 +27,7 @@ CHECKPOINT_DIR = "checkpoints"
 # the tokenizer or the order of the data. Any other change is refused.
 RESUMABLE_CHANGES = ("train.steps", "train.eval_every", "train.eval_batches", "train.log_every",
                      "train.peak_flops", "train.out_dir", "checkpoint.", "sample.", "mesh.", "data.cache_dir",
-                     "model.dropout", "model.dtype", "optim.")
+                     "model.dropout", "model.dtype", "model.remat", "model.loss_chunk", "optim.")
 
 
 def checkpoint_dir(run_dir: str) -> str:

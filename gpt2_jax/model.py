@@ -18,10 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from gpt2_jax import attention
 from gpt2_jax.cache import KVCache
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.sharding import BATCH_AXES, RULES
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -108,48 +111,64 @@ def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> LayerNorm:
     return LayerNorm(cfg, rngs)
 
 
-QUERY_CHUNK = 128  # query rows per block of materialised causal attention
 
 
-def materialise_attention() -> bool:
-    """Whether attention without dropout runs as `_materialised_attention` rather than
-    `jax.nn.dot_product_attention` (which picks cuDNN's fused causal kernel on GPU).
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How the model runs, not what it computes: static, so it lives in the graph definition and every jit
+    that traces the model is specialised to it.
 
-    On CPU, XLA's dot_product_attention computes the whole T×T score matrix through extra reshapes; the
-    causal blocks below skip the masked upper triangle: a GPT-2 124M train step at seq 1024 takes 6.1–6.8 s
-    instead of 8.2–8.6 s, at seq 512 5.5 s instead of 6.7 s (tools/bench.py-style A/B). Tests switch
-    this to cover both paths.
+    `platform` picks the attention kernel (None: the default backend when traced); a program compiled ahead of
+    time for TPU devices from a CPU host must name "tpu". `mesh`: activations are pinned to the batch
+    split of sharding.BATCH_AXES at every block boundary, so FSDP gathers each layer's weights instead of
+    letting XLA partition the matmuls over the weights' sharded width. `remat`: "none", "block" (keep only
+    each block's input) or a `jax.checkpoint_policies` name such as "dots_with_no_batch_dims_saveable".
     """
-    return jax.default_backend() == "cpu"
 
+    platform: Optional[str] = None
+    remat: str = "none"
+    mesh: Optional[Any] = None
 
-def _materialised_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, scale, dropout=None):
-    """Softmax attention with explicit probabilities (`dropout` applies to them), causal when `mask_BTS`
-    is None. Without a cache (T == S) the queries go in blocks of QUERY_CHUNK rows, each against only the
-    keys up to its last row."""
-    T, S = q_BTHK.shape[1], k_BSHK.shape[1]
-    outs = []
-    for start in range(0, T, QUERY_CHUNK if T == S else T):
-        end = min(start + QUERY_CHUNK, T) if T == S else T
-        keys = end if T == S else S
-        s_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK[:, start:end], k_BSHK[:, :keys]) * scale
-        if mask_BTS is None:
-            allowed = (jnp.arange(keys)[None, :] <= jnp.arange(start, end)[:, None])[None, None]
-        else:
-            allowed = mask_BTS[:, None, start:end, :keys]
-        s_BHTS = jnp.where(allowed, s_BHTS, jnp.finfo(s_BHTS.dtype).min)
-        p_BHTS = jax.nn.softmax(s_BHTS.astype(jnp.float32), axis=-1).astype(v_BSHK.dtype)
-        if dropout is not None:
-            p_BHTS = dropout(p_BHTS)
-        outs.append(jnp.einsum("bhts,bshk->bthk", p_BHTS, v_BSHK[:, :keys]))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    @classmethod
+    def on(cls, mesh, remat: str = "none") -> "Execution":
+        """The execution for programs running on `mesh`'s devices."""
+        return cls(mesh.devices.flat[0].platform, remat, mesh)
+
+    def remat_policy(self):
+        if self.remat == "block":
+            return None
+        policy = getattr(jax.checkpoint_policies, self.remat, None)
+        if self.remat == "none" or policy is None or not callable(policy):
+            raise GPT2JaxError(f"unknown remat {self.remat!r}: none, block or a jax.checkpoint_policies name")
+        return policy
+
+    def constrain(self, x_BTD):
+        """`x_BTD` pinned to the batch split (nothing without a mesh)."""
+        if self.mesh is None:
+            return x_BTD
+        return jax.lax.with_sharding_constraint(x_BTD, NamedSharding(self.mesh, P(BATCH_AXES)))
+
+    def constrain_lookup(self, x_BTD):
+        """An embedding lookup's output [B, T, D] split like its table (D over fsdp) and the batch over data.
+
+        Its gradient, scattered into the D-sharded table, then arrives split the same way: pinned to the
+        batch split over every axis instead, XLA could only reach the table's layout by replicating it
+        ("involuntary full rematerialization", compiled for TPU with data x fsdp)."""
+        if self.mesh is None:
+            return x_BTD
+        return jax.lax.with_sharding_constraint(x_BTD, NamedSharding(self.mesh, P("data", None, RULES["embed"])))
+
+    @property
+    def current_platform(self) -> str:
+        return self.platform or jax.default_backend()
 
 
 class Attention(nnx.Module):
     """Causal multi-head self-attention with an optional KV cache."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs, execution: Execution = Execution()):
         self.cfg = cfg
+        self.execution = execution
         self.layer_idx = layer_idx
         proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
         self.c_attn = _linear(cfg, cfg.n_embd, 3 * cfg.n_embd, ("embed", "heads"), cfg.initializer_range, rngs)
@@ -164,7 +183,7 @@ class Attention(nnx.Module):
             scale /= float(self.layer_idx + 1)
         return scale
 
-    def __call__(self, x_BTD, mask_BTS, kv=None, index=None):
+    def __call__(self, x_BTD, mask_BTS, kv=None, index=None, segment_ids_BT=None):
         """Returns the output [B, T, D] and, with a cache, this layer's updated (k, v)."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
@@ -177,24 +196,21 @@ class Attention(nnx.Module):
             kv = (k_BSHK, v_BSHK)
         else:
             k_BSHK, v_BSHK = k_BTHK, v_BTHK
-        out_BTHK = self._attend(q_BTHK, k_BSHK.astype(q_BTHK.dtype), v_BSHK.astype(q_BTHK.dtype), mask_BTS)
+        out_BTHK = self._attend(q_BTHK, k_BSHK.astype(q_BTHK.dtype), v_BSHK.astype(q_BTHK.dtype), mask_BTS,
+                                segment_ids_BT)
         out_BTD = self.resid_dropout(self.c_proj(out_BTHK.reshape(B, T, cfg.n_embd)))
         return out_BTD, kv
 
-    def _attend(self, q_BTHK, k_BSHK, v_BSHK, mask_BTS):
+    def _attend(self, q_BTHK, k_BSHK, v_BSHK, mask_BTS, segment_ids_BT):
         dtype = q_BTHK.dtype
-        # XLA:CPU has no float16 matmul with float32 accumulation, which dot_product_attention asks for.
-        cpu_f16 = dtype == jnp.float16 and jax.default_backend() == "cpu"
-        if self.cfg.reorder_and_upcast_attn or cpu_f16:
+        if self.cfg.reorder_and_upcast_attn:
             q_BTHK, k_BSHK, v_BSHK = (a.astype(jnp.float32) for a in (q_BTHK, k_BSHK, v_BSHK))
-        no_dropout = self.attn_dropout.deterministic or self.cfg.attn_pdrop == 0.0
-        if no_dropout and not materialise_attention():
-            mask_B1TS = None if mask_BTS is None else mask_BTS[:, None]
-            out = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask_B1TS, scale=self.scale,
-                                               is_causal=mask_BTS is None)
-        else:
-            out = _materialised_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, self.scale,
-                                          None if no_dropout else self.attn_dropout)
+        dropout = not (self.attn_dropout.deterministic or self.cfg.attn_pdrop == 0.0)
+        ex = self.execution
+        impl = attention.default_impl(ex.current_platform, dropout=dropout)
+        out = attention.attend(q_BTHK, k_BSHK, v_BSHK, impl=impl, scale=self.scale, mask_BTS=mask_BTS,
+                               segment_ids_BT=segment_ids_BT, dropout=self.attn_dropout if dropout else None,
+                               mesh=ex.mesh, platform=ex.current_platform)
         return out.astype(dtype)
 
 
@@ -211,38 +227,46 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs, execution: Execution = Execution()):
         self.ln_1 = _layer_norm(cfg, rngs)
-        self.attn = Attention(cfg, layer_idx, rngs)
+        self.attn = Attention(cfg, layer_idx, rngs, execution)
         self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, mask_BTS, kv=None, index=None):
-        a_BTD, kv = self.attn(self.ln_1(x_BTD), mask_BTS, kv, index)
+    def __call__(self, x_BTD, mask_BTS, kv=None, index=None, segment_ids_BT=None):
+        a_BTD, kv = self.attn(self.ln_1(x_BTD), mask_BTS, kv, index, segment_ids_BT)
         x_BTD = x_BTD + a_BTD
         x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD))
         return x_BTD, kv
 
 
+def _block_call(block, x_BTD, mask_BTS, kv, index, segment_ids_BT):
+    return block(x_BTD, mask_BTS, kv, index, segment_ids_BT)
+
+
 class GPT2Model(nnx.Module):
     """Embeddings, blocks and the final LayerNorm: Hugging Face's `transformer`."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, execution: Execution = Execution()):
         std = cfg.initializer_range
+        self.execution = execution
         self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                              embedding_init=_normal(std, ("vocab", "embed")), rngs=rngs)
         self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                              embedding_init=_normal(std, (None, "embed")), rngs=rngs)
         self.drop = nnx.Dropout(cfg.embd_pdrop, deterministic=True, rngs=rngs)
-        self.h = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layer)])
+        self.h = nnx.List([Block(cfg, i, rngs, execution) for i in range(cfg.n_layer)])
         self.ln_f = _layer_norm(cfg, rngs)
 
-    def __call__(self, input_ids_BT, attention_mask_BT=None, position_ids_BT=None, cache: Optional[KVCache] = None):
+    def __call__(self, input_ids_BT, attention_mask_BT=None, position_ids_BT=None, cache: Optional[KVCache] = None,
+                 segment_ids_BT=None):
         B, T = input_ids_BT.shape
+        if segment_ids_BT is not None and (cache is not None or attention_mask_BT is not None):
+            raise GPT2JaxError("segment_ids (packed rows) go without a cache and without an attention_mask")
         if cache is None:
             offset = 0
             if attention_mask_BT is None:
-                mask_BTS = None  # plain causal: lets cuDNN use its causal kernel
+                mask_BTS = None  # plain causal (within segments, for packed rows): no [B, T, T] mask
             else:
                 causal_TT = jnp.tril(jnp.ones((T, T), bool))
                 mask_BTS = causal_TT[None] & attention_mask_BT.astype(bool)[:, None, :]
@@ -256,11 +280,15 @@ class GPT2Model(nnx.Module):
             mask_BTS = causal_TS[None] & valid_BS[:, None, :]
         if position_ids_BT is None:
             position_ids_BT = jnp.broadcast_to(offset + jnp.arange(T, dtype=jnp.int32), (B, T))
-        x_BTD = self.drop(self.wte(input_ids_BT) + self.wpe(position_ids_BT))
+        ex = self.execution
+        x_BTD = ex.constrain(self.drop(ex.constrain_lookup(self.wte(input_ids_BT))
+                                       + ex.constrain_lookup(self.wpe(position_ids_BT))))
         new_k, new_v = [], []
+        run = _block_call if cache is not None or ex.remat == "none" else nnx.remat(_block_call, policy=ex.remat_policy())
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x_BTD, kv = block(x_BTD, mask_BTS, kv, offset)
+            x_BTD, kv = run(block, x_BTD, mask_BTS, kv, offset, segment_ids_BT)
+            x_BTD = ex.constrain(x_BTD)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -279,14 +307,18 @@ class GPT2LMHeadModel(nnx.Module):
     Built in evaluation mode: `model.train()` turns dropout on.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: Optional[nnx.Rngs] = None, seed: int = 0):
+    def __init__(self, config: ModelConfig, *, rngs: Optional[nnx.Rngs] = None, seed: int = 0,
+                 execution: Execution = Execution()):
         rngs = rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1)
         self.config = config
-        self.transformer = GPT2Model(config, rngs)
+        self.transformer = GPT2Model(config, rngs, execution)
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        """The final-LayerNorm output [B, T, D] (and the cache), before the LM head."""
-        return self.transformer(jnp.asarray(input_ids), attention_mask, position_ids, cache)
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None, segment_ids=None):
+        """The final-LayerNorm output [B, T, D] (and the cache), before the LM head.
+
+        `segment_ids` [B, T] (packed rows, no cache): tokens attend only to earlier tokens of their own
+        segment; pass `position_ids` restarting at 0 in each segment with them."""
+        return self.transformer(jnp.asarray(input_ids), attention_mask, position_ids, cache, segment_ids)
 
     def logits(self, h_BTD):
         """The tied LM head: [..., D] -> [..., V] in the compute dtype."""
@@ -298,9 +330,9 @@ class GPT2LMHeadModel(nnx.Module):
         return logits_BTV if cache is None else (logits_BTV, new_cache)
 
 
-def abstract_model(config: ModelConfig) -> GPT2LMHeadModel:
+def abstract_model(config: ModelConfig, execution: Execution = Execution()) -> GPT2LMHeadModel:
     """The model with ShapeDtypeStructs for parameters: shapes and counts without allocating."""
-    return nnx.eval_shape(lambda: GPT2LMHeadModel(config))
+    return nnx.eval_shape(lambda: GPT2LMHeadModel(config, execution=execution))
 
 
 def num_params(model: GPT2LMHeadModel) -> int:
@@ -369,6 +401,7 @@ class ModelLayout:
     Steps take plain dicts at the jit boundary and rebuild the model inside with `model(...)`."""
 
     config: ModelConfig
+    execution: Execution
     graphdef_train: Any  # dropout on
     graphdef_eval: Any  # dropout off
     abstract_params: Any  # nnx.State of ShapeDtypeStruct Params: the template that flat dicts fill
@@ -377,8 +410,8 @@ class ModelLayout:
     shapes: dict[str, jax.ShapeDtypeStruct]
 
     @classmethod
-    def of(cls, config: ModelConfig) -> "ModelLayout":
-        model = abstract_model(config)
+    def of(cls, config: ModelConfig, execution: Execution = Execution()) -> "ModelLayout":
+        model = abstract_model(config, execution)
         graphdef_eval, abstract_params, abstract_rng = nnx.split(model, nnx.Param, ...)
         model.train()
         graphdef_train = nnx.split(model, nnx.Param, ...)[0]
@@ -387,7 +420,7 @@ class ModelLayout:
             k = path_key(path)
             logical[k] = var.get_metadata().get("out_sharding")
             shapes[k] = jax.ShapeDtypeStruct(var.shape, var.dtype)
-        return cls(config, graphdef_train, graphdef_eval, abstract_params, abstract_rng, logical, shapes)
+        return cls(config, execution, graphdef_train, graphdef_eval, abstract_params, abstract_rng, logical, shapes)
 
     def state(self, flat: dict) -> nnx.State:
         """The nnx.State of parameters holding the arrays of `flat` (every key)."""

@@ -26,7 +26,8 @@ from flax import nnx
 from gpt2_jax import sharding
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.freeze import trainable_paths
-from gpt2_jax.model import GPT2LMHeadModel, ModelLayout, path_key, rng_arrays
+from gpt2_jax.loss import lm_head_cross_entropy
+from gpt2_jax.model import Execution, GPT2LMHeadModel, ModelLayout, path_key, rng_arrays
 from gpt2_jax.optim import learning_rate, make_optimizer
 from gpt2_jax.train_config import TrainConfig
 
@@ -41,11 +42,24 @@ class TrainState(NamedTuple):
     rng: dict  # the dropout layers' RNG state {key: array}, keys as raw uint32 key data
 
 
-def loss_sums(layout: ModelLayout, params: dict, frozen: dict, rng, batch: dict, train: bool):
-    """(sum of token losses, (number of counted tokens, new rng state)) for one micro-batch [B, T]."""
+def loss_sums(layout: ModelLayout, params: dict, frozen: dict, rng, batch: dict, train: bool, packed: bool = False,
+              loss_chunk: int = 0):
+    """(sum of token losses, (number of counted tokens, new rng state)) for one micro-batch [B, T].
+
+    `packed`: the rows hold several examples, told apart by `batch["segment_ids"]`, with `batch["positions"]`
+    restarting in each. `loss_chunk` > 0: the head's cross-entropy in chunks of that many positions."""
     model = layout.model({**params, **frozen}, rng, train)
-    h_BTD, _ = model.hidden_states(batch["input_ids"])
-    loss, count = masked_cross_entropy(model.logits(h_BTD), batch["labels"], batch["loss_mask"])
+    if packed:
+        h_BTD, _ = model.hidden_states(batch["input_ids"], position_ids=batch["positions"],
+                                       segment_ids=batch["segment_ids"])
+    else:
+        h_BTD, _ = model.hidden_states(batch["input_ids"])
+    if loss_chunk > 0:
+        loss, count = lm_head_cross_entropy(h_BTD, model.transformer.wte.embedding[...], batch["labels"],
+                                            batch["loss_mask"], positions_per_chunk=loss_chunk,
+                                            dtype=layout.config.dtype, mesh=layout.execution.mesh)
+    else:
+        loss, count = masked_cross_entropy(model.logits(h_BTD), batch["labels"], batch["loss_mask"])
     return loss, (count, rng_arrays(nnx.state(model, nnx.RngState)))
 
 
@@ -57,12 +71,14 @@ def masked_cross_entropy(logits_BTV, labels_BT, mask_BT):
     return jnp.sum((lse_BT - target_BT) * mask_BT), jnp.sum(mask_BT)
 
 
-def make_train_step(layout: ModelLayout, optimizer: optax.GradientTransformation, schedule: optax.Schedule):
+def make_train_step(layout: ModelLayout, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    packed: bool = False, loss_chunk: int = 0):
     """The train step: gradients summed over the A micro-batches of `batch` [A, B, T], one optimiser update.
 
     The loss is the mean over every counted token of the whole batch, so grad_accum does not change it.
     """
-    grad_fn = jax.value_and_grad(partial(loss_sums, layout, train=True), has_aux=True)
+    grad_fn = jax.value_and_grad(partial(loss_sums, layout, train=True, packed=packed, loss_chunk=loss_chunk),
+                                 has_aux=True)
 
     def step(state: TrainState, batch: dict):
         def micro(carry, mb):
@@ -83,18 +99,26 @@ def make_train_step(layout: ModelLayout, optimizer: optax.GradientTransformation
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, grad_scale=1.0 / count)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss / count, "grad_norm": optax.global_norm(grads) / count, "lr": schedule(state.step),
-                   "tokens": count}
+                   "tokens": count, "real_tokens": real_tokens(batch)}
         return TrainState(state.step + 1, params, state.frozen, opt_state, rng), metrics
 
     return step
 
 
-def make_eval_step(layout: ModelLayout):
+def real_tokens(batch: dict):
+    """The input tokens of `batch` that are not padding (float32; segment id 0 marks padding)."""
+    if "segment_ids" not in batch:
+        return jnp.float32(batch["input_ids"].size)
+    return jnp.sum(batch["segment_ids"] > 0, dtype=jnp.float32)
+
+
+def make_eval_step(layout: ModelLayout, packed: bool = False, loss_chunk: int = 0):
     """(sum of token losses, token count) over an eval batch [A, B, T], dropout off."""
 
     def step(params, frozen, rng, batch):
         flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
-        loss, (count, _) = loss_sums(layout, params, frozen, rng, flat, train=False)
+        loss, (count, _) = loss_sums(layout, params, frozen, rng, flat, train=False, packed=packed,
+                                     loss_chunk=loss_chunk)
         return loss, count
 
     return step
@@ -110,6 +134,8 @@ class Setup:
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     seed: int
+    packed: bool  # batches carry several examples a row (segment ids)
+    loss_chunk: int  # positions per chunk of the head's cross-entropy (0: whole)
     param_shardings: dict  # {key: NamedSharding}
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings: the init and restore target
 
@@ -119,8 +145,9 @@ class Setup:
 
 
 def build_setup(model_config: ModelConfig, cfg: TrainConfig, mesh) -> Setup:
-    """The layout, optimiser and the sharded abstract state of a run on `mesh`."""
-    layout = ModelLayout.of(model_config)
+    """The layout, optimiser and the sharded abstract state of a run on `mesh` (whose devices may be a
+    TPU topology's, for compiling ahead of time)."""
+    layout = ModelLayout.of(model_config, Execution.on(mesh, cfg.model.remat))
     trainable = frozenset(trainable_paths(layout.shapes, cfg.freeze.trainable, n_layer=model_config.n_layer,
                                           last_n_blocks=cfg.freeze.last_n_blocks, patterns=cfg.freeze.patterns))
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
@@ -140,7 +167,7 @@ def build_setup(model_config: ModelConfig, cfg: TrainConfig, mesh) -> Setup:
         opt_state=place(opt_state, _opt_shardings(opt_state, layout, param_shardings, repl)),
         rng=place(rng, jax.tree.map(lambda _: repl, rng)))
     return Setup(layout, mesh, trainable, optimizer, learning_rate(cfg.optim, cfg.train.steps), cfg.train.seed,
-                 param_shardings, abstract)
+                 cfg.data.packing, cfg.model.loss_chunk, param_shardings, abstract)
 
 
 def _split(flat: dict, trainable: frozenset[str]) -> tuple[dict, dict]:
@@ -186,11 +213,12 @@ def init_state(setup: Setup, params: Optional[dict] = None) -> TrainState:
 
 def compile_steps(setup: Setup) -> tuple[Callable, Callable]:
     """The jitted train step (state donated) and eval step."""
-    train_step = jax.jit(make_train_step(setup.layout, setup.optimizer, setup.schedule),
+    train_step = jax.jit(make_train_step(setup.layout, setup.optimizer, setup.schedule, setup.packed,
+                                         setup.loss_chunk),
                          in_shardings=(setup.state_shardings, sharding.batch_sharding(setup.mesh)),
                          out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
                          donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(setup.layout))
+    eval_step = jax.jit(make_eval_step(setup.layout, setup.packed, setup.loss_chunk))
     return train_step, eval_step
 
 

@@ -4,6 +4,15 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CI installs libtpu (the TPU compile tests); on a machine without TPUs it would log initialisation errors
+# into every subprocess's stderr. Ahead-of-time TPU compiles do not need the TPU backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Test processes compile for TPU side by side (pytest -n 2); libtpu otherwise takes a lock file per machine.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# libtpu reads its log levels once, when the first test of a worker loads it: keep its warnings (the SPMD
+# partitioner's involuntary-rematerialisation line, which tpu_compile counts) on stderr in every worker.
+os.environ.setdefault("TPU_MIN_LOG_LEVEL", "1")
+os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "1")
 # Training tests compile the same small programs in many runs and subprocesses: share them through JAX's
 # persistent compilation cache (inherited by subprocesses through the environment).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "gpt2-jax-test-xla-cache"))
@@ -67,13 +76,14 @@ def hf_dir(tmp_path):
 
 @pytest.fixture(params=["materialised", "query-blocks", "dot_product_attention"])
 def attention_path(request, monkeypatch):
-    """Runs a test with each attention implementation: CPU's default (materialised, one block of queries
+    """Runs a test with each CPU attention implementation: the default (materialised, one block of queries
     for these short sequences), blocks of 16 queries with a ragged last one, and dot_product_attention."""
-    from gpt2_jax import model
+    from gpt2_jax import attention
 
-    monkeypatch.setattr(model, "materialise_attention", lambda: request.param != "dot_product_attention")
+    if request.param == "dot_product_attention":
+        monkeypatch.setattr(attention, "default_impl", lambda platform, dropout: "materialised" if dropout else "xla")
     if request.param == "query-blocks":
-        monkeypatch.setattr(model, "QUERY_CHUNK", 16)
+        monkeypatch.setattr(attention, "QUERY_CHUNK", 16)
     return request.param
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.flops import flops_per_token
-from gpt2_jax.model import QUERY_CHUNK
+from gpt2_jax.attention import QUERY_CHUNK
 
 _spec = importlib.util.spec_from_file_location(
     "bench", os.path.join(os.path.dirname(__file__), "..", "tools", "bench.py"))

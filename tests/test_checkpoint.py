@@ -35,7 +35,9 @@ def test_a_state_saved_on_fsdp8_restores_bitwise_on_one_device_and_on_data2_fsdp
     step, _ = train_step.compile_steps(src)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, MC.vocab_size, (1, 8, 9)).astype(np.int32)
-    batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:], "loss_mask": np.ones((1, 8, 8), np.float32)}
+    batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:], "loss_mask": np.ones((1, 8, 8), np.float32),
+             "segment_ids": np.ones((1, 8, 8), np.int32),
+             "positions": np.broadcast_to(np.arange(8, dtype=np.int32), (1, 8, 8)).copy()}
     state, _ = step(state, sharding.global_batch(batch, src.mesh))
     saved = flat(state)
     host = sharding.host_values({**state.params, **state.frozen})

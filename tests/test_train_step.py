@@ -19,8 +19,11 @@ def batches(n_steps: int, accum: int, batch: int = 16, T: int = 16, seed: int = 
         ids = rng.integers(0, MC.vocab_size, (batch, T + 1)).astype(np.int32)
         mask = (rng.random((batch, T)) > 0.25).astype(np.float32)
         shape = (accum, batch // accum, T)
+        # One example a row (segment 1, positions from 0): with data.packing on, the step's segment mask
+        # must then reduce to plain causal attention.
         out.append({"input_ids": ids[:, :-1].reshape(shape), "labels": ids[:, 1:].reshape(shape),
-                    "loss_mask": mask.reshape(shape)})
+                    "loss_mask": mask.reshape(shape), "segment_ids": np.ones(shape, np.int32),
+                    "positions": np.broadcast_to(np.arange(T, dtype=np.int32), shape).copy()})
     return out
 
 
@@ -64,6 +67,26 @@ def test_same_losses_on_8_devices(single, data, fsdp):
         kernel = state.params["transformer/h/0/mlp/c_fc/kernel"]
         assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
         assert kernel.addressable_shards[0].data.shape == (MC.n_embd // fsdp, 4 * MC.n_embd)
+
+
+@pytest.mark.parametrize("remat", ["block", "dots_with_no_batch_dims_saveable"])
+def test_remat_changes_nothing_but_memory(single, remat):
+    losses, _, end, _ = run([f"model.remat={remat}"])
+    np.testing.assert_allclose(losses, single[0], rtol=1e-6)
+    assert_close_params(end, single[2])
+
+
+@pytest.mark.parametrize("data, fsdp", [(1, 1), (2, 4)])
+def test_chunked_loss_trains_the_same(single, data, fsdp):
+    losses, _, end, _ = run(["model.loss_chunk=5"], data=data, fsdp=fsdp, n_devices=data * fsdp)
+    np.testing.assert_allclose(losses, single[0], rtol=1e-5)
+    assert_close_params(end, single[2])
+
+
+def test_unpacked_batches_train_the_same(single):
+    losses, _, end, _ = run(["data.packing=false"])
+    np.testing.assert_allclose(losses, single[0], rtol=1e-6)
+    assert_close_params(end, single[2])
 
 
 def test_gradient_accumulation_is_one_big_batch(single):
