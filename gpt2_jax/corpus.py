@@ -1,13 +1,16 @@
 """Reading a corpus file into rows (title, keywords, text), and resolving a config's corpus name to a file.
 
 Formats: ``csv`` (title,keywords,text; optional header), ``jsonl`` (one object per line, or a JSON
-array of objects) and ``text`` (plain text for unconditional language modelling). ``builtin:NAME``
-names a bundled corpus, built once into a cache directory (``stdlib_docs``).
+array of objects), ``text`` (plain text for unconditional language modelling) and ``parquet`` (columns
+title, keywords, text, or text alone; needs pyarrow); ``.gz`` for all but Parquet. ``read_rows`` reads a
+file whole; ``iter_rows`` streams the same rows, through the same parsers, in bounded memory (for
+tools/prepare_data.py). ``builtin:NAME`` names a bundled corpus, built once into a cache directory (``stdlib_docs``).
 """
 from __future__ import annotations
 
 import csv
 import difflib
+import gzip
 import io
 import json
 import logging
@@ -15,17 +18,19 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
-from gpt2_jax.errors import GPT2JaxError, suggest
+from gpt2_jax.errors import GPT2JaxError, first_line, suggest
 from gpt2_jax.stdlib_docs import build_stdlib_corpus
 from gpt2_jax.train_config import FORMATS
 
 log = logging.getLogger(__name__)
 
-_EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "text"}
+_EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "text", ".parquet": "parquet"}
 _COLUMNS = ("title", "keywords", "text")
 # "builtin:NAME" in a config: the corpus that BUILTIN_CORPORA[NAME](path) builds at path.
+# Row formats (train_config.FORMATS less the token files "bin", plus Parquet, which tools/prepare_data.py reads).
+ROW_FORMATS = (*(f for f in FORMATS if f != "bin"), "parquet")
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_CORPORA: dict[str, Callable[[Path], Path]] = {"stdlib-docs": build_stdlib_corpus}
 
@@ -73,29 +78,26 @@ def read_rows(path: str | Path, format: str | None = None, *, skip_bad_rows: boo
     prompts for generation: CSV rows may have two columns (title,keywords) and JSONL rows no "text".
     """
     path = Path(path)
-    if format is None:
-        format = _EXTENSIONS.get(path.suffix.lower())
-        if format is None:
-            raise GPT2JaxError(
-                f"{path}: cannot infer the corpus format from the extension {path.suffix or '(none)'!r}; "
-                f"give the format, one of: {', '.join(FORMATS)}"
-            )
-    elif format not in FORMATS:
-        raise GPT2JaxError(f"unknown corpus format {format!r}{suggest(format, FORMATS)}; known: {', '.join(FORMATS)}")
-    if not path.is_file():
-        raise GPT2JaxError(f"corpus file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
-    raw = path.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a byte-order mark
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise GPT2JaxError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+    format = corpus_format(path, format)
+    if format == "parquet":
+        parsed = _parquet(path, with_text)
+    else:
+        raw = path.read_bytes()
+        if path.suffix.lower() == ".gz":
+            raw = _gunzip(path, raw)
+        try:
+            content = raw.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a byte-order mark
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise GPT2JaxError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+        lines = io.StringIO(content, newline="")
+        parsed = {"csv": lambda: _csv(lines, with_text, str(path)),
+                  "jsonl": lambda: _json_array(content, with_text) if _is_json_array(content) else _jsonl(lines, with_text),
+                  "text": lambda: _text(lines, _has_paragraphs(content))}[format]()
 
     rows: list[Row] = []
     bad: list[str] = []
-    parse = {"csv": lambda c: _csv(c, with_text, str(path)), "jsonl": lambda c: _jsonl(c, with_text),
-             "text": _text}[format]
-    for where, row in parse(content):
+    for where, row in parsed:
         if isinstance(row, Row):
             rows.append(row)
         elif skip_bad_rows:
@@ -109,27 +111,148 @@ def read_rows(path: str | Path, format: str | None = None, *, skip_bad_rows: boo
     return Rows(rows, bad)
 
 
-def _csv(content: str, with_text: bool = True, source: str = "") -> _Parsed:
+def corpus_format(path: Path, format: str | None) -> str:
+    """The row format of ``path``: ``format`` checked, or inferred from the extension (under a ``.gz``)."""
+    if format is None:
+        suffix = Path(path.stem).suffix if path.suffix.lower() == ".gz" else path.suffix
+        format = _EXTENSIONS.get(suffix.lower())
+        if format is None:
+            raise GPT2JaxError(
+                f"{path}: cannot infer the corpus format from the extension {path.suffix or '(none)'!r}; "
+                f"give the format, one of: {', '.join(ROW_FORMATS)}"
+            )
+    elif format not in ROW_FORMATS:
+        raise GPT2JaxError(f"unknown corpus format {format!r}{suggest(format, ROW_FORMATS)}; known: "
+                           f"{', '.join(ROW_FORMATS)}")
+    if not path.is_file():
+        raise GPT2JaxError(f"corpus file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
+    if format == "parquet" and path.suffix.lower() == ".gz":
+        raise GPT2JaxError(f"{path}: a gzipped Parquet file; Parquet compresses itself, give the .parquet file")
+    return format
+
+
+def iter_rows(path: str | Path, format: str | None = None) -> _Parsed:
+    """Stream a corpus file's rows as ``(location, Row or _BadRow)`` in bounded memory (``read_rows`` for
+    files of any size): lines are read lazily, from ``.gz`` too; a JSON array is the one shape read whole."""
+    path = Path(path)
+    format = corpus_format(path, format)
+    if format == "parquet":
+        yield from _parquet(path, True)
+        return
+    if format == "text":
+        paragraphs = _has_paragraphs_stream(path)
+        with _open_lines(path) as lines:
+            yield from _text(lines, paragraphs)
+        return
+    with _open_lines(path) as lines:
+        if format == "jsonl" and _is_json_array(lines.peek_text()):
+            yield from _json_array("".join(lines), True)
+        else:
+            yield from (_csv(lines, True, str(path)) if format == "csv" else _jsonl(lines, True))
+
+
+class _StreamLines:
+    """A file's lines decoded as UTF-8 and split as ``newline=""`` does, with a one-line-exact error for bad
+    bytes; a context manager that closes the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+        self.number = 0  # binary lines read
+        self._lines = self._decode()
+
+    def _decode(self) -> Iterator[str]:
+        for raw in self.file:
+            self.number += 1
+            try:
+                line = raw.decode("utf-8-sig" if self.number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise GPT2JaxError(f"{self.path}:{self.number}: not UTF-8 text ({e.reason})") from None
+            if "\r" in (line[:-2] if line.endswith("\r\n") else line[:-1]):  # old Mac line ends: split as newline="" does
+                yield from io.StringIO(line, newline="").readlines()
+            else:
+                yield line
+
+    def peek_text(self, size: int = 1 << 16) -> str:
+        """The first ``size`` bytes decoded (for sniffing the shape), without consuming lines."""
+        head = self.file.peek(size) if hasattr(self.file, "peek") else b""
+        return head[:size].decode("utf-8-sig", errors="replace")
+
+    def __iter__(self):
+        return self._lines
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def _open_lines(path: Path) -> _StreamLines:
+    try:
+        return _StreamLines(path)
+    except OSError as e:
+        raise GPT2JaxError(f"cannot read the corpus {path} ({e.strerror or e})") from None
+
+
+def _gunzip(path: Path, raw: bytes) -> bytes:
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+        raise GPT2JaxError(f"{path}: not a valid gzip file ({e})") from None
+
+
+class _Record:
+    """The lines csv.reader pulls, numbered from 1: remembers the current record's lines and can push some back."""
+
+    def __init__(self, lines: Iterable[str]):
+        self._it = iter(lines)
+        self._back: list[str] = []  # pushed back, last first
+        self.number = 0  # the number of the last line handed out
+        self.lines: list[str] = []  # the lines of the record being read
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self._back.pop() if self._back else next(self._it)
+        self.number += 1
+        self.lines.append(line)
+        return line
+
+    def at_end(self) -> bool:
+        if not self._back:
+            try:
+                self._back.append(next(self._it))
+            except StopIteration:
+                return True
+        return False
+
+    def read_again(self, lines: list[str], after: int) -> None:
+        """Hand out ``lines`` again, numbered from ``after + 1``."""
+        self._back.extend(reversed(lines))
+        self.number = after
+
+
+def _csv(lines: Iterable[str], with_text: bool = True, source: str = "") -> _Parsed:
     # Long articles exceed the csv module's default 128 KiB field limit; the limit is process-wide.
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
-    # The reader splits lines as StringIO(newline="") does, so line numbers index this list (from 1).
-    lines = io.StringIO(content, newline="").readlines()
+    # Lines come split as StringIO(newline="") splits them, so line numbers count them (from 1).
+    src = _Record(lines)
     index, width, first = (0, 1, 2), 3, True
-    offset = 0  # lines before the ones the current reader reads (it restarts after a stray quote)
     while True:
-        reader = csv.reader(iter(lines[offset:]))
-        start = offset + 1
+        reader = csv.reader(src)  # a new reader after a stray quote: the quote's state is dropped
         restart = False
         while True:
+            src.lines, start = [], src.number + 1
             try:
                 cells = next(reader)
             except StopIteration:
                 return
             except csv.Error as e:
                 yield start, _BadRow(f"malformed CSV ({e})")
-                start = offset + reader.line_num + 1
                 continue
-            line, start = start, offset + reader.line_num + 1  # a quoted field may span lines: report where it began
+            line = start  # a quoted field may span lines: report where it began
             if not any(c.strip() for c in cells):
                 continue
             if first:
@@ -146,11 +269,13 @@ def _csv(content: str, with_text: bool = True, source: str = "") -> _Parsed:
                     log.warning("%s:%d: the first row %s looks like a misspelt header (expected %s); it is read as "
                                 "a data row", source, line, ",".join(cells), ",".join(_COLUMNS[:width]))
             if any("\n" in c or "\r" in c for c in cells):
-                swallowed = _swallowed_rows(lines[line - 1: start - 1], line, width, at_end=start > len(lines))
+                record = src.lines
+                swallowed = _swallowed_rows(record, line, width, at_end=src.at_end())
                 if swallowed:
                     # Skip only the line that opened the stray quote, and read the lines it swallowed again.
                     yield line, _BadRow(swallowed)
-                    offset, restart = line, True
+                    src.read_again(record[1:], after=line)
+                    restart = True
                     break
             if len(cells) != width:
                 yield line, _BadRow(f"expected {width} CSV columns ({','.join(_COLUMNS[:width])}), got {len(cells)}")
@@ -201,17 +326,22 @@ def _swallowed_rows(record: list[str], first: int, width: int, at_end: bool) -> 
             f"{shaped} shaped like rows; a stray '\"'?")
 
 
-def _jsonl(content: str, with_text: bool = True) -> _Parsed:
-    if content.lstrip().startswith("["):  # a JSON array of objects (a common shape of .json files)
-        try:
-            items = json.loads(content)
-        except json.JSONDecodeError as e:
-            yield e.lineno, _BadRow(f"invalid JSON ({e.msg})")
-            return
-        for i, item in enumerate(items, 1):
-            yield f"item {i}", _json_row(item, with_text)
+def _is_json_array(content: str) -> bool:
+    return content.lstrip().startswith("[")  # a JSON array of objects (a common shape of .json files)
+
+
+def _json_array(content: str, with_text: bool = True) -> _Parsed:
+    try:
+        items = json.loads(content)
+    except json.JSONDecodeError as e:
+        yield e.lineno, _BadRow(f"invalid JSON ({e.msg})")
         return
-    for n, line in enumerate(content.splitlines(), 1):
+    for i, item in enumerate(items, 1):
+        yield f"item {i}", _json_row(item, with_text)
+
+
+def _jsonl(lines: Iterable[str], with_text: bool = True) -> _Parsed:
+    for n, line in enumerate(_split_lines(lines), 1):
         if line.strip():
             try:
                 obj = json.loads(line)
@@ -220,6 +350,12 @@ def _jsonl(content: str, with_text: bool = True) -> _Parsed:
                 yield n, _BadRow(f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
                 continue
             yield n, _json_row(obj, with_text)
+
+
+def _split_lines(lines: Iterable[str]) -> Iterator[str]:
+    """Lines as ``str.splitlines`` splits the whole text (it also splits at \\v, \\f, \\x1c-\\x1e, \\x85, U+2028/9)."""
+    for line in lines:
+        yield from line.splitlines()
 
 
 def _json_row(obj: object, with_text: bool = True) -> Row | _BadRow:
@@ -244,19 +380,65 @@ def _json_row(obj: object, with_text: bool = True) -> Row | _BadRow:
     return Row(obj["title"].strip(), tuple(w for k in keywords for w in k.split()), obj["text"].strip())
 
 
-def _text(content: str) -> _Parsed:
+def _has_paragraphs(content: str) -> bool:
+    """Whether blank lines separate documents: a blank line between non-blank ones."""
+    return not all(line.strip() for line in content.strip().splitlines())
+
+
+def _has_paragraphs_stream(path: Path) -> bool:
+    """``_has_paragraphs`` of a file, streamed: stops at the first blank line that has text after it."""
+    seen_text, blank = False, False
+    with _open_lines(path) as lines:
+        for line in _split_lines(lines):
+            if line.strip():
+                if blank and seen_text:
+                    return True
+                seen_text = True
+            else:
+                blank = True
+    return False
+
+
+def _text(lines: Iterable[str], paragraphs: bool) -> _Parsed:
     # Blank lines separate documents when the file has any; otherwise each line is one document.
-    lines = content.splitlines()
-    if all(line.strip() for line in content.strip().splitlines()):
-        yield from ((n, Row("", (), line.strip())) for n, line in enumerate(lines, 1) if line.strip())
+    if not paragraphs:
+        yield from ((n, Row("", (), line.strip())) for n, line in enumerate(_split_lines(lines), 1) if line.strip())
         return
     block: list[str] = []
-    for n, line in enumerate(lines + [""], 1):
+    n = 0
+    for n, line in enumerate(_split_lines(lines), 1):
         if line.strip():
             block.append(line.rstrip())
         elif block:
             yield n - len(block), Row("", (), "\n".join(block).strip())
             block = []
+    if block:
+        yield n + 1 - len(block), Row("", (), "\n".join(block).strip())
+
+
+def _parquet(path: Path, with_text: bool = True) -> _Parsed:
+    """Parquet rows by record batch: columns title, keywords (a string or a list of strings) and text, or text alone."""
+    try:
+        import pyarrow.parquet as pq  # optional: only Parquet corpora need it
+    except ImportError:
+        raise GPT2JaxError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        f = pq.ParquetFile(path)
+        names = set(f.schema_arrow.names)
+        columns = [c for c in _COLUMNS if c in names]
+        if "text" not in names and with_text:
+            raise GPT2JaxError(f"{path}: a Parquet corpus needs a 'text' column (has: {', '.join(sorted(names))})")
+        n = 0
+        for batch in f.iter_batches(batch_size=4096, columns=columns):
+            cols = batch.to_pydict()
+            for i in range(batch.num_rows):
+                n += 1
+                obj = {c: cols[c][i] for c in columns}
+                obj.setdefault("title", "")
+                obj.setdefault("keywords", [])
+                yield f"row {n}", _json_row(obj, with_text)
+    except OSError as e:
+        raise GPT2JaxError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
 
 
 def resolve_corpus(spec: str, cache_dir: str | Path) -> Path:

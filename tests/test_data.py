@@ -1,6 +1,6 @@
 """Tests for gpt2_jax/token_cache.py (the tokenized cache) and gpt2_jax/data.py (keyword augmentation, the
 prompt limit, batches per process and per micro-batch, resumable; loss masks, the split, the unigram
-baseline), which share their fixtures."""
+baseline), which share their fixtures. Packing and windows: tests/test_packing.py."""
 from __future__ import annotations
 
 import logging
@@ -178,41 +178,44 @@ def test_keyword_augmentation_deterministic_and_varies_by_epoch(tmp_path):
     assert b.keyword_order(1, 0) is None and b.keyword_order(2, 7).tolist() == [0]
     # In the batches: the keywords between the two SEPs are the epoch's subset, in its order.
     for step in range(4):
-        ids_AM, batch = b.example_ids(step), b.local_batch(step)
-        for (a, r), i in np.ndenumerate(ids_AM):
+        windows, batch = b.row_windows(step), b.local_batch(step)
+        for r, [(i, epoch, k)] in enumerate(windows[0]):
             if i == 0:
-                epoch = (step * 3 + r) // 3
+                a = 0
                 seq = batch["input_ids"][a, r].tolist()
                 kw = seq[seq.index(2) + 1:seq.index(2, seq.index(2) + 1)]
                 assert kw == [ord(c) for c in " ".join(rows[0].keywords[j] for j in b.keyword_order(0, epoch))]
     off = char_batches(rows, tmp_path, batch_size=3, keyword_augment=False, max_length=32)
     assert off.keyword_order(0, 5) is None
-    assert off.local_batch(0)["input_ids"][0, off.example_ids(0)[0].tolist().index(0), :14].tolist() == \
+    assert off.local_batch(0)["input_ids"][0, [w[0][0] for w in off.row_windows(0)[0]].index(0), :14].tolist() == \
         CHAR.format_example("T", rows[0].keywords, "x")[:14]
 
 
-def test_global_batch_same_for_any_process_count_and_grad_accum(tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_global_batch_same_for_any_process_count_and_grad_accum(tmp_path, packing):
     rows = letter_rows(13)
-    reference = char_batches(rows, tmp_path)
+    reference = char_batches(rows, tmp_path, packing=packing)
     for A, P in ((1, 2), (1, 4), (1, 8), (2, 1), (2, 2), (2, 4), (4, 2), (8, 1)):
-        parts = [char_batches(rows, tmp_path, grad_accum=A, process_count=P, process_index=p) for p in range(P)]
-        for step in (0, 1, 5):  # 5 straddles the third and fourth epochs
+        parts = [char_batches(rows, tmp_path, grad_accum=A, process_count=P, process_index=p, packing=packing)
+                 for p in range(P)]
+        for step in (0, 1, 5, 9):  # batches straddle epochs
             local = [b.local_batch(step) for b in parts]
-            for key in ("input_ids", "labels", "loss_mask"):
+            assert sum(int((x["segment_ids"] > 0).sum()) for x in local) == reference.real_tokens(step)
+            for key in ("input_ids", "labels", "loss_mask", "segment_ids", "positions"):
                 assert local[0][key].shape == (A, 8 // A // P, 16)
                 glob = np.concatenate([x[key] for x in local], axis=1).reshape(8, 16)
                 np.testing.assert_array_equal(glob, reference.local_batch(step)[key][0])
 
 
 def test_each_process_assembles_only_its_rows(tmp_path, monkeypatch):
-    b = char_batches(letter_rows(13), tmp_path, grad_accum=2, process_count=4, process_index=3)
+    b = char_batches(letter_rows(13), tmp_path, grad_accum=2, process_count=4, process_index=3, max_length=64)
     calls = []
     sequence = type(b.corpus).sequence
     monkeypatch.setattr(type(b.corpus), "sequence",
                         lambda self, r, *a, **k: calls.append(r) or sequence(self, r, *a, **k))
     b.local_batch(2)
-    everyone = char_batches(letter_rows(13), tmp_path, grad_accum=2).example_ids(2)
-    assert calls == [everyone[0, 3], everyone[1, 3]]  # row 3 of each micro-batch of 4
+    everyone = char_batches(letter_rows(13), tmp_path, grad_accum=2, max_length=64).row_windows(2)
+    assert calls == [everyone[0][3][0][0], everyone[1][3][0][0]]  # row 3 of each micro-batch of 4
 
 
 def test_local_batch_is_a_pure_function_of_step(tmp_path):
@@ -225,21 +228,26 @@ def test_local_batch_is_a_pure_function_of_step(tmp_path):
             np.testing.assert_array_equal(value, history[s][key])
 
 
+def first_examples(b: Batches, step: int) -> list[int]:
+    """The example of each (unpacked, one-window) row of micro-batch 0; -1 for a padding row."""
+    return [w[0][0] if w else -1 for w in b.row_windows(step)[0]]
+
+
 def test_epochs_straddle_batches(tmp_path):
-    b = char_batches(letter_rows(14), tmp_path, batch_size=4, indices=range(2, 12))
-    stream = np.concatenate([b.example_ids(s).reshape(-1) for s in range(10)])
+    b = char_batches(letter_rows(14), tmp_path, batch_size=4, indices=range(2, 12), max_length=64)
+    stream = np.concatenate([first_examples(b, s) for s in range(10)])
     epochs = stream.reshape(4, 10)
     assert all(sorted(e) == list(range(2, 12)) for e in epochs)
     assert len({tuple(e) for e in epochs}) == 4  # reshuffled every epoch
-    assert b.steps_per_epoch == 2.5 and b.examples_seen(5) == 20 and b.epoch(5) == 2.0 and b.num_batches == 3
-    in_order = char_batches(letter_rows(14), tmp_path, batch_size=4, indices=[5, 3, 9], shuffle=False)
-    assert np.concatenate([in_order.example_ids(s)[0] for s in range(3)]).tolist() == [5, 3, 9] * 4
+    assert b.steps_per_epoch == 2.5 and b.epoch(5) == 2.0 and b.num_batches == 3
+    in_order = char_batches(letter_rows(14), tmp_path, batch_size=4, indices=[5, 3, 9], shuffle=False, max_length=64)
+    assert np.concatenate([first_examples(in_order, s) for s in range(3)]).tolist() == [5, 3, 9] * 4
 
 
 def test_no_repeat_pads_the_last_batch(tmp_path):
     b = char_batches(letter_rows(14), tmp_path, batch_size=4, indices=range(6), shuffle=False, repeat=False,
-                     process_count=2, process_index=1)
-    assert b.num_batches == 2 and b.example_ids(1).tolist() == [[-1, -1]]
+                     process_count=2, process_index=1, max_length=64)
+    assert b.num_batches == 2 and first_examples(b, 1) == [-1, -1]
     assert b.local_batch(1)["loss_mask"].sum() == 0 and (b.local_batch(1)["input_ids"] == 0).all()
     with pytest.raises(IndexError):
         b.local_batch(2)
@@ -258,21 +266,29 @@ def test_loss_mask_all_and_text_hand_checked(tmp_path):
     assert got["text"]["loss_mask"][0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]  # x from the SEP, y, EOS
 
 
-def test_truncation_cuts_the_text_and_the_eos(tmp_path):
+def test_long_rows_continue_and_only_long_titles_are_cut(tmp_path):
+    """Changed from truncation: a long text continues in a second window (row) with the prompt repeated as
+    context; only a title over half the window, which leaves no room for that, is still cut."""
     rows = [Row("T", ("k",), "xyzwvu"), Row("A long title", ("kw",), "long text " * 50)]
-    b = char_batches(rows, tmp_path, batch_size=2, max_length=10, shuffle=False, loss_on="text")
+    b = char_batches(rows, tmp_path, batch_size=4, max_length=10, shuffle=False, loss_on="text")
     batch = {k: v[0] for k, v in b.local_batch(0).items()}
     text = [ord(c) for c in "xyzwvu"]
+    assert b.row_windows(0)[0] == [[(0, 0, 0)], [(0, 0, 1)], [(1, 0, 0)], [(0, 1, 0)]]  # an epoch of three rows
     assert batch["input_ids"][0].tolist() == [1, 84, 2, 107, 2, *text[:5]]
-    assert batch["labels"][0].tolist() == [84, 2, 107, 2, *text]  # EOS is cut
+    assert batch["labels"][0].tolist() == [84, 2, 107, 2, *text]
     assert batch["loss_mask"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
-    assert batch["labels"][1].tolist() == [ord(c) for c in "A long tit"]  # not even the prompt fits
-    assert batch["loss_mask"][1].sum() == 0
+    assert batch["input_ids"][1].tolist() == [1, 84, 2, 107, 2, text[5], 0, 0, 0, 0]
+    assert batch["labels"][1].tolist() == [84, 2, 107, 2, text[5], 3, 0, 0, 0, 0]  # the prompt's labels: context
+    assert batch["loss_mask"][1].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]  # EOS only: u was trained before
+    assert batch["labels"][2].tolist() == [ord(c) for c in "A long tit"]  # not even the prompt fits: cut
+    assert batch["loss_mask"][2].sum() == 0
+    over = prompt_overflow(b.corpus, [0, 1], 10)
+    assert over["truncated"] == 1 and over["no_text"] == 1
 
 
 def test_long_keyword_lists_are_cut_to_half_the_window(tmp_path):
     """A prompt longer than max_length // 2 drops its last keywords (after augmentation's shuffle); the
-    title stays whole; the rest of the window is text."""
+    title stays whole; the rest of the window is text, and continuation windows repeat the same prompt."""
     keywords = tuple(f"w{i}" for i in range(12))  # 12 keywords: 37 characters joined
     rows = [Row("Title", keywords, "t" * 100), Row("T", ("ab",), "u" * 100)]
     for augment in (False, True):
@@ -280,19 +296,20 @@ def test_long_keyword_lists_are_cut_to_half_the_window(tmp_path):
                          keyword_augment=augment)
         for step in range(6):
             batch = b.local_batch(step)
-            for r, i in enumerate(b.example_ids(step)[0]):
+            for r, [(i, epoch, k)] in enumerate(b.row_windows(step)[0]):
                 seq = batch["input_ids"][0, r].tolist()
                 first_text = int(batch["loss_mask"][0, r].argmax())
-                prompt = seq[:first_text + 1]
+                prompt = seq[:first_text + (k == 0)]  # a continuation's first text input was a label before
                 assert len(prompt) <= 20 and prompt[0] == 1 and prompt[-1] == 2
-                order = b.keyword_order(i, step)
+                order = b.keyword_order(i, epoch)
                 chosen = [rows[i].keywords[j] for j in (range(len(rows[i].keywords)) if order is None else order)]
                 title = rows[i].title
                 kept = [w for n, w in enumerate(chosen) if len(title) + 3 + len(" ".join(chosen[:n + 1])) <= 20]
                 assert prompt == CHAR.format_prompt(title, kept), (augment, step, r)
-                assert seq[first_text + 1:] == [ord(rows[i].text[0])] * (39 - first_text)
+                text = [t for t in seq[len(prompt):] if t]
+                assert text == [ord(rows[i].text[0])] * len(text) and (k > 0 or len(prompt) + len(text) == 40)
     over = prompt_overflow(tokenize_corpus(rows, CHAR, tmp_path / "cache"), [0, 1], 40)
-    assert over == {"cut": 1, "no_text": 0, "longest": 5 + 37 + 3}
+    assert over == {"cut": 1, "no_text": 0, "truncated": 0, "longest": 5 + 37 + 3}
     assert CHAR.format_prompt("Title", keywords, max_tokens=20) == CHAR.format_prompt("Title", keywords[:4])
     assert prompt_limit(40) == 20
 
@@ -305,16 +322,17 @@ def test_unigram_entropy_hand_checked_and_equal_to_batches(tmp_path, corpora, to
     tok, corpus = tokenizers["bpe"], corpora["bpe"]
     ids = dict(bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id)
     split = np.arange(3, len(rows))
-    for loss_on in ("all", "text"):
-        for max_length in (24, 512):  # cut, and not
+    for loss_on, packing in (("all", False), ("text", False), ("all", True), ("text", True)):
+        for max_length in (12, 48, 512):  # titles cut, windows and keywords cut, neither
             b = Batches(corpus, split, **ids, pad_id=tok.pad_id, max_length=max_length, batch_size=8, shuffle=False,
-                        keyword_augment=False, loss_on=loss_on, repeat=False)
+                        keyword_augment=False, loss_on=loss_on, repeat=False, packing=packing)
             batches = [b.local_batch(s) for s in range(b.num_batches)]
             labels = np.concatenate([x["labels"][x["loss_mask"] > 0] for x in batches])
             p = np.bincount(labels)[np.bincount(labels) > 0] / len(labels)
             assert unigram_entropy(corpus, split, **ids, loss_on=loss_on, max_length=max_length) == pytest.approx(
                 -(p * np.log(p)).sum(), rel=1e-12)
-            assert (prompt_overflow(corpus, split, max_length)["cut"] > 0) == (max_length == 24)  # keywords cut
+            assert (prompt_overflow(corpus, split, max_length)["cut"] > 0) == (max_length < 512)  # keywords cut
+            assert (prompt_overflow(corpus, split, max_length)["truncated"] > 0) == (max_length < 512)  # titles
     with pytest.raises(GPT2JaxError, match="no label counts toward the loss"):
         unigram_entropy(corpus, [0], **ids, loss_on="text", max_length=3)
 
@@ -337,7 +355,7 @@ def test_split_indices():
 
 @pytest.mark.parametrize("kw,message", [
     (dict(batch_size=8, grad_accum=3), r"batch_size=8 is not divisible by grad_accum=3"),
-    (dict(batch_size=8, grad_accum=2, process_count=3), r"micro-batch of 4 examples .* over 3 processes"),
+    (dict(batch_size=8, grad_accum=2, process_count=3), r"micro-batch of 4 rows .* over 3 processes"),
     (dict(process_count=2, process_index=2), r"process_index=2 is not in \[0, process_count=2\)"),
     (dict(batch_size=0), r"batch_size=0 and grad_accum=1 must be at least 1"),
     (dict(loss_on="txt"), r"unknown loss_on 'txt' \(did you mean \"text\"\?\); known: all, text"),

@@ -7,16 +7,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2_jax.corpus import read_rows, row_texts
+from gpt2_jax.corpus import ROW_FORMATS, read_rows, row_texts
 from gpt2_jax.errors import GPT2JaxError, run_cli
 from gpt2_jax.tokenizer import train_bpe, train_sentencepiece
-from gpt2_jax.train_config import FORMATS
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, help="CSV, JSONL or text file")
-    p.add_argument("--format", choices=FORMATS, help="corpus format (default: from the file extension)")
+    p.add_argument("--format", choices=ROW_FORMATS, help="corpus format (default: from the file extension)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of failing")
     p.add_argument("--kind", required=True, choices=("sentencepiece", "bpe"),
                    help="sentencepiece: DIR/spm.model; bpe: GPT-2 byte-level BPE as a Hugging Face directory")
