@@ -6,7 +6,8 @@ every `batch_size` rows. Batch b samples with a seed derived from (seed, b). The
 not depend on what was done before, so a resumed run writes exactly what an uninterrupted one would:
 a batch with rows already in the output is generated again whole, and only its missing rows are written.
 Output lines are JSON objects `{"index", "title", "keywords", "text"}` in the order batches finish;
-`index` is the row's position among the input's good rows.
+`index` is the row's position among the input's good rows. When done, the keyword metrics of the whole
+output (keyword_metrics.summarise) are printed on stderr and returned under "metrics".
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from tqdm import tqdm
 
 from gpt2_jax.corpus import read_rows
 from gpt2_jax.errors import GPT2JaxError
-from gpt2_jax.sampling import generate, new_tokens
+from gpt2_jax.keyword_metrics import summarise
+from gpt2_jax.sampling import generate, keyword_token_ids, new_tokens
 
 
 def plan_batches(prompt_lengths: list[int], new_tokens: list[int], batch_size: int) -> list[list[int]]:
@@ -50,6 +52,7 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
     Bad rows and prompts that do not fit the model's context are reported on stderr, one line each, and
     skipped; a prompt that leaves less room than `max_new_tokens` gets fewer new tokens (one summary line).
     `prompt_limit` cuts keyword lists as training did (data.prompt_limit); `sampling`: generate's settings.
+    With `keyword_boost` > 0 in them, each row's keywords (all of them) are boosted.
     """
     if batch_size < 1:
         raise GPT2JaxError(f"batch size must be at least 1, got {batch_size}")
@@ -71,6 +74,8 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
                                                          [budget[i] for i in usable], batch_size)]
     settings = {"input": os.path.abspath(input_path), "rows": len(rows), "batch_size": batch_size,
                 "max_new_tokens": max_new_tokens, "seed": seed, "prompt_limit": prompt_limit, **sampling}
+    if not settings.get("keyword_boost", 1):
+        del settings["keyword_boost"]  # off: outputs written before the option existed continue as they were
     done = _open_output(Path(output_path), settings)
 
     bar = tqdm(total=len(usable), initial=sum(i in done for i in usable), disable=not progress, unit="row",
@@ -85,8 +90,11 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
             if not todo:
                 continue
             P = max(len(prompts[i]) for i in batch)
+            # Without a boost no keywords are passed: the program and the texts are those of plain sampling.
+            keywords = ([keyword_token_ids(tokenizer, rows[i].keywords) for i in batch]
+                        if sampling.get("keyword_boost", 0) else None)
             ids = generate(model, [prompts[i] for i in batch], max_new_tokens=budget[batch[0]],
-                           seed=batch_seed(seed, b), **sampling)
+                           seed=batch_seed(seed, b), keywords=keywords, **sampling)
             for i, new in zip(batch, new_tokens(ids[:, P:], sampling["eos_token_id"])):
                 generated += len(new)
                 if i not in done:
@@ -98,9 +106,25 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
             bar.update(len(todo))
     bar.close()
     seconds = time.perf_counter() - t0
-    return {"rows": len(rows), "bad_rows": rows.skipped, "skipped_prompts": len(rows) - len(usable),
-            "written": written, "already_done": len(done & set(usable)), "new_tokens": generated,
-            "seconds": seconds, "tokens_per_s": generated / max(seconds, 1e-9)}
+    stats = {"rows": len(rows), "bad_rows": rows.skipped, "skipped_prompts": len(rows) - len(usable),
+             "written": written, "already_done": len(done & set(usable)), "new_tokens": generated,
+             "seconds": seconds, "tokens_per_s": generated / max(seconds, 1e-9)}
+    metrics = output_metrics(output_path)
+    if metrics is not None:
+        print("keywords: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in metrics.items()), file=sys.stderr)
+        stats["metrics"] = metrics
+    return stats
+
+
+def output_metrics(output_path: str) -> Optional[dict]:
+    """keyword_metrics.summarise over every line of an output (resumed parts too), in index order; None when
+    no row has keywords."""
+    objs = sorted((json.loads(line) for line in Path(output_path).read_text(encoding="utf-8").splitlines()),
+                  key=lambda o: o["index"])
+    if not any(o["keywords"] for o in objs):
+        return None
+    return summarise([o["text"] for o in objs], [o["keywords"] for o in objs])
 
 
 def _open_output(path: Path, settings: dict) -> set[int]:

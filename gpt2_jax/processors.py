@@ -1,9 +1,10 @@
 """Hugging Face's logits processors as pure functions of [B, V] float32 scores and traced parameters.
 
-Shape letters: B batch, V vocabulary, C top-k candidates.
+Shape letters: B batch, V vocabulary, C top-k candidates, K keywords per row, L tokens per keyword.
 
 They follow `transformers.generation.logits_process` exactly (order, ties, edge values): repetition
-penalty -> min new tokens -> temperature -> top-k -> top-p, then softmax sampling (or argmax).
+penalty -> min new tokens -> temperature -> top-k -> top-p, then softmax sampling (or argmax). Our one
+addition, the keyword boost, sits right after the repetition penalty (see `apply_keyword_boost`).
 Sorting the whole vocabulary is slow on CPU (~10 ms a row for GPT-2's 50,257 tokens), so sampling filters
 the top-`C` candidates found by `lax.top_k` and only falls back to the exact full sort (under `lax.cond`,
 so it costs nothing when not taken) when the candidates cannot decide the answer exactly: top-k off or
@@ -50,6 +51,50 @@ def apply_repetition_penalty(scores_BV, seen_BV, penalty):
     scores_BV = jnp.asarray(scores_BV, jnp.float32)
     penalised = jnp.where(scores_BV < 0, scores_BV * penalty, _div(scores_BV, penalty))
     return jnp.where(seen_BV, penalised, scores_BV)
+
+
+def keyword_lengths(kw_BKL):
+    """int32 [B, K]: the tokens of each keyword (-1 pads keywords to L tokens and rows to K keywords)."""
+    return jnp.sum(kw_BKL >= 0, axis=-1, dtype=jnp.int32)
+
+
+def apply_keyword_boost(scores_BV, kw_BKL, match_BK, done_BK, boost):
+    """Add `boost` to the score of the next token of every keyword not yet generated whole: its first token,
+    or, once a keyword is under way (`match_BK` > 0 tokens of it end the text), its next one at 2 * boost.
+
+    A traced processor of our own (not in HF), after the repetition penalty (which would shrink the boost of a
+    keyword already in the prompt) and before temperature, top-k and top-p, so that the boosted tokens can
+    survive their cut. Twice the boost for a continuation finishes a started keyword rather than starting
+    another. A token that several keywords want gets the largest of their boosts, not their sum. `boost` 0 adds
+    exactly 0: the scores and hence the tokens are those without keywords.
+    """
+    B, V = scores_BV.shape
+    L = kw_BKL.shape[2]
+    next_BK = jnp.take_along_axis(kw_BKL, jnp.clip(match_BK, 0, L - 1)[..., None], axis=2)[..., 0]
+    pending_BK = ~done_BK & (next_BK >= 0)
+    boost = jnp.asarray(boost, jnp.float32)
+    strength_BK = jnp.where(match_BK > 0, 2 * boost, boost)
+    rows_BK = jnp.broadcast_to(jnp.arange(B)[:, None], next_BK.shape)
+    scores_BV = jnp.asarray(scores_BV, jnp.float32)
+    # Scatter-max of score + boost onto the K tokens only: no [B, V] bonus array to fill and add.
+    boosted_BK = scores_BV[rows_BK, jnp.clip(next_BK, 0, V - 1)] + strength_BK
+    return scores_BV.at[rows_BK, jnp.where(pending_BK, next_BK, V)].max(boosted_BK, mode="drop")  # V: dropped
+
+
+def update_keyword_match(kw_BKL, match_BK, done_BK, tok_B):
+    """(match_BK, done_BK) after emitting `tok_B`: how many tokens of each keyword end the text now, and
+    whether it has been generated whole (then done for good, its match reset to 0).
+
+    A token that does not continue a match restarts it only if it is the keyword's first token (no KMP
+    fallback: a keyword that repeats its own prefix, "a a b" in "a a a b", can be missed; keywords are words).
+    """
+    L = kw_BKL.shape[2]
+    cur_BK = jnp.take_along_axis(kw_BKL, jnp.clip(match_BK, 0, L - 1)[..., None], axis=2)[..., 0]
+    tok_B1 = tok_B[:, None]
+    match_BK = jnp.where(cur_BK == tok_B1, match_BK + 1, jnp.where(kw_BKL[:, :, 0] == tok_B1, 1, 0))
+    len_BK = keyword_lengths(kw_BKL)
+    done_BK = done_BK | ((match_BK == len_BK) & (len_BK > 0))
+    return jnp.where(done_BK, 0, match_BK).astype(jnp.int32), done_BK
 
 
 def apply_min_new_tokens(scores_BV, eos_mask_V, num_new, min_new_tokens):

@@ -1,7 +1,8 @@
 """Generation: one jitted prefill + decode loop over a KV cache, and the Python API around it.
 
 Shape letters: B batch (rows after `num_return_sequences`), P prompt slots (bucketed), N new-token slots
-(bucketed), S cache slots (P + N), V vocabulary, D n_embd.
+(bucketed), S cache slots (P + N), V vocabulary, D n_embd, K keywords per row and L tokens per keyword
+(both bucketed).
 
 `generate` left-pads the prompts to a bucketed length, prefills them in one pass into a KV cache, then
 decodes one token per row per step in a `lax.while_loop` inside the same `jax.jit`, stopping once every
@@ -11,6 +12,11 @@ travels in `SamplingParams`, whose fields are all traced: only the model's graph
 `num_return_sequences`, the batch size and the two bucketed lengths are static, so changing temperature,
 top-k, top-p, the penalty, `min_new_tokens`, `max_new_tokens` (within a bucket), the special ids or the
 seed reuses the compiled program. Each token is chosen by the processors of processors.py.
+
+Keyword-guided sampling (`keywords`, `keyword_boost`): each row's keywords travel as token ids [B, K, L],
+and the loop's state tracks, per row and keyword, how much of it the text ends with and whether it has been
+written whole, so the boost moves from a keyword's first token to its next ones and stops once it is done,
+all inside the compiled loop.
 """
 from __future__ import annotations
 
@@ -25,11 +31,15 @@ from flax import nnx, struct
 
 from gpt2_jax.cache import KVCache, init_cache
 from gpt2_jax.errors import GPT2JaxError
-from gpt2_jax.processors import (apply_min_new_tokens, apply_repetition_penalty, apply_temperature,
-                                 one_minus_top_p, sample_tokens, token_presence)
+from gpt2_jax.keyword_metrics import is_unspaced
+from gpt2_jax.processors import (apply_keyword_boost, apply_min_new_tokens, apply_repetition_penalty,
+                                 apply_temperature, one_minus_top_p, sample_tokens, token_presence,
+                                 update_keyword_match)
 
 # Smallest bucket for the prompt and for the new tokens; buckets are powers of two above it.
 MIN_BUCKET = 16
+# Smallest buckets for the keywords per row and the tokens per keyword.
+MIN_KEYWORD_BUCKET = 4
 
 
 def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -51,10 +61,12 @@ class SamplingParams:
     pad_token_id: jax.Array  # int32 scalar: what finished rows emit
     eos_mask_V: jax.Array  # bool [V]: which tokens end a row
     seed: jax.Array  # uint32 scalar
+    keyword_boost: jax.Array  # float32 scalar: added to the keywords' next tokens (processors.apply_keyword_boost)
 
     @classmethod
     def of(cls, *, vocab_size: int, do_sample: bool, temperature, top_k, top_p, repetition_penalty,
-           min_new_tokens, max_new_tokens, pad_token_id: int, eos_ids: Sequence[int], seed) -> "SamplingParams":
+           min_new_tokens, max_new_tokens, pad_token_id: int, eos_ids: Sequence[int], seed,
+           keyword_boost=0.0) -> "SamplingParams":
         """From checked Python values, as fixed-dtype numpy scalars (so no value becomes a constant)."""
         eos_mask_V = np.zeros((vocab_size,), bool)
         eos_mask_V[list(eos_ids)] = True
@@ -62,7 +74,8 @@ class SamplingParams:
                    top_k=np.int32(min(top_k, vocab_size)), top_p=np.float32(top_p),
                    top_p_cut=one_minus_top_p(top_p), repetition_penalty=np.float32(repetition_penalty),
                    min_new_tokens=np.int32(min(min_new_tokens, 2**30)), max_new_tokens=np.int32(max_new_tokens),
-                   pad_token_id=np.int32(pad_token_id), eos_mask_V=eos_mask_V, seed=np.uint32(seed % 2**32))
+                   pad_token_id=np.int32(pad_token_id), eos_mask_V=eos_mask_V, seed=np.uint32(seed % 2**32),
+                   keyword_boost=np.float32(keyword_boost))
 
 
 @struct.dataclass
@@ -75,13 +88,18 @@ class DecodeState:
     out_BN: jax.Array  # int32 [B, N]: the new tokens, padding after EOS
     seen_BV: jax.Array  # bool [B, V]: tokens in the prompt or emitted, for the repetition penalty
     cache: KVCache  # S = P + N slots
+    kw_BKL: jax.Array  # int32 [B, K, L]: the keywords' token ids, -1 padded (K = 0: no keywords)
+    kw_match_BK: jax.Array  # int32 [B, K]: how many tokens of each keyword the generated text ends with
+    kw_done_BK: jax.Array  # bool [B, K]: the keyword has been generated whole: no longer boosted
 
 
 # --- the compiled loop --------------------------------------------------------------------------------
 
-def _choose(key, logits_BV, seen_BV, num_new, p: SamplingParams, do_sample: bool):
-    """The next token per row: HF's processors, then argmax or a draw."""
-    scores_BV = apply_repetition_penalty(logits_BV, seen_BV, p.repetition_penalty)
+def _choose(key, logits_BV, s: DecodeState, num_new, p: SamplingParams, do_sample: bool):
+    """The next token per row: HF's processors (and the keyword boost), then argmax or a draw."""
+    scores_BV = apply_repetition_penalty(logits_BV, s.seen_BV, p.repetition_penalty)
+    if s.kw_BKL.shape[1]:  # static: without keywords the program is exactly the one without the boost
+        scores_BV = apply_keyword_boost(scores_BV, s.kw_BKL, s.kw_match_BK, s.kw_done_BK, p.keyword_boost)
     scores_BV = apply_min_new_tokens(scores_BV, p.eos_mask_V, num_new, p.min_new_tokens)
     if not do_sample:
         return jnp.argmax(scores_BV, axis=-1).astype(jnp.int32)  # first index among ties, as torch.argmax
@@ -93,15 +111,19 @@ def _emit(s: DecodeState, tok_B, p: SamplingParams) -> DecodeState:
     """Write the chosen tokens into slot `s.step` (padding for finished rows) and advance one step."""
     tok_B = jnp.where(s.finished_B, p.pad_token_id, tok_B)
     rows_B = jnp.arange(tok_B.shape[0])
+    if s.kw_BKL.shape[1]:
+        s = s.replace(**dict(zip(("kw_match_BK", "kw_done_BK"),
+                                 update_keyword_match(s.kw_BKL, s.kw_match_BK, s.kw_done_BK, tok_B))))
     return s.replace(step=s.step + 1, token_B=tok_B, finished_B=s.finished_B | p.eos_mask_V[tok_B],
                      out_BN=jax.lax.dynamic_update_slice_in_dim(s.out_BN, tok_B[:, None], s.step, axis=1),
                      seen_BV=s.seen_BV.at[rows_B, tok_B].set(True))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "num_return_sequences", "new_slots"))
-def _generate_jit(state, ids_BP, mask_BP, prompt_start, p: SamplingParams, *, graphdef, do_sample: bool,
+def _generate_jit(state, ids_BP, mask_BP, prompt_start, kw_BKL, p: SamplingParams, *, graphdef, do_sample: bool,
                   num_return_sequences: int, new_slots: int):
-    """New tokens [B * R, N] (pad after EOS / past max_new_tokens) for left-padded prompts [B, P]."""
+    """New tokens [B * R, N] (pad after EOS / past max_new_tokens) for left-padded prompts [B, P] and their
+    keywords [B, K, L] (K = 0: none)."""
     model = nnx.merge(graphdef, state)
     B, P = ids_BP.shape
     R, N = num_return_sequences, new_slots
@@ -126,13 +148,15 @@ def _generate_jit(state, ids_BP, mask_BP, prompt_start, p: SamplingParams, *, gr
     cache = KVCache(k=tuple(grow(k) for k in pre.k), v=tuple(grow(v) for v in pre.v),
                     valid_BS=grow(pre.valid_BS, False), index=pre.index)
     rep = (lambda x: jnp.repeat(x, R, axis=0)) if R > 1 else (lambda x: x)
-    logits_BV, seen_BV, lengths_B = rep(logits_BV), rep(seen_BV), rep(lengths_B)
-    BR = B * R
+    logits_BV, seen_BV, lengths_B, kw_BKL = rep(logits_BV), rep(seen_BV), rep(lengths_B), rep(kw_BKL)
+    BR, K = B * R, kw_BKL.shape[1]
     key = jax.random.key(p.seed)
 
+    # Keywords count from the first new token: their copies in the prompt do not make them done.
     s = DecodeState(step=jnp.int32(0), token_B=jnp.zeros((BR,), jnp.int32), finished_B=jnp.zeros((BR,), bool),
-                    out_BN=jnp.full((BR, N), p.pad_token_id, jnp.int32), seen_BV=seen_BV, cache=cache)
-    s = _emit(s, _choose(key, logits_BV, seen_BV, 0, p, do_sample), p)
+                    out_BN=jnp.full((BR, N), p.pad_token_id, jnp.int32), seen_BV=seen_BV, cache=cache,
+                    kw_BKL=kw_BKL, kw_match_BK=jnp.zeros((BR, K), jnp.int32), kw_done_BK=jnp.zeros((BR, K), bool))
+    s = _emit(s, _choose(key, logits_BV, s, 0, p, do_sample), p)
 
     def cond(s: DecodeState):
         return (s.step < p.max_new_tokens) & ~jnp.all(s.finished_B)
@@ -141,7 +165,7 @@ def _generate_jit(state, ids_BP, mask_BP, prompt_start, p: SamplingParams, *, gr
         # Feed the previous token: its position is the row's length plus the tokens generated before it.
         h_B1D, cache = model.hidden_states(s.token_B[:, None], None, (lengths_B + s.step - 1)[:, None], s.cache)
         logits_BV = model.logits(h_B1D[:, 0]).astype(jnp.float32)
-        tok_B = _choose(key, logits_BV, s.seen_BV, s.step, p, do_sample)
+        tok_B = _choose(key, logits_BV, s, s.step, p, do_sample)
         return _emit(s.replace(cache=cache), tok_B, p)
 
     return jax.lax.while_loop(cond, body, s).out_BN
@@ -235,10 +259,54 @@ def _prompt_arrays(input_ids, attention_mask, pad_id: int, infer_mask: bool) -> 
     return ids, mask
 
 
+def _keyword_array(keywords, batch: int, vocab_size: int) -> np.ndarray:
+    """int32 [B, K, L]: each row's keyword token-id sequences, -1 padded to bucketed K and L."""
+    if not isinstance(keywords, (list, tuple)) or len(keywords) != batch:
+        got = f"{len(keywords)} rows" if isinstance(keywords, (list, tuple)) else repr(type(keywords).__name__)
+        raise GPT2JaxError(f"keywords must hold one list of keyword token-id sequences per prompt ({batch}), "
+                           f"got {got}")
+    for b, row in enumerate(keywords):
+        if not isinstance(row, (list, tuple)):
+            raise GPT2JaxError(f"keywords[{b}] must be a list of token-id sequences, got {row!r}")
+        for k, seq in enumerate(row):
+            if not isinstance(seq, (list, tuple, np.ndarray)) or len(seq) == 0 or not all(_is_int(t) for t in seq):
+                raise GPT2JaxError(f"keywords[{b}][{k}] must be a non-empty list of token ids, got {seq!r}")
+            bad = [int(t) for t in seq if not 0 <= t < vocab_size]
+            if bad:
+                raise GPT2JaxError(f"keywords[{b}][{k}] holds token id {bad[0]}, outside the vocabulary "
+                                   f"[0, {vocab_size})")
+    K = bucket_length(max(map(len, keywords)), MIN_KEYWORD_BUCKET)
+    L = bucket_length(max((len(q) for row in keywords for q in row), default=1), MIN_KEYWORD_BUCKET)
+    kw_BKL = np.full((batch, K, L), -1, np.int32)
+    for b, row in enumerate(keywords):
+        for k, seq in enumerate(row):
+            kw_BKL[b, k, :len(seq)] = seq
+    return kw_BKL
+
+
+def keyword_token_ids(tokenizer, keywords: Sequence[str]) -> list[list[int]]:
+    """Each keyword's token ids as it appears in running text, for `generate(keywords=...)`.
+
+    A word of a spaced script follows a space mid-text (GPT-2 BPE "Ġword", SentencePiece "▁word"); a word of
+    an unspaced script (Chinese) follows another character directly. So the keyword is encoded after a
+    context ("a " or "的") and the context's own tokens are cut off; where the two do not split cleanly (the
+    keyword's first token merges with the context), it is encoded alone, after a space where spaced.
+    """
+    out = []
+    for word in keywords:
+        sep, context = ("", "的") if is_unspaced(word) else (" ", "a")
+        head, ids = tokenizer.encode(context), tokenizer.encode(context + sep + word)
+        if ids[:len(head)] == head and len(ids) > len(head):
+            out.append(ids[len(head):])
+        else:
+            out.append(tokenizer.encode(sep + word))
+    return [ids for ids in out if ids]
+
+
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              min_new_tokens: int = 0, num_return_sequences: int = 1, eos_token_id=None, pad_token_id=None,
-             seed: int = 0) -> np.ndarray:
+             seed: int = 0, keyword_boost: float = 0.0, keywords=None) -> np.ndarray:
     """Continue each prompt by up to `max_new_tokens` tokens; every argument means what it means in HF `generate`.
 
     `input_ids`: a [batch, length] array (left-padded, with `attention_mask`) or a list of token-id lists
@@ -247,6 +315,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     if all stopped early) are filled with `pad_token_id`. `eos_token_id` defaults to the model config's
     (an int or a list), `pad_token_id` to the config's, else the first EOS. top_k 0 and top_p 1 are off.
     Sampling with a fixed `seed` gives the same tokens every time.
+
+    `keywords`: per prompt, a list of keyword token-id sequences (`keyword_token_ids`); each keyword's next
+    token gets `keyword_boost` added to its score until the keyword has been generated whole (see
+    processors.apply_keyword_boost). The boost is traced: changing it reuses the compiled program.
     """
     cfg = model.config
     V = cfg.vocab_size
@@ -257,6 +329,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     _check_int("min_new_tokens", min_new_tokens, 0)
     _check_int("num_return_sequences", num_return_sequences, 1)
     _check_int("seed", seed, 0)
+    _check_number("keyword_boost", keyword_boost, lambda x: x >= 0, ">= 0")
     if do_sample:
         _check_number("temperature", temperature, lambda x: x > 0,
                       "> 0 when sampling (for greedy decoding use do_sample=False)")
@@ -287,27 +360,32 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     ids_b = np.full((B, P_b), pad_id, np.int32)
     mask_b = np.zeros((B, P_b), np.int32)
     ids_b[:, P_b - P:], mask_b[:, P_b - P:] = ids, mask
+    kw_BKL = np.full((B, 0, 1), -1, np.int32) if keywords is None else _keyword_array(keywords, B, V)
     params = SamplingParams.of(vocab_size=V, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-                               max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_ids=eos_ids, seed=seed)
+                               max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_ids=eos_ids, seed=seed,
+                               keyword_boost=keyword_boost)
     graphdef, state = nnx.split(model)
-    new_BN = _generate_jit(state, ids_b, mask_b, np.int32(P_b - P), params, graphdef=graphdef,
+    new_BN = _generate_jit(state, ids_b, mask_b, np.int32(P_b - P), kw_BKL, params, graphdef=graphdef,
                            do_sample=bool(do_sample), num_return_sequences=num_return_sequences, new_slots=N_b)
     prompt = np.repeat(ids, num_return_sequences, axis=0).astype(np.int32)
     return np.concatenate([prompt, np.asarray(new_BN)[:, :max_new_tokens]], axis=1)
 
 
-def generate_text(model, tokenizer, prompts: Sequence[Sequence[int]], **kwargs) -> list[str]:
+def generate_text(model, tokenizer, prompts: Sequence[Sequence[int]], *,
+                  keywords: Sequence[Sequence[str]] | None = None, **kwargs) -> list[str]:
     """Generate from token-id prompts and decode only the new tokens (up to EOS, special tokens skipped).
 
     Returns `len(prompts) * num_return_sequences` strings, each prompt's samples together. EOS and padding
-    default to the tokenizer's ids.
+    default to the tokenizer's ids. `keywords`: per prompt, keyword strings for `keyword_boost`.
     """
     kwargs.setdefault("eos_token_id", tokenizer.eos_id)
     kwargs.setdefault("pad_token_id", tokenizer.pad_id)
     if not prompts:
         raise GPT2JaxError("no prompts to generate from")
     prompts = [list(p) for p in prompts]
+    if keywords is not None:
+        kwargs["keywords"] = [keyword_token_ids(tokenizer, k) for k in keywords]
     out = generate(model, prompts, **kwargs)
     new = new_tokens(out[:, max(len(p) for p in prompts):], kwargs["eos_token_id"])
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]

@@ -1,8 +1,9 @@
 """The bundled ``stdlib-docs`` corpus, made on the fly from what every machine has, with no download.
 
 One row per documented public module, class, function and method of the CPython standard library
-installed on this machine: title = its qualified name (``json.dumps``), keywords = a few identifiers
-related to it (module, class, parameters, names the docstring mentions), text = its docstring. The text
+installed on this machine: title = its qualified name (``json.dumps``), keywords = the text's most
+distinctive words by tf-idf over the corpus (so every keyword occurs in its text, and the model learns to
+use the keywords it is given), text = its docstring. The text
 is the standard library's own, under the Python Software Foundation License
 (https://docs.python.org/3/license.html), which allows copying and derived works. The sources are
 parsed with ``ast`` and never imported (importing runs module code: ``antigravity`` opens a browser).
@@ -14,40 +15,58 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import re
 import sysconfig
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
+from gpt2_jax.keyword_metrics import keyword_occurs
+
 MIN_TEXT_CHARS = 40  # shorter docstrings ("Return self==value.") teach little
 MAX_TEXT_CHARS = 2000  # longer ones are cut at a paragraph boundary: rows suit max_length 128-256 tokens
-MAX_KEYWORDS = 8
+MIN_KEYWORDS, MAX_KEYWORDS = 3, 6  # per row: 3 for texts under 50 words, one more per 50 words, at most 6
+# Written beside the cached corpus; a cache without the current version is rebuilt. Bump it whenever the
+# rows change. 2: tf-idf keywords taken from the text.
+CORPUS_VERSION = "2"
 # Directories and modules that are tests, tools or vendored code rather than the documented library.
 _SKIP_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__",
                         "turtledemo", "pydoc_data", "ensurepip", "venv", "msilib",
                         "encodings"})  # generated codec tables, whose docstrings are authorship boilerplate
 _SKIP_MODULES = frozenset({"antigravity", "this", "__main__"})
-_SKIP_PARAMS = frozenset({"self", "cls", "args", "kwargs", "kwds", "kw"})
-# Identifiers a docstring mentions: ``x``/`x`, dotted names (os.path.join), names_with_underscores, f().
-_MENTION = re.compile(r"`+([A-Za-z_][\w.]*)(?:\(\))?`+|\b([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)\b(?!\.\w)"
-                      r"|\b([a-z]\w*_\w+)\b|\b([A-Za-z_]\w*)\(\)")
-_NOT_NAMES = frozenset({"py", "txt", "html", "com", "org", "net", "edu", "cfg", "ini", "gz", "zip", "tar"})
+# Keyword candidates: words and identifiers (json_dumps, OrderedDict) of 3+ characters starting with a letter.
+_TERM = re.compile(r"(?<![\w.])[A-Za-z][A-Za-z0-9_]{2,}(?![\w])")
+# Function words, and the words every docstring uses: no keyword tells a text apart by them (idf would rank
+# them low anyway; listing them keeps short texts from falling back on them).
+_STOP_WORDS = frozenset("""
+about above after again against all also although among and another any are aren because been before being
+below between both but can cannot could did does doesn doing don down during each either else etc even ever
+every few for from further had has have having her here hers him his how however into its itself just least
+less let like may might more most much must neither nor not now off once one only other otherwise our ours out
+over own per rather same shall she should since some still such than that the their theirs them then there
+these they this those though through thus too under until upon use used uses using very via was way were what
+when where whether which while who whom whose why will with within without would yet you your
+return returns returned value values default true false none object objects argument arguments function
+functions method methods class instance given specified see note also""".split())
 _WORD = re.compile(r"[A-Za-z]{2,}")
 _SENTENCE_END = re.compile(r"[.!?](?=\s)")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # from escapes in string literals: not encodable as UTF-8
 
 
 def build_stdlib_corpus(out_path: str | Path, *, stdlib: str | Path | None = None) -> Path:
-    """Write the stdlib-docs corpus to ``out_path`` (JSONL) unless it exists; return the path.
+    """Write the stdlib-docs corpus to ``out_path`` (JSONL) unless it exists with ``<out_path>.version``
+    saying CORPUS_VERSION (a cache of older rows is rebuilt); return the path.
 
     ``stdlib``: the source tree to read (default: this interpreter's standard library). Written to a
     temporary file beside ``out_path`` and renamed, so a failed or concurrent build never leaves a
-    partial file under the final name.
+    partial file under the final name; the version file is written after the rename.
     """
     out_path = Path(out_path)
-    if out_path.exists():
+    stamp = out_path.with_name(out_path.name + ".version")
+    if out_path.exists() and stamp.is_file() and stamp.read_text().strip() == CORPUS_VERSION:
         return out_path
     out_path.parent.mkdir(parents=True, exist_ok=True)
     stdlib = Path(sysconfig.get_paths()["stdlib"] if stdlib is None else stdlib)
@@ -63,27 +82,56 @@ def build_stdlib_corpus(out_path: str | Path, *, stdlib: str | Path | None = Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    stamp.write_text(CORPUS_VERSION + "\n")
     return out_path
 
 
 def stdlib_rows(stdlib: Path) -> Iterator[dict[str, str]]:
     """The corpus rows of the sources under ``stdlib``, in sorted path order; each title and each text
-    once (an override that repeats its base's docstring adds nothing)."""
+    once (an override that repeats its base's docstring adds nothing). Rows without a keyword are dropped."""
+    docs = list(_documents(stdlib))
+    df = Counter(t for _, text in docs for t in set(_terms(text)))
+    for title, text in docs:
+        keywords = _keywords(title, text, df, len(docs))
+        if keywords:
+            yield {"title": title, "keywords": " ".join(keywords), "text": text}
+
+
+def _documents(stdlib: Path) -> Iterator[tuple[str, str]]:
+    """(title, cleaned text) of each documented name, without repeated titles or texts."""
     seen: set[str] = set()
     for path, module in _stdlib_modules(stdlib):
         try:
             tree = ast.parse(path.read_bytes(), filename=str(path))  # bytes: honours coding declarations
         except (SyntaxError, ValueError):
             continue  # a file of another Python version's syntax (or a template): not documentation
-        for title, keywords, doc in _documented(tree, module):
+        for title, doc in _documented(tree, module):
             text = _clean_text(doc)
             if text is None or title in seen or text in seen:
                 continue
             seen.update((title, text))
-            # The first keyword (the module) always stays; a member's own name is in its title already.
-            own = "" if title == module else title.rsplit(".", 1)[-1]
-            keywords = _dedup(keywords[:1] + [w for w in keywords[1:] + _mentions(text) if w != own])
-            yield {"title": title, "keywords": " ".join(keywords[:MAX_KEYWORDS]), "text": text}
+            yield title, text
+
+
+def _terms(text: str) -> list[str]:
+    """The text's keyword candidates, lower-cased, in order: no stop words."""
+    return [w for w in map(str.lower, _TERM.findall(text)) if w not in _STOP_WORDS]
+
+
+def _keywords(title: str, text: str, df: Counter, n_docs: int) -> list[str]:
+    """The text's most distinctive words, best first, as they first appear in it: tf-idf ((1 + log tf) *
+    log(n / df)), ties to the earlier word. Words of the title are left out: the title already says them."""
+    words = _TERM.findall(text)
+    tf = Counter(w.lower() for w in words)
+    title_parts = {p.lower() for p in title.split(".")}
+    first: dict[str, tuple[int, str]] = {}
+    for i, w in enumerate(words):
+        first.setdefault(w.lower(), (i, w))
+    ranked = sorted((t for t in tf if t not in _STOP_WORDS and t not in title_parts),
+                    key=lambda t: (-(1 + math.log(tf[t])) * math.log(n_docs / df[t]), first[t][0]))
+    want = min(MAX_KEYWORDS, MIN_KEYWORDS + len(words) // 50)
+    # By construction each occurs in the text as a whole word; the check keeps it so if _TERM changes.
+    return [first[t][1] for t in ranked if keyword_occurs(text, first[t][1])][:want]
 
 
 def _stdlib_modules(stdlib: Path) -> Iterator[tuple[Path, str]]:
@@ -105,21 +153,21 @@ def _stdlib_modules(stdlib: Path) -> Iterator[tuple[Path, str]]:
                 yield here / name, ".".join(rel + (stem,))
 
 
-def _documented(tree: ast.Module, module: str) -> Iterator[tuple[str, list[str], str]]:
-    """(qualified name, starting keywords, raw docstring) of the module and its public classes,
-    functions and methods, in source order. Nested functions are implementation detail: not visited."""
+def _documented(tree: ast.Module, module: str) -> Iterator[tuple[str, str]]:
+    """(qualified name, raw docstring) of the module and its public classes, functions and methods, in
+    source order. Nested functions are implementation detail: not visited."""
     doc = ast.get_docstring(tree, clean=True)
     if doc:
-        yield module, module.split("."), doc
-    yield from _members(tree.body, module, module, None)
+        yield module, doc
+    yield from _members(tree.body, module)
 
 
-def _members(body: list[ast.stmt], prefix: str, module: str, cls: str | None) -> Iterator[tuple[str, list[str], str]]:
+def _members(body: list[ast.stmt], prefix: str) -> Iterator[tuple[str, str]]:
     for node in body:
         if isinstance(node, (ast.If, ast.Try, ast.With)):  # platform- or import-dependent definitions
             for block in (getattr(node, "body", []), getattr(node, "orelse", []), getattr(node, "finalbody", []),
                           *(h.body for h in getattr(node, "handlers", []))):
-                yield from _members(block, prefix, module, cls)
+                yield from _members(block, prefix)
             continue
         if not isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
@@ -128,16 +176,10 @@ def _members(body: list[ast.stmt], prefix: str, module: str, cls: str | None) ->
             continue  # private; dunders (__init__, __enter__) are public protocol
         title = f"{prefix}.{name}"
         doc = ast.get_docstring(node, clean=True)
+        if doc:
+            yield title, doc
         if isinstance(node, ast.ClassDef):
-            if doc:
-                bases = [b.id for b in node.bases if isinstance(b, ast.Name)]
-                yield title, [module, *bases], doc
-            yield from _members(node.body, title, module, name)
-        elif doc:
-            a = node.args
-            params = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)
-                      if p.arg not in _SKIP_PARAMS and not p.arg.startswith("_") and len(p.arg) > 1]
-            yield title, [module, *([cls] if cls else []), *params[:4]], doc
+            yield from _members(node.body, title)
 
 
 def _clean_text(doc: str) -> str | None:
@@ -176,25 +218,3 @@ def _prose_fraction(text: str) -> float:
     """The fraction of non-space characters that belong to plain words: low for code, grammars, tables."""
     chars = sum(not c.isspace() for c in text)
     return sum(len(w) for w in _WORD.findall(text)) / max(chars, 1)
-
-
-def _mentions(text: str) -> list[str]:
-    """Identifiers the text mentions, in order: backticked names, dotted names, snake_case names, calls."""
-    out = []
-    for m in _MENTION.finditer(text):
-        word = next(g for g in m.groups() if g).strip(".").removeprefix("self.")
-        parts = word.split(".")
-        # Not abbreviations (e.g., i.e.), file names, host names or one-letter variables (d.keys).
-        if (not word.startswith("_") and min(map(len, parts)) > 1 and parts[0] != "www"
-                and (len(parts) == 1 or parts[-1] not in _NOT_NAMES)):
-            out.append(word)
-    return out
-
-
-def _dedup(words: list[str]) -> list[str]:
-    seen, out = set(), []
-    for w in words:
-        if w not in seen:
-            seen.add(w)
-            out.append(w)
-    return out

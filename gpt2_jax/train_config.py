@@ -13,10 +13,12 @@ from gpt2_jax.config import DTYPES, PRESETS, ModelConfig, preset
 from gpt2_jax.errors import GPT2JaxError, first_line, suggest
 
 # Allowed values of the string keys; validation, freeze.py and optim.py all read these tuples.
-FORMATS = ("csv", "jsonl", "text")  # data.format
+FORMATS = ("csv", "jsonl", "text", "bin")  # data.format
 LOSS_ON = ("all", "text")  # data.loss_on
 TRAINABLE = ("all", "head", "last_n_blocks", "patterns")  # freeze.trainable
 SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
+# model.remat: none, block (save each block's input only), or a jax.checkpoint_policies policy.
+REMAT = ("none", "block", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 def check_choice(key: str, value: str, known: tuple[str, ...]) -> None:
@@ -47,6 +49,12 @@ class ModelSection:
     n_inner: Optional[int] = None
     # Sets resid_pdrop, embd_pdrop and attn_pdrop together (null: the preset's or checkpoint's, 0.1 for GPT-2).
     dropout: Optional[float] = None
+    # Rematerialisation in the backward pass: none, block (keep each block's input only) or a
+    # jax.checkpoint_policies name, e.g. dots_with_no_batch_dims_saveable (keep the matmul outputs).
+    remat: str = "none"
+    # Positions per chunk of the LM head's cross-entropy: > 0 never holds the [B, T, V] logits at once (a
+    # scan over chunks with its own backward; about 1.3x the head's time); 0 computes them whole.
+    loss_chunk: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,16 +68,21 @@ class TokenizerSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    # Training corpus: a file path or a bundled corpus "builtin:stdlib-docs".
+    # Training corpus: a file path, a bundled corpus "builtin:stdlib-docs", a directory that
+    # tools/prepare_data.py prepared (with tokenizer.path its tokenizer), or an llm.c / nanoGPT .bin token file.
     train: str = "builtin:stdlib-docs"
     # Validation corpus; null splits val_fraction of the training corpus off instead.
     val: Optional[str] = None
-    # csv | jsonl | text; null infers it from the file extension.
+    # csv | jsonl | text | bin (llm.c / nanoGPT token files); null infers it from the file extension.
     format: Optional[str] = None
     # Fraction of the corpus held out for validation when val is null.
     val_fraction: float = 0.05
-    # Tokens per training sequence (examples are cut to fit, padded when shorter).
+    # Tokens per training sequence. A longer example continues in further windows (title and keywords
+    # repeated as context), never cut; a title over half of it leaves no room for that and is cut.
     max_length: int = 256
+    # Pack whole examples (and windows of long ones) into each sequence, told apart by segment ids, so
+    # that padding is rare; false: one window per sequence, padded.
+    packing: bool = True
     # Each epoch, train on a random subset of each example's keywords in random order.
     keyword_augment: bool = True
     # all: every token gets loss; text: title and keywords are context only.
@@ -164,6 +177,12 @@ class SampleSection:
     top_k: int = 30
     top_p: float = 0.7
     repetition_penalty: float = 2.0
+    # Added to the logit of each keyword's next token until the keyword has been written (sampling.generate's
+    # keyword_boost; >= 0, 0: off, e.g. 2-5 to nudge, 100 to force every keyword in).
+    keyword_boost: float = 0.0
+    # Validation rows written for at every evaluation and at the end, for the keyword coverage, swapped
+    # coverage, distinct-n and repeated 4-gram metrics (the first rows of the seeded split; 0: none).
+    metric_rows: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,6 +333,7 @@ def _validate(cfg: TrainConfig) -> None:
     check_choice("model.dtype", cfg.model.dtype, DTYPES)
     check_choice("model.param_dtype", cfg.model.param_dtype, DTYPES)
     check_choice("data.loss_on", cfg.data.loss_on, LOSS_ON)
+    check_choice("model.remat", cfg.model.remat, REMAT)
     if cfg.data.format is not None:
         check_choice("data.format", cfg.data.format, FORMATS)
     check_choice("freeze.trainable", cfg.freeze.trainable, TRAINABLE)
@@ -324,8 +344,8 @@ def _validate(cfg: TrainConfig) -> None:
     for key in ("train.steps", "train.batch_size", "optim.grad_accum", "tokenizer.sentencepiece_vocab_size"):
         section, name = key.split(".")
         check(getattr(getattr(cfg, section), name) > 0, f"config key {key} must be positive")
-    for key in ("train.eval_every", "train.eval_batches", "train.log_every", "optim.warmup_steps",
-                "checkpoint.every", "checkpoint.keep", "sample.num", "freeze.last_n_blocks"):
+    for key in ("model.loss_chunk", "train.eval_every", "train.eval_batches", "train.log_every", "optim.warmup_steps",
+                "checkpoint.every", "checkpoint.keep", "sample.num", "sample.metric_rows", "freeze.last_n_blocks"):
         section, name = key.split(".")
         check(getattr(getattr(cfg, section), name) >= 0, f"config key {key} must not be negative")
     check(cfg.optim.lr > 0, "optim.lr must be positive")
@@ -335,6 +355,8 @@ def _validate(cfg: TrainConfig) -> None:
     check(s.temperature > 0, f"config key sample.temperature must be positive, got {s.temperature}")
     check(s.top_k >= 0, f"config key sample.top_k must not be negative (0 turns it off), got {s.top_k}")
     check(0 < s.top_p <= 1, f"config key sample.top_p must be in (0, 1] (1 turns it off), got {s.top_p}")
+    check(s.keyword_boost >= 0, f"config key sample.keyword_boost must not be negative (0 turns it off), "
+                                f"got {s.keyword_boost}")
     check(s.repetition_penalty > 0,
           f"config key sample.repetition_penalty must be positive, got {s.repetition_penalty}")
     check(cfg.train.batch_size % cfg.optim.grad_accum == 0,

@@ -20,17 +20,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gpt2_jax import data, sharding
+from gpt2_jax import data, sharding, token_cache
 from gpt2_jax.checkpoint import Checkpointer, CorruptCheckpoint, check_resumable, checkpoint_dir
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.corpus import Row, Rows, read_rows, resolve_corpus, row_texts
 from gpt2_jax.errors import GPT2JaxError, first_line
 from gpt2_jax.flops import flops_per_token, peak_flops
+from gpt2_jax.held_out import format_metrics, sample_metrics, write_texts
 from gpt2_jax.hf import load_hf_config, params_from_state_dict, read_hf_state_dict
 from gpt2_jax.metrics import MetricsWriter
-from gpt2_jax.model import grow_embedding
+from gpt2_jax.model import ModelLayout, grow_embedding
 from gpt2_jax.pretrained import export_run, load_run
-from gpt2_jax.sampling import generate_text
 from gpt2_jax.token_cache import rows_digest, tokenize_corpus
 from gpt2_jax.tokenizer import load_tokenizer, train_sentencepiece
 from gpt2_jax.train_config import TrainConfig
@@ -130,25 +130,46 @@ class RunData:
 
 
 def prepare_data(cfg: TrainConfig, process_index: int, process_count: int) -> RunData:
-    """The tokenizer (trained on the training rows if the run has none) and this process's batches."""
+    """The tokenizer (trained on the training rows if the run has none) and this process's batches, from a
+    corpus file's rows (tokenized once into a cache), a directory that tools/prepare_data.py prepared, or an
+    llm.c / nanoGPT ``.bin`` token file."""
     cache_dir = os.path.expanduser(cfg.data.cache_dir)
     train_path = resolve_corpus(cfg.data.train, cache_dir)
-    rows = read_rows(train_path, cfg.data.format, skip_bad_rows=cfg.data.skip_bad_rows)
-    if rows.skipped:
-        _out(f"data: skipped {rows.skipped} malformed row(s) of {train_path}")
-    if cfg.data.val is not None:
-        val_rows = read_rows(resolve_corpus(cfg.data.val, cache_dir), cfg.data.format,
-                                  skip_bad_rows=cfg.data.skip_bad_rows)
-        all_rows = Rows(list(rows) + list(val_rows))
-        train_idx, val_idx = np.arange(len(rows)), np.arange(len(rows), len(all_rows))
+    if train_path.is_dir() or cfg.data.format == "bin" or (cfg.data.format is None and train_path.suffix == ".bin"):
+        # Token ids already: the run must use the tokenizer that made them.
+        if cfg.tokenizer.path is None and cfg.model.init_from is None:
+            raise GPT2JaxError(f"data.train {train_path} holds token ids: set tokenizer.path to the tokenizer "
+                               f"they were made with")
+        if cfg.data.val is not None:
+            raise GPT2JaxError(f"data.val is not read with the token data {train_path}: leave it null, "
+                               f"data.val_fraction splits off the validation rows")
+        tokenizer = prepare_tokenizer(cfg, [])
+        corpus = token_cache.open_corpus(train_path, vocab_size=len(tokenizer))
+        made_with = corpus.meta.get("tokenizer_digest")
+        if made_with is not None and made_with != token_cache.tokenizer_digest(tokenizer):
+            raise GPT2JaxError(f"{train_path} was prepared with another tokenizer than the run's "
+                               f"({cfg.tokenizer.path or cfg.model.init_from}); prepare it again with this one")
+        train_idx, val_idx = data.split_indices(len(corpus), cfg.data.val_fraction, cfg.train.seed)
+        val_rows = token_cache.DecodedRows(corpus, val_idx, tokenizer)
     else:
-        all_rows = rows
-        train_idx, val_idx = data.split_indices(len(rows), cfg.data.val_fraction, cfg.train.seed)
-    tokenizer = prepare_tokenizer(cfg, [all_rows[i] for i in train_idx])
-    corpus = tokenize_corpus(all_rows, tokenizer, cache_dir)
+        rows = read_rows(train_path, cfg.data.format, skip_bad_rows=cfg.data.skip_bad_rows)
+        if rows.skipped:
+            _out(f"data: skipped {rows.skipped} malformed row(s) of {train_path}")
+        if cfg.data.val is not None:
+            val_rows = read_rows(resolve_corpus(cfg.data.val, cache_dir), cfg.data.format,
+                                 skip_bad_rows=cfg.data.skip_bad_rows)
+            all_rows = Rows(list(rows) + list(val_rows))
+            train_idx, val_idx = np.arange(len(rows)), np.arange(len(rows), len(all_rows))
+        else:
+            all_rows = rows
+            train_idx, val_idx = data.split_indices(len(rows), cfg.data.val_fraction, cfg.train.seed)
+        tokenizer = prepare_tokenizer(cfg, [all_rows[i] for i in train_idx])
+        corpus = tokenize_corpus(all_rows, tokenizer, cache_dir)
+        val_rows = [all_rows[i] for i in val_idx]
     common = dict(bos_id=tokenizer.bos_id, sep_id=tokenizer.sep_id, eos_id=tokenizer.eos_id,
                   pad_id=tokenizer.pad_id, max_length=cfg.data.max_length, loss_on=cfg.data.loss_on,
-                  process_index=process_index, process_count=process_count, seed=cfg.train.seed)
+                  process_index=process_index, process_count=process_count, seed=cfg.train.seed,
+                  packing=cfg.data.packing)
     train = data.Batches(corpus, train_idx, batch_size=cfg.train.batch_size, grad_accum=cfg.optim.grad_accum,
                          shuffle=True, keyword_augment=cfg.data.keyword_augment, **common)
     val = None
@@ -158,7 +179,7 @@ def prepare_data(cfg: TrainConfig, process_index: int, process_count: int) -> Ru
     _report_prompt_overflow(cfg, corpus, train_idx)
     unigram = data.unigram_entropy(corpus, train_idx, bos_id=tokenizer.bos_id, sep_id=tokenizer.sep_id,
                                    eos_id=tokenizer.eos_id, loss_on=cfg.data.loss_on, max_length=cfg.data.max_length)
-    return RunData(tokenizer, train, val, [all_rows[i] for i in val_idx], len(train_idx), unigram)
+    return RunData(tokenizer, train, val, val_rows, len(train_idx), unigram)
 
 
 def _report_prompt_overflow(cfg: TrainConfig, corpus, train_idx) -> None:
@@ -356,28 +377,57 @@ def train(cfg: TrainConfig) -> dict:
                                f"the latest good checkpoint is {'step ' + str(good) if good is not None else 'none'}"
                                f" (lower optim.lr, check the data)")
 
+    metric_rows = run_data.val_rows[:cfg.sample.metric_rows]
+    sampler_layout = ModelLayout.of(model_config)  # no mesh constraints: any number of rows samples
+
+    def live_metrics(state, step) -> dict:
+        """Keyword metrics of texts the current parameters write for the metric rows (single-process runs;
+        a multi-process run measures them once, at the end). An extra: a failure warns."""
+        if not metric_rows or jax.process_count() > 1:
+            return {}
+        try:
+            # On one device, as the end-of-run samples are: XLA:CPU aborts compiling the sampling loop's top-k
+            # for parameters spread over a mesh (TopkDecomposer on an optimization barrier, jaxlib 0.10.2).
+            flat, rng = jax.device_put(({**state.params, **state.frozen}, state.rng), jax.devices()[0])
+            model = sampler_layout.model(flat, rng, train=False)
+            m = sample_metrics(write_texts(model, tokenizer, metric_rows, cfg, warn=lambda _: None))
+        except Exception as e:
+            _out(f"warning: the sample metrics at step {step} failed ({first_line(e)})")
+            return {}
+        writer.write(step, m, split="sample")
+        return m
+
     with _Preemption() as preemption, _finishing(ckpt):
         for step in range(start, cfg.train.steps):
             batch = sharding.global_batch(run_data.train.local_batch(step), mesh)
             state, metrics = train_step(state, batch)
+            # Every step's non-padding tokens, all processes', from the data plan: no device sync per step.
+            last["real"] = last.get("real", 0) + run_data.train.real_tokens(step)
             done = step + 1
             if done % max(cfg.train.log_every, 1) == 0 or done == cfg.train.steps:
                 check_finite(metrics, done)
                 m = {k: float(sharding.local_value(v)) for k, v in metrics.items()}
                 now = time.time()
-                tok_s = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
-                last.update(time=now, step=done)
-                m.update(tokens_per_s=tok_s, mfu=tok_s * flops_step / tokens_per_step / peak)
-                writer.write(done, {k: m[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu")})
-                bar.set_postfix_str(f"loss {m['loss']:.3f} · {tok_s:,.0f} tok/s · MFU {100 * m['mfu']:.1f}%")
+                seconds, slots = max(now - last["time"], 1e-9), (done - last["step"]) * tokens_per_step
+                tok_s, real_s = slots / seconds, last["real"] / seconds
+                # MFU counts the FLOPs of real tokens only: padding slots are computed but wasted.
+                m.update(tokens_per_s=tok_s, real_tokens_per_s=real_s, padding_share=1.0 - last["real"] / slots,
+                         mfu=real_s * flops_step / tokens_per_step / peak)
+                last.update(time=now, step=done, real=0)
+                writer.write(done, {k: m[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "real_tokens_per_s",
+                                                      "padding_share", "mfu")})
+                bar.set_postfix_str(f"loss {m['loss']:.3f} · {real_s:,.0f} real tok/s · padding "
+                                    f"{100 * m['padding_share']:.1f}% · MFU (real tokens) {100 * m['mfu']:.1f}%")
                 final["train_loss"] = m["loss"]
             bar.update(1)
             if val_batches is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
                     and done != cfg.train.steps:
                 ev = evaluate(eval_step, state, val_batches, n_eval, mesh)
                 writer.write(done, ev, split="val")
+                sm = live_metrics(state, done)
                 if leader:
-                    bar.write(f"step {done}: validation loss {ev['loss']:.3f}, perplexity {ev['perplexity']:.1f}")
+                    bar.write(f"step {done}: validation loss {ev['loss']:.3f}, perplexity {ev['perplexity']:.1f}"
+                              + (f"; samples: {format_metrics(sm)}" if sm else ""))
             preempted = preemption.now(done)
             if ckpt.due(done) or done == cfg.train.steps or preempted:
                 check_finite(metrics, done)  # never save a state that has gone non-finite
@@ -414,42 +464,22 @@ def train(cfg: TrainConfig) -> dict:
         except Exception as e:
             _out(f"warning: the Hugging Face export failed ({first_line(e)}); the checkpoint of step {end} is "
                  f"saved: python tools/export_hf.py --checkpoint {out_dir} --out DIR")
-        if cfg.sample.num and run_data.val_rows:
+        if (cfg.sample.num or metric_rows) and run_data.val_rows:
             try:
-                final["samples"] = print_samples(load_run(out_dir, step=end), tokenizer,
-                                                 run_data.val_rows[: cfg.sample.num], cfg)
+                model = load_run(out_dir, step=end)
+                if cfg.sample.num:
+                    written = write_texts(model, tokenizer, run_data.val_rows[:cfg.sample.num], cfg, warn=_out)
+                    for r, text in written:
+                        _out(f"\n[held-out] title: {r.title}\n  keywords: {' '.join(r.keywords)}\n  text: {text}")
+                    final["samples"] = [t for _, t in written]
+                if metric_rows:
+                    m = sample_metrics(write_texts(model, tokenizer, metric_rows, cfg, warn=lambda _: None))
+                    with MetricsWriter(out_dir) as w:
+                        w.write(end, m, split="sample")
+                    final["sample_metrics"] = m
+                    _out(f"\nsample metrics over {len(metric_rows)} held-out rows: {format_metrics(m)}")
             except Exception as e:
                 _out(f"warning: the held-out samples failed ({first_line(e)})")
     final.update(steps=end, seconds=time.time() - t_start)
     _out(f"done in {time.time() - t_start:.0f} s")
     return final
-
-
-def print_samples(model, tokenizer, rows, cfg: TrainConfig) -> list[str]:
-    """Write text for held-out titles and keywords with the configured sampling settings.
-
-    Prompts are formatted as training formats them (keyword lists cut to data.prompt_limit). A prompt that
-    leaves less room than sample.max_new_tokens in the context gets fewer new tokens, and one with no room
-    is skipped, each with a warning line."""
-    s, n_ctx = cfg.sample, model.config.n_positions
-    groups: dict[int, list] = {}  # new tokens -> [(row, prompt)]: one generate call each
-    for r in rows:
-        prompt = tokenizer.format_prompt(r.title, r.keywords, max_tokens=data.prompt_limit(cfg.data.max_length))
-        room = n_ctx - len(prompt)
-        if room < 1:
-            _out(f"warning: held-out sample {r.title!r} skipped: its prompt of {len(prompt)} tokens fills the "
-                 f"context of {n_ctx}")
-            continue
-        if room < s.max_new_tokens:
-            _out(f"warning: held-out sample {r.title!r} gets {room} new tokens, not sample.max_new_tokens="
-                 f"{s.max_new_tokens}: its prompt of {len(prompt)} tokens leaves no more of the context of {n_ctx}")
-        groups.setdefault(min(room, s.max_new_tokens), []).append((r, prompt))
-    texts = []
-    for n, group in groups.items():
-        out = generate_text(model, tokenizer, [p for _, p in group], max_new_tokens=n, do_sample=True,
-                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                            repetition_penalty=s.repetition_penalty, seed=cfg.train.seed)
-        for (r, _), text in zip(group, out):
-            _out(f"\n[held-out] title: {r.title}\n  keywords: {' '.join(r.keywords)}\n  text: {text}")
-        texts += out
-    return texts

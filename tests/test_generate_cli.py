@@ -9,7 +9,7 @@ import transformers
 
 from gpt2_jax.errors import run_cli
 from gpt2_jax.pretrained import load_pretrained
-from gpt2_jax.sampling import generate
+from gpt2_jax.sampling import generate, keyword_token_ids
 from gpt2_jax.tokenizer import load_tokenizer, train_bpe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +73,27 @@ def test_plain_prompt_greedy(model_dir, capsys):
     tok = load_tokenizer(model_dir)
     want = expected_texts(model_dir, tok.encode("the quick"), max_new_tokens=10)
     assert capsys.readouterr().out == want[0] + "\n"
+
+
+def test_keyword_boost(model_dir, capsys):
+    """--keyword-boost passes the keywords as they appear mid-text (" dog", " jax") with the boost; a large
+    one writes both keywords into the text."""
+    args = ["--model", model_dir, "--title", "foxes", "--keywords", "dog jax", "--greedy", "--max-new-tokens", "12",
+            "--keyword-boost", "100"]
+    cli.main(args)
+    out = capsys.readouterr().out
+    tok = load_tokenizer(model_dir)
+    want = expected_texts(model_dir, tok.format_prompt("foxes", "dog jax"), max_new_tokens=12, keyword_boost=100.0,
+                          keywords=[keyword_token_ids(tok, ["dog", "jax"])])
+    assert out == want[0] + "\n" and "dog" in out and "jax" in out
+    cli.main(args[:-2])
+    assert capsys.readouterr().out == expected_texts(model_dir, tok.format_prompt("foxes", "dog jax"),
+                                                     max_new_tokens=12)[0] + "\n"
+    for bad, message in ((["--prompt", "x", "--keyword-boost", "2"], "--keyword-boost needs keywords"),
+                         (["--title", "t", "--keyword-boost", "-1"], "--keyword-boost must be >= 0")):
+        with pytest.raises(SystemExit):
+            cli.main(["--model", model_dir, *bad])
+        assert message in capsys.readouterr().err
 
 
 def test_interactive(model_dir, capsys, monkeypatch):

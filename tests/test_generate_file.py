@@ -11,6 +11,7 @@ import transformers
 from gpt2_jax.corpus import read_rows, row_texts
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.generate_file import generate_file, plan_batches
+from gpt2_jax.keyword_metrics import summarise
 from gpt2_jax.pretrained import load_pretrained
 from gpt2_jax.sampling import generate_text
 from gpt2_jax.tokenizer import load_tokenizer, train_bpe
@@ -120,5 +121,38 @@ def test_cli_input_output(model_and_tok, tmp_path, capsys, monkeypatch):
               "--max-new-tokens", "8", "--top-k", "30"])
     stats = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert stats["written"] == len(read_rows(SAMPLE)) == len(lines(out)) and stats["tokens_per_s"] > 0
+    assert 0 <= stats["metrics"]["keyword_coverage"] <= 1 and stats["metrics"]["rows"] == len(read_rows(SAMPLE))
     with pytest.raises(SystemExit):
         cli.main(["--model", str(path), "--input", str(SAMPLE)])
+
+
+def test_keyword_metrics_and_boost(model_and_tok, tmp_path, capsys):
+    """The metrics of the whole output on stderr and in the stats; a large boost puts every keyword in
+    (coverage 1, measured by keyword_metrics on the decoded text), and the swap scores lower."""
+    model, tok, _ = model_and_tok
+    rows = read_rows(SAMPLE)[:12]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"title": r.title, "keywords": list(r.keywords)}) + "\n" for r in rows))
+    greedy = dict(do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    plain = generate_file(model, tok, str(src), str(tmp_path / "plain.jsonl"), max_new_tokens=40,
+                          progress=False, **greedy)
+    err = capsys.readouterr().err
+    assert f"keywords: rows 12, keyword_coverage {plain['metrics']['keyword_coverage']:.3f}" in err
+    texts = [o["text"] for _, o in sorted(lines(tmp_path / "plain.jsonl").items())]
+    assert plain["metrics"] == summarise(texts, [list(r.keywords) for r in rows])
+    zero = generate_file(model, tok, str(src), str(tmp_path / "zero.jsonl"), max_new_tokens=40, progress=False,
+                         keyword_boost=0.0, **greedy)
+    assert zero["metrics"] == plain["metrics"]  # boost 0: the same texts
+    boosted = generate_file(model, tok, str(src), str(tmp_path / "boost.jsonl"), max_new_tokens=40,
+                            progress=False, keyword_boost=100.0, **greedy)["metrics"]
+    # Every keyword is written; a random model may glue the next token on ("kitchen" -> "kitcheners"), which
+    # the whole-word coverage does not count: the boost ends with the keyword's last token.
+    assert boosted["keyword_coverage"] > 0.9 > plain["metrics"]["keyword_coverage"]
+    assert all(k.lower() in o["text"].lower() for o in lines(tmp_path / "boost.jsonl").values() for k in o["keywords"])
+    assert boosted["swapped_coverage"] < 0.5
+    assert set(boosted) == {"rows", "keyword_coverage", "swapped_coverage", "distinct_1", "distinct_2",
+                            "repeat_4gram"}
+    # The boost is part of the settings: an output is continued only with the same one.
+    with pytest.raises(GPT2JaxError, match=r"other settings \(keyword_boost\)"):
+        generate_file(model, tok, str(src), str(tmp_path / "boost.jsonl"), max_new_tokens=40, progress=False,
+                      keyword_boost=5.0, **greedy)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers.generation import logits_process as hf_lp
 
-from gpt2_jax.processors import (apply_min_new_tokens, apply_repetition_penalty, apply_temperature,
-                                 filter_candidates, sample_tokens, token_presence, top_k_filter, top_p_filter,
-                                 warp)
+from gpt2_jax.processors import (apply_keyword_boost, apply_min_new_tokens, apply_repetition_penalty,
+                                 apply_temperature, filter_candidates, sample_tokens, token_presence, top_k_filter,
+                                 top_p_filter, update_keyword_match, warp)
 
 V = 300  # above the first candidate cap (64), so the fast path and its fallbacks both run
 
@@ -208,6 +208,61 @@ def test_min_new_tokens(length):
     eos_mask[[3, 7]] = True
     want = hf_apply([hf_lp.MinNewTokensLengthLogitsProcessor(5, 3, [3, 7])], x, ids)
     np.testing.assert_array_equal(jitted(apply_min_new_tokens)(x, eos_mask, length - 5, 3), want)
+
+
+# --- keyword boost (ours, not HF's) ----------------------------------------------------------------------
+
+KW_BKL = np.array([[[3, 4, -1], [5, -1, -1], [3, 9, 8], [-1, -1, -1]],   # row 0: 3 4 | 5 | 3 9 8 | padding
+                   [[7, -1, -1], [-1, -1, -1], [-1, -1, -1], [-1, -1, -1]]], np.int32)
+
+
+def test_keyword_boost_by_hand():
+    x = scores("normal", B=2)
+    boost = jitted(apply_keyword_boost)
+    match, done = np.zeros((2, 4), np.int32), np.zeros((2, 4), bool)
+    got = np.asarray(boost(x, KW_BKL, match, done, 2.5))
+    want = x.copy()
+    want[0, [3, 5]] += 2.5  # keyword 0 and 2 both start with 3: boosted once, not twice
+    want[1, 7] += 2.5
+    np.testing.assert_array_equal(got, want)
+    # Keyword 0 under way (3 written): its next token 4 gets twice the boost; keyword 1 done: 5 not boosted.
+    match[0, 0], done[0, 1] = 1, True
+    got = np.asarray(boost(x, KW_BKL, match, done, 2.5))
+    want = x.copy()
+    want[0, 4] += 5.0
+    want[0, 3] += 2.5  # keyword 2 has not started
+    want[1, 7] += 2.5
+    np.testing.assert_array_equal(got, want)
+    # Boost 0 leaves every score as it was, bit for bit.
+    np.testing.assert_array_equal(np.asarray(boost(x, KW_BKL, match, done, 0.0)), x)
+
+
+def occurs(seq, kw):
+    return any(seq[i:i + len(kw)] == kw for i in range(len(seq) - len(kw) + 1))
+
+
+def test_keyword_match_against_substring_search():
+    """Keywords of distinct tokens: done exactly once the emitted tokens contain the keyword, matched
+    length = the longest keyword prefix the tokens end with."""
+    rng = np.random.default_rng(0)
+    kws = [[1, 2, 3], [2, 4], [5], [3, 1, 4, 0]]
+    L = 5
+    kw_BKL = np.full((3, len(kws), L), -1, np.int32)
+    for k, kw in enumerate(kws):
+        kw_BKL[:, k, :len(kw)] = kw
+    step = jax.jit(update_keyword_match)
+    match, done = np.zeros((3, len(kws)), np.int32), np.zeros((3, len(kws)), bool)
+    emitted = [[] for _ in range(3)]
+    for _ in range(40):
+        tok = rng.integers(0, 6, 3).astype(np.int32)
+        match, done = step(kw_BKL, match, done, tok)
+        for b in range(3):
+            emitted[b].append(int(tok[b]))
+            for k, kw in enumerate(kws):
+                assert bool(done[b, k]) == occurs(emitted[b], kw), (b, k, emitted[b])
+                want = 0 if done[b, k] else max(n for n in range(len(kw)) if n == 0 or emitted[b][-n:] == kw[:n])
+                assert int(match[b, k]) == want
+    assert np.asarray(done).any() and not np.asarray(done).all()
 
 
 # --- sampling statistics ---------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from flax import nnx
 from gpt2_jax import sampling
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.pretrained import load_pretrained
-from gpt2_jax.sampling import SamplingParams, bucket_length, generate
+from gpt2_jax.sampling import SamplingParams, bucket_length, generate, keyword_token_ids
+from gpt2_jax.tokenizer import train_bpe, train_sentencepiece
 from gpt2_jax.sharding import make_mesh, named_shardings
 
 V = 300  # above the first candidate cap (64), so generate's fast path and its fallbacks both run
@@ -177,6 +178,114 @@ def test_parameters_do_not_recompile(models):
 
 def test_buckets():
     assert [bucket_length(n) for n in (1, 16, 17, 32, 33, 100, 1024)] == [16, 16, 32, 32, 64, 128, 1024]
+
+
+# --- keyword-guided sampling -------------------------------------------------------------------------------
+
+KW_PROMPTS = [[5, 6, 7, 8], [9, 10], [20, 21, 22]]
+# Distinct first tokens within a row; multi-token keywords; row 2 has none.
+KEYWORDS = [[[11, 12, 13], [40], [41, 42]], [[50, 51], [60], [70, 71, 72, 73], [80]], []]
+
+
+def occurs(seq, kw):
+    return any(seq[i:i + len(kw)] == kw for i in range(len(seq) - len(kw) + 1))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(max_new_tokens=12, eos_token_id=[], pad_token_id=0),
+    dict(max_new_tokens=12, eos_token_id=CFG_EOS, pad_token_id=0, repetition_penalty=1.5, min_new_tokens=3),
+    dict(max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, num_return_sequences=2,
+         eos_token_id=[], pad_token_id=0, seed=3),
+])
+def test_keyword_boost_zero_is_plain_sampling(models, kw):
+    _, model = models
+    np.testing.assert_array_equal(generate(model, KW_PROMPTS, keywords=KEYWORDS, keyword_boost=0.0, **kw),
+                                  generate(model, KW_PROMPTS, **kw))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(do_sample=True, top_k=5, num_return_sequences=2, seed=1),
+                                dict(repetition_penalty=2.0)])
+def test_large_boost_writes_every_keyword_whole(models, kw):
+    """Boost 100 outweighs these logits (order 1-10): the first new tokens are the keywords, each written
+    whole once started (continuations get twice the boost), in some order; none of them is boosted again."""
+    _, model = models
+    R = kw.get("num_return_sequences", 1)
+    out = generate(model, KW_PROMPTS, keywords=KEYWORDS, keyword_boost=100.0, max_new_tokens=16,
+                   eos_token_id=[], pad_token_id=0, **kw)
+    plain = generate(model, KW_PROMPTS, max_new_tokens=16, eos_token_id=[], pad_token_id=0, **kw)
+    P = max(map(len, KW_PROMPTS))
+    for b, row in enumerate(out[:, P:].tolist()):
+        kws = KEYWORDS[b // R]
+        assert all(occurs(row, k) for k in kws)
+        rest, left = row, list(kws)
+        while left:  # the row starts with the keywords, one after another
+            k = next(k for k in left if rest[:len(k)] == k)
+            rest, left = rest[len(k):], [x for x in left if x is not k]
+        if not kws:
+            np.testing.assert_array_equal(out[b], plain[b])  # nothing to boost: as without keywords
+
+
+def test_done_keywords_are_not_boosted_again(models):
+    """Greedy with one keyword: once written, the text goes on as greedy decoding from prompt + keyword."""
+    _, model = models
+    for kw in ([33], [44, 45, 46]):
+        out = generate(model, [[5, 6, 7, 8]], keywords=[[kw]], keyword_boost=100.0, max_new_tokens=12,
+                       eos_token_id=[], pad_token_id=0)
+        want = generate(model, [[5, 6, 7, 8, *kw]], max_new_tokens=12 - len(kw), eos_token_id=[], pad_token_id=0)
+        np.testing.assert_array_equal(out, want)
+
+
+def test_keyword_boost_does_not_recompile(models):
+    _, model = models
+    base = dict(max_new_tokens=10, do_sample=True, top_k=20, eos_token_id=CFG_EOS, pad_token_id=0)
+    generate(model, KW_PROMPTS, keywords=KEYWORDS, keyword_boost=3.0, **base)
+    compiled = sampling._generate_jit._cache_size()
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for boost in (0.0, 100.0, 0.5):
+            generate(model, KW_PROMPTS, keywords=KEYWORDS, keyword_boost=boost, **base)
+        generate(model, KW_PROMPTS, keywords=[[[1]], [[2, 3]], [[4], [5]]], keyword_boost=7.0, **base)  # same buckets
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert sampling._generate_jit._cache_size() == compiled
+    assert events == []
+
+
+@pytest.mark.parametrize("keywords,boost,match", [
+    ([[[1]]], 1.0, r"one list of keyword token-id sequences per prompt \(3\), got 1 rows"),
+    ([[[1]], [], [[]]], 1.0, r"keywords\[2\]\[0\] must be a non-empty list of token ids"),
+    ([[[1]], [[2, V]], []], 1.0, r"keywords\[1\]\[0\] holds token id 300, outside the vocabulary"),
+    ([[[1]], [[2]], []], -1.0, "keyword_boost must be >= 0"),
+    ([[[1]], "abc", []], 1.0, r"keywords\[1\] must be a list"),
+])
+def test_bad_keywords(models, keywords, boost, match):
+    _, model = models
+    with pytest.raises(GPT2JaxError, match=match):
+        generate(model, KW_PROMPTS, keywords=keywords, keyword_boost=boost, max_new_tokens=4)
+
+
+TEXTS = ["Plant the seeds in spring, when the soil is warm.", "Water the garden every morning.",
+         "中国经济持续发展，经济增长稳定。", "发展经济是中国的目标。", "我们讨论经济问题。", "世界经济很复杂。"] * 20
+
+
+@pytest.mark.parametrize("train", [train_bpe, train_sentencepiece])
+def test_keyword_token_ids_as_in_running_text(tmp_path, train):
+    """A keyword's ids are those it has inside a sentence: after a space (GPT-2 "Ġseeds", SentencePiece
+    "▁seeds"), or straight after another character in Chinese."""
+    tok = train(TEXTS, tmp_path / "tok", 400)
+    ids = keyword_token_ids(tok, ["seeds", "garden", "经济"])
+    assert len(ids) == 3 and all(ids)
+    assert occurs(tok.encode(TEXTS[0]), ids[0]) and occurs(tok.encode(TEXTS[1]), ids[1])
+    assert not occurs(tok.encode(TEXTS[0]), tok.encode("xseeds")[1:])  # not the word-start-less form
+    assert tok.decode(ids[0]).strip() == "seeds" and tok.decode(ids[2]).strip() == "经济"
+    if train is train_sentencepiece:  # byte-level BPE merges whole memorised Chinese phrases across words
+        assert all(occurs(tok.encode(t), ids[2]) for t in ["他们讨论经济。", "世界经济很复杂。", "中国经济持续发展"])
 
 
 # --- bad input -------------------------------------------------------------------------------------------

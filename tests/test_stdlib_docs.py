@@ -12,7 +12,8 @@ import pytest
 
 from gpt2_jax import stdlib_docs
 from gpt2_jax.corpus import read_rows
-from gpt2_jax.stdlib_docs import MAX_TEXT_CHARS, MIN_TEXT_CHARS, build_stdlib_corpus
+from gpt2_jax.keyword_metrics import keyword_coverage
+from gpt2_jax.stdlib_docs import CORPUS_VERSION, MAX_TEXT_CHARS, MIN_TEXT_CHARS, build_stdlib_corpus
 
 QUALIFIED = re.compile(r"[A-Za-z]\w*(\.\w+)*")
 
@@ -126,17 +127,25 @@ def test_texts_are_prose_of_bounded_length(rows):
     assert all(MIN_TEXT_CHARS <= len(r.text) <= MAX_TEXT_CHARS for r in rows)
     assert not any(">>>" in r.text for r in rows)
     assert all(1 <= len(r.keywords) <= stdlib_docs.MAX_KEYWORDS for r in rows)
-    assert all(len(set(r.keywords)) == len(r.keywords) for r in rows)
+    assert all(len({k.lower() for k in r.keywords}) == len(r.keywords) for r in rows)
+
+
+def test_every_keyword_occurs_in_its_text(rows):
+    """The corpus teaches writing with the keywords: each one is a whole word of its row's text."""
+    assert sum(keyword_coverage(r.text, r.keywords) for r in rows) == len(rows)
+    assert sum(len(r.keywords) >= stdlib_docs.MIN_KEYWORDS for r in rows) > 0.8 * len(rows)
+    stop = stdlib_docs._STOP_WORDS
+    assert not any(k.lower() in stop or len(k) < 3 or k.isdigit() for r in rows for k in r.keywords)
+    # Not the title's own words: the keywords add to what the title says.
+    assert not any(k.lower() in r.title.lower().split(".") for r in rows for k in r.keywords)
 
 
 def test_known_rows(rows):
     by_title = {r.title: r for r in rows}
     dumps = by_title["json.dumps"]
     assert "JSON" in dumps.text and dumps.text.startswith("Serialize ``obj``")
-    assert dumps.keywords[:3] == ("json", "obj", "skipkeys")
-    assert "move_to_end" not in by_title["collections.OrderedDict.move_to_end"].keywords  # it is in the title
-    assert "collections" in by_title["collections.OrderedDict.move_to_end"].keywords
-    assert "json" in by_title["json"].keywords and by_title["copy.copy"].keywords[0] == "copy"  # the module stays
+    assert {"indent", "JSONEncoder"} <= set(dumps.keywords) and len(dumps.keywords) == stdlib_docs.MAX_KEYWORDS
+    assert by_title["copy.copy"].keywords[0] == "Shallow"  # "Shallow copy operation on arbitrary Python objects."
 
 
 def test_deterministic(built, tmp_path):
@@ -147,8 +156,19 @@ def test_deterministic(built, tmp_path):
 def test_existing_file_is_returned_as_is(tmp_path):
     out = tmp_path / "c.jsonl"
     out.write_text("not rebuilt\n")
+    (tmp_path / "c.jsonl.version").write_text(CORPUS_VERSION + "\n")
     assert build_stdlib_corpus(out) == out
     assert out.read_text() == "not rebuilt\n"
+
+
+@pytest.mark.parametrize("stamp", [None, "1"])
+def test_cache_of_another_version_is_rebuilt(fake_stdlib, tmp_path, stamp):
+    out = tmp_path / "c.jsonl"
+    out.write_text("old rows\n")
+    if stamp is not None:
+        (tmp_path / "c.jsonl.version").write_text(stamp + "\n")
+    build_stdlib_corpus(out, stdlib=fake_stdlib)
+    assert len(read_jsonl(out)) == 8 and (tmp_path / "c.jsonl.version").read_text() == CORPUS_VERSION + "\n"
 
 
 def test_what_is_kept_and_skipped(fake_stdlib, tmp_path):
@@ -157,10 +177,13 @@ def test_what_is_kept_and_skipped(fake_stdlib, tmp_path):
     assert list(got) == ["alpha", "alpha.public", "alpha.conditional", "alpha.Widget", "alpha.Widget.__init__",
                          "alpha.Widget.Part", "pkg", "pkg.sub.run"]
     assert got["alpha.conditional"]["text"].endswith("(the Windows one)")  # the first definition wins
-    assert got["alpha.public"]["keywords"] == "alpha first_arg other flag other_name os.path.join"
-    assert got["alpha.Widget"]["keywords"] == "alpha Base"
-    assert got["alpha.Widget.__init__"]["keywords"] == "alpha Widget size"
-    assert got["pkg.sub.run"]["keywords"] == "pkg.sub"  # one-letter parameters are not keywords
+    # tf-idf over these 8 texts: "module" twice and only here, then the words only here, in text order;
+    # stop words ("whose"), the title's words ("alpha") and words of < 3 letters are never keywords.
+    assert got["alpha"]["keywords"] == "module small long"
+    # "thing" and "computes" are in three texts, "Windows" in one: rarer words first.
+    assert got["alpha.conditional"]["keywords"] == "Windows thing computes"
+    assert got["alpha.Widget"]["keywords"] == "nested documented"  # a short text: fewer than 3
+    assert got["alpha.Widget.__init__"]["keywords"] == "Make size pixels"  # not "widget": in the title
     assert read_rows(out).skipped == 0
 
 

@@ -93,10 +93,11 @@ def test_validation_uses_the_allowed_values(known, key, extra):
 
 def test_allowed_values_today():
     """The values users write in YAML today; a change here is a change of the config contract."""
-    assert train_config.FORMATS == ("csv", "jsonl", "text")
+    assert train_config.FORMATS == ("csv", "jsonl", "text", "bin")
     assert train_config.LOSS_ON == ("all", "text")
     assert train_config.TRAINABLE == ("all", "head", "last_n_blocks", "patterns")
     assert train_config.SCHEDULES == ("cosine", "linear", "constant")
+    assert train_config.REMAT == ("none", "block", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @pytest.mark.parametrize("override, message", [

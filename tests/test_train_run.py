@@ -43,7 +43,8 @@ def overrides(tmp: Path, **extra) -> list[str]:
             "model.n_positions": 64, "model.dropout": 0.1, "tokenizer.sentencepiece_vocab_size": 400,
             "train.batch_size": 16, "train.steps": 6, "train.log_every": 1, "train.eval_every": 3,
             "train.eval_batches": 2, "train.out_dir": str(tmp / "run"), "checkpoint.every": 3,
-            "optim.grad_accum": 2, "optim.warmup_steps": 2, "optim.lr": 3e-3, "sample.num": 0}
+            "optim.grad_accum": 2, "optim.warmup_steps": 2, "optim.lr": 3e-3, "sample.num": 0,
+            "sample.metric_rows": 0}
     base.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -68,15 +69,23 @@ def latest_state(run_dir: Path) -> dict:
 
 
 def test_demo_shaped_run_learns_and_exports(tmp_path):
-    out = run(tmp_path, train__steps=120, train__eval_every=60, train__log_every=1, sample__num=2,
-              sample__max_new_tokens=8, checkpoint__every=60)
+    # 200 steps: long rows continue in windows whose repeated prompt is context only, so a step holds about
+    # half the labels it held when rows were cut at the window (and harder ones: text, not titles).
+    out = run(tmp_path, train__steps=200, train__eval_every=100, train__log_every=1, sample__num=2,
+              sample__max_new_tokens=8, checkpoint__every=100, sample__metric_rows=4)
     run_dir = tmp_path / "run"
     # The validation loss beats predicting every token from its training frequency alone.
     assert out["val_loss"] < out["unigram_loss"] < np.log(400)
     assert len(out["samples"]) == 2
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines if l["split"] == "train"] == list(range(1, 121))
-    assert {l["step"] for l in lines if l["split"] == "val"} == {60, 120}
+    assert [l["step"] for l in lines if l["split"] == "train"] == list(range(1, 201))
+    assert {l["step"] for l in lines if l["split"] == "val"} == {100, 200}
+    # Keyword metrics of held-out samples at the evaluation and at the end.
+    sample = {l["step"]: l for l in lines if l["split"] == "sample"}
+    assert set(sample) == {100, 200}
+    for m in sample.values():
+        assert 0 <= m["keyword_coverage"] <= 1 and 0 <= m["swapped_coverage"] <= 1 and 0 < m["distinct_2"] <= 1
+    assert out["sample_metrics"] == {k: v for k, v in sample[200].items() if k not in ("step", "split", "time")}
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     # The final export equals the checkpoint, and transformers reads it with the same logits.
     from gpt2_jax import load_pretrained
@@ -315,11 +324,16 @@ def test_loss_on_text_gives_no_gradient_from_title_and_keywords(tmp_path, loss_o
     logits = jax.random.normal(jax.random.key(0), (*b["input_ids"].shape, len(tok)))
     grad = jax.grad(lambda l: masked_cross_entropy(l, jnp.asarray(b["labels"]), jnp.asarray(b["loss_mask"]))[0])(logits)
     per_position = np.abs(np.asarray(grad)).sum(-1)
+    windows = batches.row_windows(0)[0]
     for r, ids in enumerate(b["input_ids"]):
         second_sep = np.flatnonzero(ids == tok.sep_id)[1]
         real = np.flatnonzero(ids != tok.pad_id)
         # Positions before the second [SEP] predict title / keyword / [SEP] tokens; from it on, the text.
         context, text = real[real < second_sep], real[real >= second_sep]
+        if windows[r][0][2] > 0:  # a continuation window: its repeated prompt is context under either setting
+            assert np.all(per_position[r, context] == 0) and per_position[r, second_sep] == 0
+            assert np.all(per_position[r, text[1:]] > 0)
+            continue
         assert np.all(per_position[r, text] > 0)
         assert np.all(per_position[r, context] == 0) if loss_on == "text" else np.all(per_position[r, context] > 0)
         assert np.all(per_position[r, ids.size:] == 0)

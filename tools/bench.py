@@ -259,7 +259,7 @@ def _gemm_shapes(shape: dict, batch: int, seq: int) -> list[tuple]:
     input-gradient and weight-gradient products of c_attn, attn.c_proj, c_fc and mlp.c_proj, and attention's
     two forward and four backward products over causal query blocks as model.py computes them (the rows of
     a block against the keys up to its last row); then the tied head's three."""
-    from gpt2_jax.model import QUERY_CHUNK
+    from gpt2_jax.attention import QUERY_CHUNK
 
     d, h, V, L = shape["n_embd"], shape["n_head"], shape["vocab_size"], shape["n_layer"]
     k, m = d // h, batch * seq
@@ -430,7 +430,47 @@ def main() -> None:
                         "all of them in memory together), rather than each in a process of its own")
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     t.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    c = sub.add_parser("compile", help="the run's programs compiled for a TPU slice on this machine (libtpu): "
+                                       "per-chip HBM, FLOPs against the model's, collectives, estimated step time")
+    c.add_argument("--topology", required=True, help="a TPU slice, e.g. v5e:4x4, v5p:2x2x2, v6e:2x2")
+    c.add_argument("--config", help="a YAML file in configs/ (default: every key's default)")
+    c.add_argument("overrides", nargs="*", metavar="section.key=value")
+    c.add_argument("--programs", default="train,eval,generate", help="comma-separated: train, eval, generate")
+    c.add_argument("--vocab-size", type=int, help="instead of len(tokenizer) (default: read from the run's tokenizer; "
+                                                  "GPT-2's 50257 + 4 special tokens when its path is not here)")
+    a = sub.add_parser("attention", help="one attention layer's forward + backward compiled for a TPU slice: "
+                                         "XLA's attention against the Pallas splash and flash kernels")
+    a.add_argument("--topology", default="v5e:2x2")
+    a.add_argument("--seq-lens", default="1024,2048")
+    d = sub.add_parser("data", help="corpus preparation (tools/prepare_data.py) against a nanoGPT-style prepare")
+    d.add_argument("--prepare", action="store_true", required=True, help="time preparing a plain-text corpus")
+    d.add_argument("--size-mb", type=int, default=1024, help="corpus size, built once from local Python sources")
+    d.add_argument("--workers", type=int, default=2)
+    pad = sub.add_parser("padding", help="padding and truncated shares before and after packing (data.py)")
+    pad.add_argument("--tokenizer", default="runs/demo/tokenizer",
+                     help="a tokenizer directory; missing: the demo's SentencePiece is trained on the corpus")
     args = p.parse_args()
+    if args.bench == "padding":
+        from bench_padding import bench as padding_bench  # tools/bench_padding.py
+        padding_bench(args.tokenizer)
+        return
+    if args.bench == "data":
+        from bench_data import bench  # tools/bench_data.py: this benchmark's logic
+        bench(args.size_mb, args.workers)
+        return
+    if args.bench == "compile":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices need no TPU backend
+        from gpt2_jax.errors import run_cli
+        from gpt2_jax.tpu_compile import print_reports
+        run_cli(lambda: sys.exit(print_reports(args.config, args.overrides, args.topology,
+                                               [n for n in args.programs.split(",") if n], args.vocab_size)))
+        return
+    if args.bench == "attention":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        from gpt2_jax.tpu_compile import attention_report
+        for row in attention_report(args.topology, tuple(int(t) for t in args.seq_lens.split(","))):
+            print(json.dumps(row), flush=True)
+        return
     if args.bench == "generate":
         generate_bench(args)
         return

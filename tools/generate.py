@@ -6,7 +6,10 @@
     python tools/generate.py --model PATH --input rows.csv --output out.jsonl [--batch-size 32]
 
 Prints only the generated text: no prompt, no special tokens. With --input (CSV or JSONL rows with a title
-and keywords), writes one JSON line per row to --output, in batches, and continues an existing output.
+and keywords), writes one JSON line per row to --output, in batches, and continues an existing output; then
+prints the whole output's keyword metrics (coverage, coverage against another row's keywords, distinct-1/2,
+repeated 4-grams) on stderr, and a last stderr line of JSON with the counts and those metrics ("metrics").
+--keyword-boost B adds B to the logit of each keyword's next token until the keyword has been written.
 Logic lives in gpt2_jax.sampling and gpt2_jax.generate_file.
 """
 from __future__ import annotations
@@ -44,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="> 0; below 1 is more conservative (default 1.0)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="> 1 discourages tokens already present (default 1.0: off)")
+    p.add_argument("--keyword-boost", type=float, default=0.0,
+                   help="added to the logit of each keyword's next token until the keyword is written "
+                        "(2-5 nudges, 100 forces every keyword in; default 0: off)")
     p.add_argument("--num-return-sequences", type=int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed on stderr)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
@@ -58,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--input and --output go together")
     if args.input is not None and args.num_return_sequences != 1:
         p.error("--input writes one text per row: --num-return-sequences must be 1")
+    if not args.keyword_boost >= 0:  # also NaN
+        p.error(f"--keyword-boost must be >= 0, got {args.keyword_boost}")
+    if args.keyword_boost and args.prompt is not None:
+        p.error("--keyword-boost needs keywords: use it with --title/--keywords, --input or interactively")
     return args
 
 
@@ -86,7 +96,7 @@ def main(argv=None) -> None:
     kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                   do_sample=not args.greedy, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                   repetition_penalty=args.repetition_penalty, num_return_sequences=args.num_return_sequences,
-                  eos_token_id=eos, pad_token_id=pad)
+                  eos_token_id=eos, pad_token_id=pad, keyword_boost=args.keyword_boost)
 
     def titled(title: str, keywords: str) -> list[int]:
         if tok.bos_id >= vocab or tok.sep_id >= vocab:
@@ -95,8 +105,10 @@ def main(argv=None) -> None:
                                f"use --prompt for plain text")
         return tok.format_prompt(title, keywords)
 
-    def show(prompt_ids: list[int], call: int) -> None:
-        texts = generate_text(model, tok, [prompt_ids], seed=seed + call, **kwargs)
+    def show(prompt_ids: list[int], call: int, keywords: str = "") -> None:
+        # Keywords go to generate only when boosted: without a boost, the program of plain sampling.
+        boosted = [keywords.split()] if args.keyword_boost else None
+        texts = generate_text(model, tok, [prompt_ids], seed=seed + call, keywords=boosted, **kwargs)
         for i, text in enumerate(texts):
             print(text if len(texts) == 1 else f"[{i + 1}] {text}", flush=True)
 
@@ -109,7 +121,7 @@ def main(argv=None) -> None:
     elif args.prompt is not None:
         show(tok.encode(args.prompt), 0)
     elif args.title is not None:
-        show(titled(args.title, args.keywords), 0)
+        show(titled(args.title, args.keywords), 0, args.keywords)
     else:
         call = 0
         while True:
@@ -121,7 +133,7 @@ def main(argv=None) -> None:
             except EOFError:
                 break
             try:
-                show(titled(title, keywords), call)
+                show(titled(title, keywords), call, keywords)
             except GPT2JaxError as e:  # a bad prompt ends one round, not the session
                 print(f"error: {e}", file=sys.stderr)
             call += 1
