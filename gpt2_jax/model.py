@@ -111,8 +111,6 @@ def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> LayerNorm:
     return LayerNorm(cfg, rngs)
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class Execution:
     """How the model runs, not what it computes: static, so it lives in the graph definition and every jit

@@ -93,9 +93,13 @@ def topology_devices(topology: str) -> list:
     # default (ERROR and up); it reads these when it loads.
     for var in ("TPU_MIN_LOG_LEVEL", "TPU_STDERR_LOG_LEVEL"):
         os.environ[var] = str(min(int(os.environ.get(var) or 1), 1))
+    dims = re.fullmatch(r"[^:]+:([0-9x]+)", topology)
+    # A slice smaller than libtpu's default host (2x2 chips for v5e), e.g. a one-chip "v5e:1x1", is one host.
+    single_host = dims is not None and math.prod(int(d) for d in dims.group(1).split("x")) < 4
+    bounds = dict(chips_per_host_bounds=(1, 1, 1)) if single_host else {}
     try:
         with captured_stderr():  # libtpu logs initialisation errors about the missing TPU environment
-            devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+            devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **bounds).devices)
     except RuntimeError as e:  # JaxRuntimeError is one too
         if "not installed" in str(e):
             raise GPT2JaxError('libtpu is not installed (TPU compiles need it): pip install -e ".[tpu]"') from None

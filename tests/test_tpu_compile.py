@@ -63,6 +63,13 @@ def test_eval_and_generate_compile_on_a_data_parallel_mesh():
     assert gen["xla_flops_per_chip"] > 0 and gen["model_flops_per_chip"] > 0
 
 
+def test_one_chip_and_pod_topologies():
+    """A one-chip slice (smaller than libtpu's default 2x2 host) and a 16-chip one, one device a chip."""
+    one, pod = tpu_compile.topology_devices("v5e:1x1"), tpu_compile.topology_devices("v5e:4x4")
+    assert (len(one), len(pod)) == (1, 16)
+    assert tpu_compile.chip_of(one[0]).name == "v5e"
+
+
 def test_involuntary_full_rematerialization_is_caught():
     """A reshard XLA:TPU can only do by replicating ([4,1,1] tiles to [1,1,2] with the data axis replicated):
     its warning must reach the report (libtpu keeps warnings off stderr unless told)."""
