@@ -99,17 +99,10 @@ def make_train_step(layout: ModelLayout, optimizer: optax.GradientTransformation
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, grad_scale=1.0 / count)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss / count, "grad_norm": optax.global_norm(grads) / count, "lr": schedule(state.step),
-                   "tokens": count, "real_tokens": real_tokens(batch)}
+                   "tokens": count}
         return TrainState(state.step + 1, params, state.frozen, opt_state, rng), metrics
 
     return step
-
-
-def real_tokens(batch: dict):
-    """The input tokens of `batch` that are not padding (float32; segment id 0 marks padding)."""
-    if "segment_ids" not in batch:
-        return jnp.float32(batch["input_ids"].size)
-    return jnp.sum(batch["segment_ids"] > 0, dtype=jnp.float32)
 
 
 def make_eval_step(layout: ModelLayout, packed: bool = False, loss_chunk: int = 0):
