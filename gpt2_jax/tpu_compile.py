@@ -465,6 +465,22 @@ def print_reports(config: Optional[str], overrides: Sequence[str], topology: str
     return status
 
 
+# The slice each shipped config is for (as its header says), with the settings it is run with there:
+# `tools/bench.py compile --shipped` compiles them all.
+SHIPPED = {
+    "configs/gpt2-tpu-pod.yaml": ("v5e:4x4", ()),  # a v5e-16 (v5litepod-16)
+    "configs/gpt2-finetune.yaml": ("v5e:1x1", ("model.dtype=bfloat16",)),  # one v5e chip, bf16 on accelerators
+}
+
+
+def print_shipped(root: str, programs: Sequence[str] = PROGRAMS) -> int:
+    """Every shipped config compiled for its slice (`SHIPPED`); exit status 1 when a program does not fit."""
+    status = 0
+    for config, (topology, overrides) in SHIPPED.items():
+        status = max(status, print_reports(os.path.join(root, config), overrides, topology, programs))
+    return status
+
+
 def _flash(q_BTHK, k_BTHK, v_BTHK, seg_BT, *, scale):
     """The Pallas TPU flash-attention kernel (attention_report only: splash beat it, see attention.TPU_DEFAULT)."""
     b = attention.pallas_block(q_BTHK.shape[1])

@@ -63,6 +63,18 @@ def test_eval_and_generate_compile_on_a_data_parallel_mesh():
     assert gen["xla_flops_per_chip"] > 0 and gen["model_flops_per_chip"] > 0
 
 
+def test_every_shipped_config_names_its_slice():
+    """`tools/bench.py compile --shipped` covers each config in configs/ that runs on TPU."""
+    import glob
+
+    shipped = set(tpu_compile.SHIPPED)
+    configs = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))}
+    assert shipped == configs - {"configs/demo.yaml"}
+    for config, (topology, overrides) in tpu_compile.SHIPPED.items():
+        load_train_config(os.path.join(ROOT, config), overrides)  # valid as run there
+        assert topology.startswith("v5e:")
+
+
 def test_one_chip_and_pod_topologies():
     """A one-chip slice (smaller than libtpu's default 2x2 host) and a 16-chip one, one device a chip."""
     one, pod = tpu_compile.topology_devices("v5e:1x1"), tpu_compile.topology_devices("v5e:4x4")

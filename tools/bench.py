@@ -40,6 +40,7 @@ from itertools import cycle
 
 import numpy as np
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {
     "tiny": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=1000, n_positions=256, bos_token_id=999, eos_token_id=999),
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
@@ -432,7 +433,8 @@ def main() -> None:
     t.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     c = sub.add_parser("compile", help="the run's programs compiled for a TPU slice on this machine (libtpu): "
                                        "per-chip HBM, FLOPs against the model's, collectives, estimated step time")
-    c.add_argument("--topology", required=True, help="a TPU slice, e.g. v5e:4x4, v5p:2x2x2, v6e:2x2")
+    c.add_argument("--topology", help="a TPU slice, e.g. v5e:4x4, v5p:2x2x2, v6e:2x2")
+    c.add_argument("--shipped", action="store_true", help="every shipped TPU config for the slice it names")
     c.add_argument("--config", help="a YAML file in configs/ (default: every key's default)")
     c.add_argument("overrides", nargs="*", metavar="section.key=value")
     c.add_argument("--programs", default="train,eval,generate", help="comma-separated: train, eval, generate")
@@ -461,9 +463,14 @@ def main() -> None:
     if args.bench == "compile":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices need no TPU backend
         from gpt2_jax.errors import run_cli
-        from gpt2_jax.tpu_compile import print_reports
-        run_cli(lambda: sys.exit(print_reports(args.config, args.overrides, args.topology,
-                                               [n for n in args.programs.split(",") if n], args.vocab_size)))
+        from gpt2_jax.tpu_compile import print_reports, print_shipped
+        programs = [n for n in args.programs.split(",") if n]
+        if args.shipped:
+            run_cli(lambda: sys.exit(print_shipped(ROOT, programs)))
+        if not args.topology:
+            p.error("compile needs --topology (or --shipped)")
+        run_cli(lambda: sys.exit(print_reports(args.config, args.overrides, args.topology, programs,
+                                               args.vocab_size)))
         return
     if args.bench == "attention":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
