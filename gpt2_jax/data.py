@@ -225,9 +225,9 @@ class Batches:
     def _fill_row(self, out: dict, r: int, plan: _Plan, epoch: int, j: int) -> None:
         t = 0
         for seg, w in enumerate(plan.row_windows[plan.row_off[j]:plan.row_off[j + 1]].tolist(), 1):
-            i, P, text_only = int(plan.example_N[w]), int(plan.prompt_N[w]), bool(plan.text_only_N[w])
+            i, P = int(plan.example_N[w]), int(plan.prompt_N[w])
             c, m, p = int(plan.start_N[w]), int(plan.body_N[w]), int(plan.prefix_N[w])
-            prompt = self._prompt(i, epoch, P, text_only) if (p or c < P) else None
+            prompt = self._prompt(i, epoch, P) if (p or c < P) else None
             tok = np.concatenate([prompt[:p] if p else np.zeros(0, np.int32),
                                   _span(self.corpus, i, prompt, P, c, c + m + 1, self.eos_id)])
             n = p + m
@@ -241,10 +241,8 @@ class Batches:
             out["loss_mask"][r, t + p + max(0, first - c - 1):t + n] = 1.0
             t += n
 
-    def _prompt(self, i: int, epoch: int, P: int, text_only: bool) -> np.ndarray:
+    def _prompt(self, i: int, epoch: int, P: int) -> np.ndarray:
         """S[:P] of example i in ``epoch``."""
-        if text_only:
-            return np.array([self.eos_id], np.int32)
         order = self.keyword_order(i, epoch)
         seq, text_start = self.corpus.sequence(i, order, bos_id=self.bos_id, sep_id=self.sep_id, eos_id=self.eos_id,
                                                limit=P, prompt_limit=prompt_limit(self.max_length))

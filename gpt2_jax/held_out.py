@@ -18,8 +18,6 @@ from gpt2_jax.train_config import TrainConfig
 
 def prompt_ids(tokenizer, row, max_length: int) -> list[int]:
     """The prompt training teaches the model to continue for `row`."""
-    if not row.title and not row.keywords:
-        return [tokenizer.eos_id]
     return tokenizer.format_prompt(row.title, row.keywords, max_tokens=data.prompt_limit(max_length))
 
 

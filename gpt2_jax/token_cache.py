@@ -253,11 +253,17 @@ class TokenizedCorpus:
     def sequence(self, r: int, keyword_order: Sequence[int] | None = None, *, bos_id: int, sep_id: int,
                  eos_id: int, limit: int | None = None, prompt_limit: int | None = None) -> tuple[np.ndarray, int]:
         """``[BOS] title [SEP] keywords [SEP] text [EOS]`` of row r (int32), cut to ``limit`` tokens (the text
-        first), and the position of its first text token. ``keyword_order=None``: all, in order.
+        first), and the position of its first text token. ``keyword_order=None``: all, in order. A row with
+        neither title nor keywords (plain text) is ``[EOS] text [EOS]``, as tokenizer.format_example gives it.
 
         ``prompt_limit``: the longest ``[BOS] title [SEP] keywords [SEP]``; keywords that would pass it
         are dropped from the end of the order (the title is kept whole)."""
         title = self.title(r)
+        one = lambda i: np.array([i], np.int32)  # noqa: E731
+        if len(title) == 0 and self.num_keywords(r) == 0:
+            text = self.text(r) if limit is None else self.text(r)[:max(0, limit - 1)]
+            seq = np.concatenate([one(eos_id), text, one(eos_id)]).astype(np.int32)
+            return (seq if limit is None else seq[:limit]), 1
         if prompt_limit is not None and len(title) + len(self.keywords(r)) + 3 > prompt_limit:
             order = np.arange(self.num_keywords(r)) if keyword_order is None else np.asarray(keyword_order)
             fits = len(title) + 3 + np.cumsum(self.keyword_lengths(r, order)) <= prompt_limit
@@ -267,7 +273,6 @@ class TokenizedCorpus:
         text = self.text(r)
         if limit is not None:
             text = text[:max(0, limit - text_start)]  # do not copy a long document only to cut it
-        one = lambda i: np.array([i], np.int32)  # noqa: E731
         seq = np.concatenate([one(bos_id), title, one(sep_id), kw, one(sep_id), text, one(eos_id)]).astype(np.int32)
         return (seq if limit is None else seq[:limit]), text_start
 
