@@ -43,7 +43,8 @@ def write_texts(model, tokenizer, rows: Sequence, cfg: TrainConfig, warn: Callab
         extra = dict(keyword_boost=s.keyword_boost, keywords=[list(r.keywords) for r, _ in group]) if guided else {}
         texts = generate_text(model, tokenizer, [p for _, p in group], max_new_tokens=n, do_sample=True,
                               temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                              repetition_penalty=s.repetition_penalty, seed=cfg.train.seed, **extra)
+                              repetition_penalty=s.repetition_penalty, penalize_prompt=s.penalize_prompt,
+                              seed=cfg.train.seed, **extra)
         out += [(r, t) for (r, _), t in zip(group, texts)]
     return out
 

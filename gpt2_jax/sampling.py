@@ -56,6 +56,7 @@ class SamplingParams:
     top_p: jax.Array  # float32 scalar; 1: off
     top_p_cut: jax.Array  # float32 scalar: 1 - top_p rounded as HF rounds it (one_minus_top_p)
     repetition_penalty: jax.Array  # float32 scalar; 1: off
+    penalize_prompt: jax.Array  # bool scalar: the penalty counts the prompt's tokens (HF's default) or only new ones
     min_new_tokens: jax.Array  # int32 scalar: EOS is blocked before this many new tokens
     max_new_tokens: jax.Array  # int32 scalar: the loop stops after this many (<= the N slots)
     pad_token_id: jax.Array  # int32 scalar: what finished rows emit
@@ -66,13 +67,14 @@ class SamplingParams:
     @classmethod
     def of(cls, *, vocab_size: int, do_sample: bool, temperature, top_k, top_p, repetition_penalty,
            min_new_tokens, max_new_tokens, pad_token_id: int, eos_ids: Sequence[int], seed,
-           keyword_boost=0.0) -> "SamplingParams":
+           keyword_boost=0.0, penalize_prompt=True) -> "SamplingParams":
         """From checked Python values, as fixed-dtype numpy scalars (so no value becomes a constant)."""
         eos_mask_V = np.zeros((vocab_size,), bool)
         eos_mask_V[list(eos_ids)] = True
         return cls(temperature=np.float32(temperature if do_sample else 1.0),
                    top_k=np.int32(min(top_k, vocab_size)), top_p=np.float32(top_p),
                    top_p_cut=one_minus_top_p(top_p), repetition_penalty=np.float32(repetition_penalty),
+                   penalize_prompt=np.bool_(penalize_prompt),
                    min_new_tokens=np.int32(min(min_new_tokens, 2**30)), max_new_tokens=np.int32(max_new_tokens),
                    pad_token_id=np.int32(pad_token_id), eos_mask_V=eos_mask_V, seed=np.uint32(seed % 2**32),
                    keyword_boost=np.float32(keyword_boost))
@@ -136,8 +138,9 @@ def _generate_jit(state, ids_BP, mask_BP, prompt_start, kw_BKL, p: SamplingParam
     # goes through the LM head (left padding puts every row's last token there).
     h_BPD, pre = model.hidden_states(ids_BP, mask_BP, pos_BP, init_cache(model.config, B, P))
     logits_BV = model.logits(h_BPD[:, -1]).astype(jnp.float32)
-    # The repetition penalty sees the prompt as given (its padding included, as HF does), not our bucket padding.
-    seen_BV = token_presence(ids_BP, V, jnp.arange(P)[None, :] >= prompt_start)
+    # The repetition penalty sees the prompt as given (its padding included, as HF does), not our bucket padding;
+    # or, with penalize_prompt off, none of it (HF's prompt_ignore_length = the prompt's padded length).
+    seen_BV = token_presence(ids_BP, V, (jnp.arange(P)[None, :] >= prompt_start) & p.penalize_prompt)
     lengths_B = jnp.sum(mask_BP, axis=1, dtype=jnp.int32)
 
     # num_return_sequences: repeat each row R times (HF's order), and give the cache its N new slots.
@@ -306,7 +309,7 @@ def keyword_token_ids(tokenizer, keywords: Sequence[str]) -> list[list[int]]:
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              min_new_tokens: int = 0, num_return_sequences: int = 1, eos_token_id=None, pad_token_id=None,
-             seed: int = 0, keyword_boost: float = 0.0, keywords=None) -> np.ndarray:
+             seed: int = 0, keyword_boost: float = 0.0, keywords=None, penalize_prompt: bool = True) -> np.ndarray:
     """Continue each prompt by up to `max_new_tokens` tokens; every argument means what it means in HF `generate`.
 
     `input_ids`: a [batch, length] array (left-padded, with `attention_mask`) or a list of token-id lists
@@ -319,6 +322,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     `keywords`: per prompt, a list of keyword token-id sequences (`keyword_token_ids`); each keyword's next
     token gets `keyword_boost` added to its score until the keyword has been generated whole (see
     processors.apply_keyword_boost). The boost is traced: changing it reuses the compiled program.
+
+    `penalize_prompt=False`: the repetition penalty counts only the new tokens, as HF's
+    `RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt length)`; with a title and keywords
+    in the prompt, HF's default (True) penalises exactly the keywords the text should use. Traced too.
     """
     cfg = model.config
     V = cfg.vocab_size
@@ -364,7 +371,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     params = SamplingParams.of(vocab_size=V, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
                                max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_ids=eos_ids, seed=seed,
-                               keyword_boost=keyword_boost)
+                               keyword_boost=keyword_boost, penalize_prompt=bool(penalize_prompt))
     graphdef, state = nnx.split(model)
     new_BN = _generate_jit(state, ids_b, mask_b, np.int32(P_b - P), kw_BKL, params, graphdef=graphdef,
                            do_sample=bool(do_sample), num_return_sequences=num_return_sequences, new_slots=N_b)

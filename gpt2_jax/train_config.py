@@ -177,6 +177,10 @@ class SampleSection:
     top_k: int = 30
     top_p: float = 0.7
     repetition_penalty: float = 2.0
+    # Whether the repetition penalty counts the prompt's tokens too (HF generate's default) or only the new ones
+    # (HF's RepetitionPenaltyLogitsProcessor with prompt_ignore_length). Counting the prompt penalises the very
+    # keywords the text should use (at 2.0 it halves their scores), so the task's default is false.
+    penalize_prompt: bool = False
     # Added to the logit of each keyword's next token until the keyword has been written (sampling.generate's
     # keyword_boost; >= 0, 0: off, e.g. 2-5 to nudge, 100 to force every keyword in).
     keyword_boost: float = 0.0

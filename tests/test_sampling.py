@@ -94,6 +94,25 @@ def test_greedy_equals_transformers(models, attention_path):
                                   generate(model, ids, mask, max_new_tokens=N, eos_token_id=eos, pad_token_id=0))
 
 
+def test_penalize_prompt_off_equals_prompt_ignore_length(models):
+    """penalize_prompt=False is HF's RepetitionPenaltyLogitsProcessor(prompt_ignore_length=P): only new tokens
+    are penalised. Checked greedy and sampled, and that it differs from the default (the prompt penalised)."""
+    ref, model = models
+    ids, mask = left_padded(LENGTHS, pad=0, seed=2)
+    P, N, penalty = ids.shape[1], 16, 3.0
+    proc = transformers.LogitsProcessorList(
+        [transformers.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=P)])
+    got = generate(model, ids, mask, max_new_tokens=N, repetition_penalty=penalty, penalize_prompt=False,
+                   eos_token_id=[], pad_token_id=0)
+    want = hf_generate(ref, ids, mask, max_new_tokens=N, do_sample=False, logits_processor=proc,
+                       eos_token_id=None, pad_token_id=0)
+    np.testing.assert_array_equal(got, want)
+    default = generate(model, ids, mask, max_new_tokens=N, repetition_penalty=penalty, eos_token_id=[],
+                       pad_token_id=0)
+    assert (default != got).any()  # the prompt's tokens really were penalised by default
+    assert np.isin(got[:, P:], ids[mask == 1]).any()  # and are written again without it
+
+
 def test_attention_mask_inferred_from_padding(models):
     """No attention_mask, pad set and not EOS: padding is masked out, as HF infers it."""
     ref, model = models
@@ -163,7 +182,7 @@ def test_parameters_do_not_recompile(models):
             events.append(event)
 
     changes = [dict(temperature=1.7), dict(top_k=0), dict(top_k=250), dict(top_k=3, top_p=1.0), dict(top_p=0.3),
-               dict(repetition_penalty=3.0), dict(min_new_tokens=9), dict(seed=11), dict(max_new_tokens=14),
+               dict(repetition_penalty=3.0), dict(penalize_prompt=False), dict(min_new_tokens=9), dict(seed=11), dict(max_new_tokens=14),
                dict(eos_token_id=[1, 2]), dict(pad_token_id=5), dict(top_k=0, top_p=1.0, temperature=0.5)]
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:

@@ -46,7 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1: off (default 1.0)")
     p.add_argument("--temperature", type=float, default=1.0, help="> 0; below 1 is more conservative (default 1.0)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages tokens already present (default 1.0: off)")
+                   help="> 1 discourages tokens already written (default 1.0: off)")
+    p.add_argument("--penalize-prompt", action="store_true",
+                   help="the repetition penalty also counts the prompt's tokens, as HF generate does by default "
+                        "(off by default: it would penalise the very keywords the text should use)")
     p.add_argument("--keyword-boost", type=float, default=0.0,
                    help="added to the logit of each keyword's next token until the keyword is written "
                         "(2-5 nudges, 100 forces every keyword in; default 0: off)")
@@ -96,7 +99,8 @@ def main(argv=None) -> None:
     kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                   do_sample=not args.greedy, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                   repetition_penalty=args.repetition_penalty, num_return_sequences=args.num_return_sequences,
-                  eos_token_id=eos, pad_token_id=pad, keyword_boost=args.keyword_boost)
+                  eos_token_id=eos, pad_token_id=pad, keyword_boost=args.keyword_boost,
+                  penalize_prompt=args.penalize_prompt)
 
     def titled(title: str, keywords: str) -> list[int]:
         if tok.bos_id >= vocab or tok.sep_id >= vocab:
