@@ -451,7 +451,16 @@ def main() -> None:
     pad = sub.add_parser("padding", help="padding and truncated shares before and after packing (data.py)")
     pad.add_argument("--tokenizer", default="runs/demo/tokenizer",
                      help="a tokenizer directory; missing: the demo's SentencePiece is trained on the corpus")
+    gr = sub.add_parser("grain", help="Grain's loader (pip install grain) against data.Batches: speed, padding, resume")
+    gr.add_argument("--demo-corpus", help="a tokenized demo corpus directory (default: tokenized here, cached)")
+    gr.add_argument("--pod-docs", type=int, default=200_000)
+    gr.add_argument("--quick", action="store_true")
+    gr.add_argument("--setups", default="demo,pod", help="demo, pod or both (comma-separated)")
     args = p.parse_args()
+    if args.bench == "grain":
+        from bench_grain import bench as grain_bench  # tools/bench_grain.py; exits 2 without grain
+        grain_bench(args.demo_corpus, args.pod_docs, args.quick, args.setups)
+        return
     if args.bench == "padding":
         from bench_padding import bench as padding_bench  # tools/bench_padding.py
         padding_bench(args.tokenizer)
