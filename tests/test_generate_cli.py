@@ -59,13 +59,17 @@ def test_title_and_keywords(model_dir, capsys):
     cli.main(args)
     out = capsys.readouterr().out
     tok = load_tokenizer(model_dir)
-    want = expected_texts(model_dir, tok.format_prompt("foxes", "dog jax"), max_new_tokens=12, do_sample=True,
-                          top_k=30, top_p=0.7, temperature=0.9, repetition_penalty=2.0, num_return_sequences=2,
-                          seed=3)
+    sampling = dict(max_new_tokens=12, do_sample=True, top_k=30, top_p=0.7, temperature=0.9,
+                    repetition_penalty=2.0, num_return_sequences=2, seed=3)
+    want = expected_texts(model_dir, tok.format_prompt("foxes", "dog jax"), penalize_prompt=False, **sampling)
     assert out == "".join(f"[{i + 1}] {t}\n" for i, t in enumerate(want))
     assert any(want)
     cli.main(args)
     assert capsys.readouterr().out == out  # a fixed seed repeats
+    # --penalize-prompt: the penalty counts the prompt's tokens too, as HF generate does by default.
+    cli.main(args + ["--penalize-prompt"])
+    want = expected_texts(model_dir, tok.format_prompt("foxes", "dog jax"), **sampling)
+    assert capsys.readouterr().out == "".join(f"[{i + 1}] {t}\n" for i, t in enumerate(want)) != out
 
 
 def test_plain_prompt_greedy(model_dir, capsys):

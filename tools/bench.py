@@ -456,7 +456,14 @@ def main() -> None:
     gr.add_argument("--pod-docs", type=int, default=200_000)
     gr.add_argument("--quick", action="store_true")
     gr.add_argument("--setups", default="demo,pod", help="demo, pod or both (comma-separated)")
+    kw = sub.add_parser("keywords", help="a trained run's keyword coverage with and without guidance, and how "
+                                         "much it copies from its prompt (teacher-forced)")
+    kw.add_argument("--run", default="runs/demo", help="a training run's directory")
     args = p.parse_args()
+    if args.bench == "keywords":
+        from bench_keywords import bench as keywords_bench  # tools/bench_keywords.py
+        keywords_bench(args.run)
+        return
     if args.bench == "grain":
         from bench_grain import bench as grain_bench  # tools/bench_grain.py; exits 2 without grain
         grain_bench(args.demo_corpus, args.pod_docs, args.quick, args.setups)
