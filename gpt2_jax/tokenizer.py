@@ -110,8 +110,9 @@ class HFTokenizer(Tokenizer):
         self._join_cjk = type(hf.backend_tokenizer.model).__name__ == "WordPiece"
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        # The Rust tokenizer directly: no [CLS]/[SEP] wrapping, no max-length warnings, parallel batches.
-        return [e.ids for e in self.hf.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        # The Rust tokenizer directly: no [CLS]/[SEP] wrapping, no max-length warnings, parallel batches;
+        # encode_batch_fast gives encode_batch's ids without computing offsets (about a quarter less time).
+        return [e.ids for e in self.hf.backend_tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         text = self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -95,6 +95,77 @@ def test_round_trip_two_workers_tiny_shards(tmp_path, rows, tok_dir, tok, name, 
     assert not (tmp_path / "out" / prepare.PLAN).exists()
 
 
+ODD_TEXTS = [
+    "a [SEP] b[BOS]c [EOS][PAD] <|endoftext|> end",  # special tokens inline, with and without spaces
+    "中文文本，全角标点。日本語のテキスト、한국어 텍스트",  # CJK, Hangul
+    "emoji 👍🏽 family 👨\u200d👩\u200d👧 flags 🇫🇷 and e\u0301 combining",
+    "tabs\tand\r\nCRLF  double  spaces \x0c form feed \u00a0nbsp",
+    # line starts (where the workers' encoder cuts GPT-2 style BPE texts) after odd and blank lines
+    "def f(x):\n    return x\n\nclass A:\n  pass\n[SEP]\n's\n'll\r\n#x\n \n\n\tz\n\x0bq\n\u2028w\n\u00e9t\u00e9\n9\n",
+    "x \nfoo  \n\nbar\n\n\n!?\n<|endoftext|>\n[EOS]\n\n",
+    "",
+]
+
+
+def _hf_tokenizers(tmp_path, rows, tok):
+    """Our Hugging Face tokenizer kinds: byte-level BPE, a SentencePiece model's tokenizer.json export, and a
+    BERT-style WordPiece vocab.txt (with CJK characters)."""
+    from gpt2_jax.tokenizer import HFTokenizer, load_tokenizer
+
+    train_sentencepiece([r.text for r in rows], tmp_path / "sp", 400)
+    chars = sorted({c for t in ODD_TEXTS + [r.text for r in rows] for c in t if not c.isspace()})
+    words = sorted({w.lower() for r in rows for w in r.text.split()})[:300]
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *words]) + "\n")
+    hf = [tok, load_tokenizer(tmp_path / "sp" / "tokenizer.json"), load_tokenizer(tmp_path / "bert")]
+    assert all(isinstance(t, HFTokenizer) for t in hf)
+    return hf
+
+
+def test_fast_encoding_gives_encode_batch_ids(tmp_path, rows, tok):
+    """HFTokenizer.encode_batch (encode_batch_fast: no offsets) and the workers' pickled encoder give the ids
+    of the Rust tokenizer's full encode_batch, on odd text and long documents."""
+    import pickle
+
+    long_doc = "\n\n".join(r.text for r in rows) * 20
+    long_doc = long_doc[:50_000] + " [SEP] " + ODD_TEXTS[1] + long_doc[50_000:]
+    texts = ODD_TEXTS + [long_doc, long_doc[:99_999]] + [r.text for r in rows]
+    assert len(long_doc) > 100_000
+    for t, cut in zip(_hf_tokenizers(tmp_path, rows, tok), (True, False, False)):
+        full = [e.ids for e in t.hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+        assert t.encode_batch(texts) == full
+        assert [t.encode(x) for x in texts[:7]] == full[:7]
+        encoder = pickle.loads(pickle.dumps(prepare._RustEncoder(t)))
+        assert encoder.cut == cut and encoder.encode_batch(texts) == full  # byte-level BPE: cut at line starts
+        assert t.sep_id in full[0] and t.eos_id in full[0]
+
+
+def test_only_gpt2_style_byte_level_bpe_is_cut(tok):
+    spec = json.loads(tok.hf.backend_tokenizer.to_str())
+    assert prepare._cuts_at_line_starts(spec)
+    added = spec["added_tokens"][0]
+    for change in (dict(normalizer={"type": "NFC"}), dict(truncation={"max_length": 8}),
+                   dict(pre_tokenizer=dict(spec["pre_tokenizer"], add_prefix_space=True)),
+                   dict(pre_tokenizer=dict(spec["pre_tokenizer"], use_regex=False)),
+                   dict(model=dict(spec["model"], dropout=0.1)),
+                   dict(added_tokens=[dict(added, lstrip=True)]), dict(added_tokens=[dict(added, content="a\nb")])):
+        assert not prepare._cuts_at_line_starts({**spec, **change}), change
+
+
+def test_workers_skip_transformers_and_sentencepiece_workers(tmp_path, rows, tok_dir, tok):
+    """Workers of a Hugging Face tokenizer get its Rust tokenizer and never import transformers (about 250 MB
+    each); a SentencePiece tokenizer is loaded in each worker; both give the single-process ids."""
+    with prepare._Pool(1, str(tok_dir), tok) as pool:
+        assert not pool.executor.submit(eval, "'transformers' in __import__('sys').modules").result()
+    sp = train_sentencepiece([r.text for r in rows], tmp_path / "sp", 400)
+    src = write_corpus(tmp_path / "c.csv", rows, "csv")
+    prepare_corpus(src, tmp_path / "sp", tmp_path / "out", workers=2, shard_tokens=300)
+    corpus = TokenizedCorpus.load(tmp_path / "out")
+    assert len(corpus.tokens.shards) > 3
+    assert_rows_equal(corpus, rows, sp)
+
+
 @pytest.mark.parametrize("name,content", [
     ("stray.csv", b'title,keywords,text\r\nA,k,"one\r\nB,k,two\r\nC,k,three\r\nD,k,four\r\n'),  # a stray quote
     ("mac.csv.gz", b"T,k l,x\rU,m,y\r"),  # old Mac line ends, gzipped

@@ -10,7 +10,8 @@ into a uint16 file: over the lines (``nanogpt-style-lines``), and over whole doc
 each example and as (a) must, to give each document's ``encode`` ids (``nanogpt-style-docs``). Each runs in its own subprocess; the process tree's resident memory
 is sampled every 0.2 s (psutil). Fields: impl, mb, wall_s, mb_per_s, peak_pss_mb (the tree's proportional set
 size: shared pages counted once, its real footprint), peak_rss_sum_mb (RSS summed: shared pages counted in
-every process), tokens.
+every process), cpu_s (the tree's user + system CPU seconds) and mb_per_cpu_s (a fairer speed on a machine
+shared with other work), tokens.
 """
 from __future__ import annotations
 
@@ -115,17 +116,21 @@ def nanogpt_prepare(corpus: Path, tokenizer_dir: Path, out: Path, unit: str = "l
 
 
 def _measure(cmd: list[str]) -> dict:
-    """Wall seconds and the peak summed RSS of the command's process tree, and its last stdout line as JSON."""
+    """Wall seconds, the peak summed RSS and PSS of the command's process tree and its CPU seconds (each
+    process's last sample: the last 0.2 s of each are missed), and its last stdout line as JSON."""
     import psutil
 
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=_ROOT)
-    rss, pss, ps = 0, 0, psutil.Process(proc.pid)
+    rss, pss, ps, cpu = 0, 0, psutil.Process(proc.pid), {}
     while proc.poll() is None:
         try:
             tree = [ps, *ps.children(recursive=True)]
             mem = [p.memory_full_info() for p in tree]
             rss, pss = max(rss, sum(m.rss for m in mem)), max(pss, sum(m.pss for m in mem))
+            for p in tree:
+                t = p.cpu_times()
+                cpu[p.pid] = t.user + t.system
         except psutil.Error:
             pass
         time.sleep(0.2)
@@ -133,7 +138,7 @@ def _measure(cmd: list[str]) -> dict:
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed with status {proc.returncode}")
     return dict(wall_s=round(time.time() - t0, 2), peak_pss_mb=round(pss / 2**20, 1), peak_rss_mb=round(rss / 2**20, 1),
-                **json.loads(out[-1]))
+                cpu_s=round(sum(cpu.values()), 1), **json.loads(out[-1]))
 
 
 def bench(size_mb: int, workers: int) -> None:
@@ -152,7 +157,8 @@ def bench(size_mb: int, workers: int) -> None:
         subprocess.run(["rm", "-rf", cmd[-2] if impl == "gpt2-jax" else cmd[-1]], check=True)  # a full preparation
         r = _measure(cmd)
         print(json.dumps(dict(impl=impl, mb=round(mb, 1), wall_s=r["wall_s"], mb_per_s=round(mb / r["wall_s"], 2),
-                              peak_pss_mb=r["peak_pss_mb"], peak_rss_sum_mb=r["peak_rss_mb"], tokens=r["tokens"],
+                              peak_pss_mb=r["peak_pss_mb"], peak_rss_sum_mb=r["peak_rss_mb"], cpu_s=r["cpu_s"],
+                              mb_per_cpu_s=round(mb / max(r["cpu_s"], 1e-9), 2), tokens=r["tokens"],
                               **({"workers": workers, "shards": r["shards"]} if impl == "gpt2-jax" else {}))),
               flush=True)
 
