@@ -29,7 +29,8 @@ from gpt2_jax.train_config import LOSS_ON
 log = logging.getLogger(__name__)
 
 # The first word of every seed sequence, so that the streams of randomness never coincide.
-_SHUFFLE, _AUGMENT, _SPLIT = 0, 1, 2
+_SHUFFLE, _AUGMENT, _SPLIT, _UNIGRAM = 0, 1, 2, 3
+_UNIGRAM_TOKENS = 1 << 24  # text tokens the unigram baseline counts at most (a seeded sample of rows past it)
 _PLANS_KEPT = 3  # epochs whose packing plans stay in memory (a batch straddles at most two)
 
 
@@ -412,12 +413,19 @@ def unigram_entropy(corpus: TokenizedCorpus, indices: Sequence[int], *, bos_id: 
     """Entropy in nats of the counted labels' token frequencies over the (unaugmented) examples.
 
     The loss of a model that knows only how often each token occurs: a baseline for the training loss.
-    Counted exactly as ``Batches`` counts them (windows, ``loss_on``), without assembling sequences.
-    ``bos_id`` is never a label; it is taken so that the call reads like ``Batches``'.
+    Counted exactly as ``Batches`` counts them (windows, ``loss_on``), without assembling sequences, over
+    every example, or, when they hold more than ``_UNIGRAM_TOKENS`` tokens, over a seeded random sample of
+    examples of about that many (a pod corpus's baseline in seconds, not minutes; the estimate's bias is
+    about vocabulary / (2 × tokens) nats). ``bos_id`` is never a label; it is taken so that the call reads
+    like ``Batches``'.
     """
     _check_loss_on(loss_on)
     _check_max_length(max_length)
     indices = _check_indices(indices, len(corpus))
+    text_len = np.diff(corpus.piece_off)[2::3]  # each row's text tokens: most of its labels
+    if text_len[indices].sum() > _UNIGRAM_TOKENS:
+        indices = np.random.default_rng([_UNIGRAM]).permutation(indices)
+        indices = indices[:max(1, int(np.searchsorted(np.cumsum(text_len[indices]), _UNIGRAM_TOKENS)))]
     counts = np.zeros(max(sep_id, eos_id) + 1, np.int64)
     for a in range(0, len(indices), 1 << 16):
         ids = indices[a:a + (1 << 16)]

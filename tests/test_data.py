@@ -337,6 +337,27 @@ def test_unigram_entropy_hand_checked_and_equal_to_batches(tmp_path, corpora, to
         unigram_entropy(corpus, [0], **ids, loss_on="text", max_length=3)
 
 
+def test_unigram_entropy_of_a_large_corpus_is_a_sample(tmp_path, corpora, tokenizers, rows, monkeypatch):
+    """Past _UNIGRAM_TOKENS text tokens, a seeded sample of rows holding about that many: the exact entropy of
+    those rows (checked against counting them in full), close to the whole split's, the same every call."""
+    from gpt2_jax import data
+
+    tok, corpus = tokenizers["bpe"], corpora["bpe"]
+    ids = dict(bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id, loss_on="text", max_length=512)
+    split = np.arange(len(rows) - 3)
+    exact = unigram_entropy(corpus, split, **ids)
+    text_len = np.diff(corpus.piece_off)[2::3]
+    monkeypatch.setattr(data, "_UNIGRAM_TOKENS", int(text_len[split].sum()) // 2)
+    sampled = unigram_entropy(corpus, split, **ids)
+    assert sampled == unigram_entropy(corpus, split, **ids) != exact
+    assert abs(sampled - exact) < 0.15 * exact
+    order = np.random.default_rng([data._UNIGRAM]).permutation(split)
+    kept = order[:int(np.searchsorted(np.cumsum(text_len[order]), data._UNIGRAM_TOKENS))]
+    assert 0.3 < text_len[kept].sum() / text_len[split].sum() <= 0.5
+    monkeypatch.setattr(data, "_UNIGRAM_TOKENS", 1 << 40)
+    assert sampled == unigram_entropy(corpus, np.sort(kept), **ids)
+
+
 def test_split_indices():
     train, val = split_indices(100, 0.1, seed=0)
     assert len(val) == 10 and sorted(np.concatenate([train, val]).tolist()) == list(range(100))
