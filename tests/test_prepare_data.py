@@ -332,13 +332,14 @@ def test_train_prepare_data_reads_a_prepared_directory(tmp_path, rows, tok_dir, 
 
 
 def test_line_start_cuts_keep_the_ids_around_trailing_whitespace(tmp_path):
-    """A BPE that has merged a space with a newline ("ĠĊ"): a line ending in spaces pre-tokenizes as
-    " " + "\\n" inside a text but " \\n" at the end of a piece, so no cut may follow whitespace."""
+    """A BPE that has merged a space with a newline ("ĠĊ") and two newlines ("ĊĊ"): a line ending in spaces,
+    or a blank line, pre-tokenizes as " " + "\\n" (or "\\n" + "\\n") inside a text but as one piece at the
+    end of one, so no cut may follow whitespace."""
 
-    texts = [f"line {i} \nnext  \n\tindented \r\nend\n" for i in range(300)]
+    texts = [f"line {i} \nnext  \n\tindented \r\nend\n\nnew paragraph\n\n" for i in range(300)]
     t = train_bpe(texts, tmp_path / "bpe", 300)
-    assert "ĠĊ" in t.hf.backend_tokenizer.get_vocab()  # the merge that makes a wrong cut visible
-    probe = ["a \nb", "a  \nb", "a\n b", "a \n\nb", "x\ny \nz\n  w", *texts[:3]]
+    assert {"ĠĊ", "ĊĊ"} <= set(t.hf.backend_tokenizer.get_vocab())  # merges that make a wrong cut visible
+    probe = ["a \nb", "a  \nb", "a\n b", "a \n\nb", "a\n\nb", "x\ny \nz\n  w", *texts[:3]]
     full = [e.ids for e in t.hf.backend_tokenizer.encode_batch(probe, add_special_tokens=False)]
     encoder = prepare._RustEncoder(t)
     assert encoder.cut and encoder.encode_batch(probe) == full
