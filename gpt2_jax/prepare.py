@@ -201,9 +201,7 @@ class _RustEncoder:
         self.cut = _cuts_at_line_starts(json.loads(self.backend.to_str()))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if not self.cut:
-            return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
-        pieces = [_LINE_START.split(t) for t in texts]
+        pieces = [_LINE_START.split(t) if self.cut else [t] for t in texts]
         encoded = iter(self.backend.encode_batch_fast([p for ps in pieces for p in ps], add_special_tokens=False))
         return [list(itertools.chain.from_iterable(next(encoded).ids for _ in ps)) for ps in pieces]
 
