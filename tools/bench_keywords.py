@@ -7,6 +7,11 @@ the model's own perplexity of what it wrote (teacher-forced, without guidance). 
 "copy" line: the mean log-probability of the text tokens that write a keyword, with the row's own keywords in
 the prompt against another row's (the row half the split away); their difference, in nats, is how much the
 model copies from its prompt, a continuous measure that moves before coverage does.
+
+Two lines say why coverage is what it is: each setting's coverage split by the keyword's length in tokens as
+running text writes it (1, 2, 3 or more: writing a keyword of several tokens takes copying each in turn), and a
+"reference" line, the coverage of the rows' own texts cut to sample.max_new_tokens tokens (what writing like
+the corpus would score in that many tokens), with the share of keywords of each length.
 """
 from __future__ import annotations
 
@@ -18,11 +23,13 @@ import numpy as np
 
 from gpt2_jax import data
 from gpt2_jax.held_out import prompt_ids, sample_metrics, write_texts
+from gpt2_jax.keyword_metrics import keyword_occurs, mean_coverage
 from gpt2_jax.pretrained import load_pretrained
 from gpt2_jax.sampling import keyword_token_ids
 from gpt2_jax.train_config import load_train_config
 from gpt2_jax.trainer import prepare_data
 
+LENGTHS = ("1", "2", "3+")  # keyword length classes, in tokens
 SETTINGS = ({"penalize_prompt": True}, {"penalize_prompt": False},
             {"penalize_prompt": False, "keyword_boost": 3.0}, {"penalize_prompt": False, "keyword_boost": 10.0})
 
@@ -70,6 +77,30 @@ def _copy_probe(model, tokenizer, rows, max_length: int) -> dict:
             "copy_gain_nats": round(float(np.mean(own) - np.mean(swapped)), 3)}
 
 
+def _length_class(tokenizer, keyword: str) -> str:
+    ids = keyword_token_ids(tokenizer, [keyword])
+    return LENGTHS[min(len(ids[0]) if ids else 1, len(LENGTHS)) - 1]
+
+
+def coverage_by_length(tokenizer, written) -> dict[str, float | None]:
+    """Keyword coverage of `write_texts`' output per keyword length class (None where a class is empty)."""
+    hits: dict[str, list[bool]] = {k: [] for k in LENGTHS}
+    for row, text in written:
+        for word in row.keywords:
+            hits[_length_class(tokenizer, word)].append(keyword_occurs(text, word))
+    return {k: round(float(np.mean(v)), 3) if v else None for k, v in hits.items()}
+
+
+def reference_line(tokenizer, rows, new_tokens: int) -> dict:
+    """Coverage of the rows' own texts cut to `new_tokens` tokens, and the share of keywords per length class."""
+    keywords = [list(r.keywords) for r in rows]
+    cut = [tokenizer.decode(tokenizer.encode(r.text)[:new_tokens]) for r in rows]
+    classes = [_length_class(tokenizer, w) for ks in keywords for w in ks]
+    coverage = mean_coverage(cut, keywords)
+    return {"new_tokens": new_tokens, "keyword_coverage": None if coverage is None else round(coverage, 3),
+            "keywords_by_tokens": {k: round(classes.count(k) / max(len(classes), 1), 3) for k in LENGTHS}}
+
+
 def bench(run: str) -> None:
     cfg = load_train_config(f"{run}/config.yaml")
     run_data = prepare_data(cfg, 0, 1)
@@ -80,7 +111,10 @@ def bench(run: str) -> None:
         written = write_texts(model, tok, rows, run_cfg, warn=lambda _: None)
         m = {k: round(v, 3) for k, v in sample_metrics(written).items()}
         print(json.dumps({"bench": "keywords", "run": run, "rows": len(written), **setting, **m,
+                          "coverage_by_tokens": coverage_by_length(tok, written),
                           "perplexity": round(_perplexity(model, tok, written, cfg.data.max_length), 1),
                           "seconds": round(time.time() - t0, 1)}), flush=True)
+    print(json.dumps({"bench": "keywords", "run": run, "what": "reference",
+                      **reference_line(tok, rows, cfg.sample.max_new_tokens)}), flush=True)
     print(json.dumps({"bench": "keywords", "run": run, "what": "copy",
                       **_copy_probe(model, tok, rows, cfg.data.max_length)}), flush=True)
