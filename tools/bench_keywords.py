@@ -8,7 +8,7 @@ the model's own perplexity of what it wrote (teacher-forced, without guidance). 
 the prompt against another row's (the row half the split away); their difference, in nats, is how much the
 model copies from its prompt, a continuous measure that moves before coverage does.
 
-Two lines say why coverage is what it is: each setting's coverage split by the keyword's length in tokens as
+Two more figures say why coverage is what it is: each setting's coverage split by the keyword's length in tokens as
 running text writes it (1, 2, 3 or more: writing a keyword of several tokens takes copying each in turn), and a
 "reference" line, the coverage of the rows' own texts cut to sample.max_new_tokens tokens (what writing like
 the corpus would score in that many tokens), with the share of keywords of each length.
