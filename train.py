@@ -1,11 +1,11 @@
 """Train or fine-tune GPT-2: `python train.py --config configs/demo.yaml [section.key=value ...]`.
 
-Every key has a default (gpt2_jax/train_config.py); overrides are YAML values (`optim.lr=1e-3 train.steps=200`).
+Every key has a default (gpt2_jax/train/config.py); overrides are YAML values (`optim.lr=1e-3 train.steps=200`).
 On a TPU pod, run the same command on every host.
 """
 import argparse
 
-from gpt2_jax.train_config import load_train_config
+from gpt2_jax.train.config import load_train_config
 from gpt2_jax.errors import run_cli
 
 
@@ -17,7 +17,7 @@ def main() -> None:
     cfg = load_train_config(args.config, args.overrides)
 
     from gpt2_jax.runtime import enable_compilation_cache
-    from gpt2_jax.trainer import train
+    from gpt2_jax.train.loop import train
 
     enable_compilation_cache()
     train(cfg)

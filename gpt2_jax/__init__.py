@@ -1,7 +1,7 @@
 """gpt2-jax: GPT-2 in JAX/Flax NNX with Hugging Face-exact numerics.
 
 Top-level API: `load_pretrained`, `save_pretrained`, `load_tokenizer`, `generate`. Names are imported on
-first use, so `import gpt2_jax.config` does not pull in transformers or the sampler.
+first use, so `import gpt2_jax.model.config` does not pull in transformers or the sampler.
 """
 import glob
 import importlib
@@ -20,14 +20,14 @@ if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
 
 _EXPORTS = {
     "GPT2JaxError": "gpt2_jax.errors",
-    "GPT2LMHeadModel": "gpt2_jax.model",
-    "ModelConfig": "gpt2_jax.config",
-    "generate": "gpt2_jax.sampling",
-    "load_pretrained": "gpt2_jax.pretrained",
+    "GPT2LMHeadModel": "gpt2_jax.model.gpt2",
+    "ModelConfig": "gpt2_jax.model.config",
+    "generate": "gpt2_jax.sample.generate",
+    "load_pretrained": "gpt2_jax.checkpoints.pretrained",
     "load_tokenizer": "gpt2_jax.tokenizer",
-    "preset": "gpt2_jax.config",
-    "resize_token_embeddings": "gpt2_jax.model",
-    "save_pretrained": "gpt2_jax.hf",
+    "preset": "gpt2_jax.model.config",
+    "resize_token_embeddings": "gpt2_jax.model.gpt2",
+    "save_pretrained": "gpt2_jax.checkpoints.hf",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -20,6 +20,7 @@ from transformers import BertTokenizerFast, GPT2TokenizerFast, PreTrainedTokeniz
 from transformers.convert_slow_tokenizer import SpmConverter
 
 from gpt2_jax.errors import GPT2JaxError, first_line
+from gpt2_jax.text import CJK
 
 SPECIAL_TOKENS = ("[BOS]", "[SEP]", "[EOS]", "[PAD]")
 SP_MODEL_FILE = "spm.model"
@@ -28,8 +29,7 @@ _HF_VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
 _LOOKED_FOR = "tokenizer.json, vocab.json + merges.txt, vocab.txt or one *.model (SentencePiece)"
 # CJK ideographs and punctuation, full-width forms and the supplementary ideograph planes (not Hangul:
 # Korean separates words with spaces).
-_CJK = "\u2e80-\u9fff\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef\U00020000-\U0003ffff"
-_CJK_GAP = re.compile(f"(?<=[{_CJK}]) +(?=[{_CJK}])")
+_CJK_GAP = re.compile(f"(?<=[{CJK}]) +(?=[{CJK}])")
 
 
 class Tokenizer:

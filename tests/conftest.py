@@ -78,7 +78,7 @@ def hf_dir(tmp_path):
 def attention_path(request, monkeypatch):
     """Runs a test with each CPU attention implementation: the default (materialised, one block of queries
     for these short sequences), blocks of 16 queries with a ragged last one, and dot_product_attention."""
-    from gpt2_jax import attention
+    from gpt2_jax.model import attention
 
     if request.param == "dot_product_attention":
         monkeypatch.setattr(attention, "default_impl", lambda platform, dropout: "materialised" if dropout else "xla")

@@ -1,8 +1,12 @@
-"""The package's import graph: no module imports one that imports it back, at the top or inside a function."""
+"""The package's import graph: packages form layers, each importing only from its own layer and those below,
+and no module imports one that imports it back, at the top or inside a function."""
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gpt2_jax"
+# Bottom to top. The ground floor is the package's top-level modules (errors, runtime, sharding, text,
+# tokenizer); aot.py compiles the run's programs, so it sits above everything.
+LAYERS = ("ground", "model", "checkpoints", "data", "sample", "train", "aot")
 
 
 def imports_of(path: Path) -> set[str]:
@@ -10,23 +14,56 @@ def imports_of(path: Path) -> set[str]:
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gpt2_jax"):
-            if node.module == "gpt2_jax":  # from gpt2_jax import data, sharding
-                out.update(f"gpt2_jax.{a.name}" for a in node.names)
-            else:
-                out.add(node.module)
+            for a in node.names:  # from gpt2_jax.data import batches: the module gpt2_jax.data.batches
+                out.add(f"{node.module}.{a.name}")
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.startswith("gpt2_jax."))
     return out
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def graph() -> dict[str, set[str]]:
-    modules = {f"gpt2_jax.{p.stem}": p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
-    return {name: imports_of(path) & set(modules) for name, path in modules.items()}
+    """module -> the modules it imports; an imported name that is not a module counts as its module."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    g = {}
+    for name, path in modules.items():
+        deps = set()
+        for imp in imports_of(path):
+            while imp not in modules:
+                imp = imp.rpartition(".")[0]
+            if imp != "gpt2_jax" and imp != name:
+                deps.add(imp)
+        g[name] = deps
+    return g
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 2 and parts[1] != "aot" and not (PACKAGE / parts[1]).is_dir():
+        return "ground"
+    return parts[1]
+
+
+def test_every_module_is_in_a_layer():
+    g = graph()
+    assert {"gpt2_jax.train.loop", "gpt2_jax.model.gpt2", "gpt2_jax.errors", "gpt2_jax.aot"} <= set(g)
+    assert {layer(m) for m in g if m != "gpt2_jax"} == set(LAYERS)
+
+
+def test_packages_import_only_their_layer_and_below():
+    g = graph()
+    upward = [f"{a} imports {b}" for a, deps in sorted(g.items()) if a != "gpt2_jax" for b in sorted(deps)
+              if LAYERS.index(layer(b)) > LAYERS.index(layer(a))]
+    assert not upward, "imports from a higher layer: " + "; ".join(upward)
 
 
 def test_no_import_cycles():
     g = graph()
-    assert len(g) > 15 and g["gpt2_jax.trainer"] >= {"gpt2_jax.train_step", "gpt2_jax.checkpoint"}
+    assert g["gpt2_jax.train.loop"] >= {"gpt2_jax.train.step", "gpt2_jax.checkpoints.orbax"}
     state = {}  # 1 = on the current path, 2 = done
 
     def visit(node, path):
@@ -42,6 +79,8 @@ def test_no_import_cycles():
             visit(node, [])
 
 
-def test_the_cycle_check_sees_imports_inside_functions(tmp_path):
-    (tmp_path / "m.py").write_text("def f():\n    from gpt2_jax.hf import x\n    import gpt2_jax.model\n")
-    assert imports_of(tmp_path / "m.py") == {"gpt2_jax.hf", "gpt2_jax.model"}
+def test_the_checks_see_imports_inside_functions_and_upward_imports(tmp_path):
+    (tmp_path / "m.py").write_text("def f():\n    from gpt2_jax.checkpoints.hf import x\n    import gpt2_jax.train.loop\n")
+    assert imports_of(tmp_path / "m.py") == {"gpt2_jax.checkpoints.hf.x", "gpt2_jax.train.loop"}
+    assert layer("gpt2_jax.errors") == "ground" and layer("gpt2_jax.data.rows") == "data"
+    assert LAYERS.index(layer("gpt2_jax.train.loop")) > LAYERS.index(layer("gpt2_jax.model.gpt2"))

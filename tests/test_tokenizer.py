@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_jax.corpus import read_rows
+from gpt2_jax.data.rows import read_rows
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.tokenizer import (SPECIAL_TOKENS, SentencePieceTokenizer, load_tokenizer, train_bpe,
                                 train_sentencepiece)

@@ -194,9 +194,10 @@ def _train_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> l
 def _jax_train(impl: str, shape: dict, args, batches):
     """(a no-argument callable that runs one gpt2-jax train step on the next batch and waits, what trains)."""
     import jax
-    from gpt2_jax import sharding, train_step as steps
-    from gpt2_jax.config import ModelConfig
-    from gpt2_jax.train_config import load_train_config
+    from gpt2_jax import sharding
+    from gpt2_jax.train import step as steps
+    from gpt2_jax.model.config import ModelConfig
+    from gpt2_jax.train.config import load_train_config
 
     half = shape["n_layer"] // 2  # jax-last6: the top half of the blocks, 6 of GPT-2's 12
     overrides, trainable = {
@@ -260,7 +261,7 @@ def _gemm_shapes(shape: dict, batch: int, seq: int) -> list[tuple]:
     input-gradient and weight-gradient products of c_attn, attn.c_proj, c_fc and mlp.c_proj, and attention's
     two forward and four backward products over causal query blocks as model.py computes them (the rows of
     a block against the keys up to its last row); then the tied head's three."""
-    from gpt2_jax.attention import QUERY_CHUNK
+    from gpt2_jax.model.attention import QUERY_CHUNK
 
     d, h, V, L = shape["n_embd"], shape["n_head"], shape["vocab_size"], shape["n_layer"]
     k, m = d // h, batch * seq
@@ -299,8 +300,8 @@ def _train_child(args) -> None:
     """Build every impl of args.impls on one shape, time each one's first (compiling) step, then run
     args.steps rounds of one step of each in turn, and print a row per impl."""
     import jax
-    from gpt2_jax.config import ModelConfig
-    from gpt2_jax.flops import flops_per_token, peak_flops
+    from gpt2_jax.model.config import ModelConfig
+    from gpt2_jax.train.flops import flops_per_token, peak_flops
 
     shape_name = args.shapes[0]
     shape = TRAIN_SHAPES[shape_name]
@@ -370,8 +371,8 @@ def _names(known):
 def generate_file_bench(args) -> None:
     """tools/generate.py --input's tokens/s at each batch size, interleaved over rounds after a warm-up
     round (which compiles every bucket), on a model and a file of rows."""
-    from gpt2_jax.generate_file import generate_file
-    from gpt2_jax.pretrained import load_pretrained
+    from gpt2_jax.sample.file import generate_file
+    from gpt2_jax.checkpoints.pretrained import load_pretrained
     from gpt2_jax.tokenizer import load_tokenizer
 
     model, tok = load_pretrained(args.model), load_tokenizer(args.model)
@@ -479,7 +480,7 @@ def main() -> None:
     if args.bench == "compile":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices need no TPU backend
         from gpt2_jax.errors import run_cli
-        from gpt2_jax.tpu_compile import print_reports, print_shipped
+        from gpt2_jax.aot import print_reports, print_shipped
         programs = [n for n in args.programs.split(",") if n]
         if args.shipped:
             run_cli(lambda: sys.exit(print_shipped(ROOT, programs)))
@@ -490,7 +491,7 @@ def main() -> None:
         return
     if args.bench == "attention":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        from gpt2_jax.tpu_compile import attention_report
+        from gpt2_jax.aot import attention_report
         for row in attention_report(args.topology, tuple(int(t) for t in args.seq_lens.split(","))):
             print(json.dumps(row), flush=True)
         return

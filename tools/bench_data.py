@@ -166,7 +166,7 @@ def bench(size_mb: int, workers: int) -> None:
 def _child(argv: list[str]) -> None:
     kind, corpus, tok, out = argv[:4]
     if kind == "ours":
-        from gpt2_jax.prepare import prepare_corpus
+        from gpt2_jax.data.prepare import prepare_corpus
 
         s = prepare_corpus(corpus, tok, out, format="text", workers=int(argv[4]))
         print(json.dumps(dict(tokens=s["tokens"], shards=s["shards"])))

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_jax import data
-from gpt2_jax.token_cache import TokenizedCorpus
+from gpt2_jax.data import batches as data
+from gpt2_jax.data.token_store import TokenizedCorpus
 
 _CACHE = Path(os.path.expanduser("~/.cache/gpt2-jax/bench-grain"))
 
@@ -85,8 +85,8 @@ def demo_corpus(path: str | None) -> TokenizedCorpus:
     does (SentencePiece of 4,000 pieces trained on the corpus), cached under ~/.cache/gpt2-jax/bench-grain."""
     if path:
         return TokenizedCorpus.load(path)
-    from gpt2_jax.corpus import read_rows, resolve_corpus, row_texts
-    from gpt2_jax.token_cache import tokenize_corpus
+    from gpt2_jax.data.rows import read_rows, resolve_corpus, row_texts
+    from gpt2_jax.data.token_store import tokenize_corpus
     from gpt2_jax.tokenizer import load_tokenizer, train_sentencepiece
 
     docs = list(read_rows(resolve_corpus("builtin:stdlib-docs", os.path.expanduser("~/.cache/gpt2-jax/data"))))

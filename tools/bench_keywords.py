@@ -21,13 +21,14 @@ import time
 
 import numpy as np
 
-from gpt2_jax import data
-from gpt2_jax.held_out import prompt_ids, sample_metrics, write_texts
-from gpt2_jax.keyword_metrics import keyword_occurs, mean_coverage
-from gpt2_jax.pretrained import load_pretrained
-from gpt2_jax.sampling import keyword_token_ids
-from gpt2_jax.train_config import load_train_config
-from gpt2_jax.trainer import prepare_data
+from gpt2_jax.data import batches as data
+from gpt2_jax.train.held_out import prompt_ids, sample_metrics, write_texts
+from gpt2_jax.sample.keywords import mean_coverage
+from gpt2_jax.text import keyword_occurs
+from gpt2_jax.checkpoints.pretrained import load_pretrained
+from gpt2_jax.sample.generate import keyword_token_ids
+from gpt2_jax.train.config import load_train_config
+from gpt2_jax.train.loop import prepare_data
 
 LENGTHS = ("1", "2", "3+")  # keyword length classes, in tokens
 SETTINGS = ({"penalize_prompt": True}, {"penalize_prompt": False},

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from gpt2_jax import data
-from gpt2_jax.corpus import Row, read_rows, resolve_corpus, row_texts
-from gpt2_jax.token_cache import tokenize_corpus
+from gpt2_jax.data import batches as data
+from gpt2_jax.data.rows import Row, read_rows, resolve_corpus, row_texts
+from gpt2_jax.data.token_store import tokenize_corpus
 from gpt2_jax.tokenizer import load_tokenizer, train_sentencepiece
 
 

@@ -26,7 +26,7 @@ def main() -> None:
         raise GPT2JaxError(f"--out {args.out} is a file, not a directory" if blocker == out
                            else f"--out {args.out}: {blocker} is a file, not a directory")
 
-    from gpt2_jax.pretrained import export_run, is_run_dir
+    from gpt2_jax.checkpoints.pretrained import export_run, is_run_dir
 
     if not is_run_dir(args.checkpoint):
         raise GPT2JaxError(f"{args.checkpoint} is not a training run directory (no model_config.json and "

@@ -10,7 +10,7 @@ and keywords), writes one JSON line per row to --output, in batches, and continu
 prints the whole output's keyword metrics (coverage, coverage against another row's keywords, distinct-1/2,
 repeated 4-grams) on stderr, and a last stderr line of JSON with the counts and those metrics ("metrics").
 --keyword-boost B adds B to the logit of each keyword's next token until the keyword has been written.
-Logic lives in gpt2_jax.sampling and gpt2_jax.generate_file.
+Logic lives in gpt2_jax.sample.generate and gpt2_jax.sample.file.
 """
 from __future__ import annotations
 
@@ -79,9 +79,9 @@ def main(argv=None) -> None:
     if not args.no_compile_cache:
         from gpt2_jax.runtime import enable_compilation_cache
         enable_compilation_cache()
-    from gpt2_jax.generate_file import generate_file
-    from gpt2_jax.pretrained import load_pretrained
-    from gpt2_jax.sampling import generate_text
+    from gpt2_jax.sample.file import generate_file
+    from gpt2_jax.checkpoints.pretrained import load_pretrained
+    from gpt2_jax.sample.generate import generate_text
     from gpt2_jax.tokenizer import load_tokenizer
 
     model = load_pretrained(args.model, dtype=args.dtype)

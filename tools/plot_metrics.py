@@ -3,7 +3,7 @@
     python tools/plot_metrics.py --run RUN_DIR [--out PNG] [--smoothing 0.9]
 
 Draws train loss with its smoothed curve and validation loss against step (default RUN_DIR/loss.png),
-and a learning-rate panel when the run logged `lr`. Records come from gpt2_jax.metrics.read_metrics.
+and a learning-rate panel when the run logged `lr`. Records come from gpt2_jax.train.metrics.read_metrics.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import os
 
 from gpt2_jax.errors import GPT2JaxError, run_cli
-from gpt2_jax.metrics import read_metrics
+from gpt2_jax.train.metrics import read_metrics
 
 
 def series(records: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:

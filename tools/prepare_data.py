@@ -11,9 +11,9 @@ import argparse
 import json
 import logging
 
-from gpt2_jax.corpus import ROW_FORMATS
+from gpt2_jax.data.rows import ROW_FORMATS
 from gpt2_jax.errors import run_cli
-from gpt2_jax.prepare import DEFAULT_SHARD_TOKENS, prepare_corpus
+from gpt2_jax.data.prepare import DEFAULT_SHARD_TOKENS, prepare_corpus
 
 
 def main() -> None:

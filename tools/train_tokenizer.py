@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2_jax.corpus import ROW_FORMATS, read_rows, row_texts
+from gpt2_jax.data.rows import ROW_FORMATS, read_rows, row_texts
 from gpt2_jax.errors import GPT2JaxError, run_cli
 from gpt2_jax.tokenizer import train_bpe, train_sentencepiece
 

@@ -1,0 +1,124 @@
+"""A model source: a Hugging Face directory or a training run's directory, read or exported.
+
+This module sits above `hf.py` (Hugging Face files) and `checkpoint.py` (Orbax), so neither knows the
+other: a run directory is `model_config.json`, `tokenizer/` and `checkpoints/` (train.out_dir).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional, TypeVar
+
+import yaml
+
+from gpt2_jax.checkpoints.orbax import Checkpointer, CorruptCheckpoint, checkpoint_dir
+from gpt2_jax.model.config import ModelConfig
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.checkpoints.hf import load_hf_config, params_from_state_dict, read_hf_state_dict, write_pretrained
+from gpt2_jax.model.gpt2 import GPT2LMHeadModel, model_from_params, param_shapes
+from gpt2_jax.tokenizer import load_tokenizer
+
+T = TypeVar("T")
+
+
+def load_pretrained(path: str, *, dtype: Optional[str] = None, seed: int = 0) -> GPT2LMHeadModel:
+    """Load a Hugging Face GPT-2 directory (safetensors, Flax msgpack or pytorch_model.bin, sharded or not),
+    or a training run's directory (its latest complete checkpoint).
+
+    `dtype` ("float32", "bfloat16", "float16") sets both the compute and the parameter dtype.
+    The model comes back in evaluation mode (dropout off).
+    """
+    if is_run_dir(path):
+        return load_run(path, dtype=dtype, seed=seed)
+    config = _with_dtype(load_hf_config(path), dtype)
+    fmt, state = read_hf_state_dict(path)
+    return model_from_params(config, params_from_state_dict(config, state, os.path.join(path, fmt)), seed=seed)
+
+
+def is_run_dir(path: str) -> bool:
+    """A training run's output directory (train.out_dir): model_config.json beside checkpoints/."""
+    return os.path.isdir(checkpoint_dir(path)) and os.path.isfile(os.path.join(path, "model_config.json"))
+
+
+def open_run(run_dir: str) -> tuple[ModelConfig, Checkpointer]:
+    """(ModelConfig, read-only Checkpointer) of a run directory; the caller closes the Checkpointer."""
+    config = ModelConfig.from_json(os.path.join(run_dir, "model_config.json"))
+    ckpt = Checkpointer(run_dir, read_only=True)
+    if not ckpt.all_steps():
+        ckpt.close()
+        raise GPT2JaxError(f"{run_dir}: no complete checkpoint in {checkpoint_dir(run_dir)}")
+    return config, ckpt
+
+
+def newest_good(run_dir: str, ckpt: Checkpointer, step: Optional[int], use: Callable[[int], T]) -> T:
+    """`use(step)`, or without `step`, `use` of the newest step it succeeds on: a step that raises
+    CorruptCheckpoint is skipped with one line on stderr. Only when none succeeds does it raise, one line."""
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    if step is not None:
+        if step not in steps:
+            raise GPT2JaxError(f"{run_dir}: no checkpoint of step {step}; there are: {', '.join(map(str, sorted(steps)))}")
+        try:
+            return use(step)
+        except CorruptCheckpoint as e:
+            raise GPT2JaxError(f"{run_dir}: checkpoint step {step} is damaged: {e}") from None
+    reasons = []
+    for s in steps:
+        try:
+            return use(s)
+        except CorruptCheckpoint as e:
+            print(f"warning: {run_dir}: checkpoint step {s} skipped: {e}", file=sys.stderr, flush=True)
+            reasons.append(f"step {s}: {e}")
+    raise GPT2JaxError(f"{run_dir}: no checkpoint verifies ({'; '.join(reasons)})")
+
+
+def load_run(run_dir: str, *, step: Optional[int] = None, dtype: Optional[str] = None,
+             seed: int = 0) -> GPT2LMHeadModel:
+    """The model of a run directory's checkpoint (`step`, default the newest that verifies), in eval mode."""
+    config, ckpt = open_run(run_dir)
+    config = _with_dtype(config, dtype)
+    try:
+        flat = newest_good(run_dir, ckpt, step, ckpt.restore_params)
+    finally:
+        ckpt.close()
+    missing = sorted(set(param_shapes(config)) - set(flat))
+    if missing:
+        raise GPT2JaxError(f"{run_dir}: its checkpoint lacks {missing[0]} (model_config.json mismatch?)")
+    return model_from_params(config, flat, seed=seed)
+
+
+def export_run(run_dir: str, out_dir: str, *, step: Optional[int] = None) -> str:
+    """Write a run's checkpoint (`step`, default the newest that verifies) as a Hugging Face directory
+    (hf.write_pretrained with the run's tokenizer), restoring and verifying one parameter at a time: host
+    memory holds one tensor, never the model or optimiser state."""
+    config, ckpt = open_run(run_dir)
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+    expected = set(param_shapes(config))
+
+    def export(s: int) -> str:
+        shapes, read = ckpt.param_reader(s)
+        if expected != set(shapes):
+            odd = sorted(expected ^ set(shapes))[0]
+            raise GPT2JaxError(f"{run_dir}: checkpoint of step {s} and model_config.json disagree on {odd}")
+        return write_pretrained(config, shapes, read, out_dir, tokenizer, generation=_sampling_defaults(run_dir))
+
+    try:
+        return newest_good(run_dir, ckpt, step, export)
+    finally:
+        ckpt.close()
+
+
+def _sampling_defaults(run_dir: str) -> Optional[dict]:
+    """The run's `sample` settings in transformers' GenerationConfig names, from the config.yaml the run
+    wrote (every key resolved, validated when the run started)."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        sample = (yaml.safe_load(f) or {}).get("sample") or {}
+    keys = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+    return {"do_sample": True, **{k: sample[k] for k in keys if k in sample}}
+
+
+def _with_dtype(config: ModelConfig, dtype: Optional[str]) -> ModelConfig:
+    return config if dtype is None else config.replace(dtype=str(dtype), param_dtype=str(dtype))

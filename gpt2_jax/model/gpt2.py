@@ -1,0 +1,463 @@
+"""GPT-2 in Flax NNX whose parameter tree and numbers are Hugging Face's.
+
+Shape letters: B batch, T query positions, S key positions (cache slots), D n_embd, H heads,
+K head width, F MLP width, V vocabulary.
+
+Parameter paths read like Hugging Face's (`transformer/h/0/attn/c_attn/kernel`). Kernels are stored
+[in, out], as in PyTorch's `Conv1D.weight`, so safetensors import is a key copy and only the Flax
+msgpack format needs transposes (see hf.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from functools import partial
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gpt2_jax.model import attention
+from gpt2_jax.model.kv_cache import KVCache
+from gpt2_jax.model.config import ModelConfig
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.sharding import BATCH_AXES, RULES
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+# Hugging Face's ACT2FN, formula for formula.
+ACT_FNS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+}
+
+
+def _named(init, axes: tuple):
+    # Logical axis names ride along as metadata; sharding.py maps them to a mesh when there is one,
+    # so building the model never needs a mesh (eager_sharding=False).
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def _normal(std: float, axes: tuple):
+    return _named(nnx.initializers.normal(std), axes)
+
+
+def _zeros(axes: tuple):
+    return _named(nnx.initializers.zeros_init(), axes)
+
+
+def _linear(cfg: ModelConfig, din: int, dout: int, axes: tuple, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                      kernel_init=_normal(std, axes), bias_init=_zeros(axes[1:]), rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+    """PyTorch's LayerNorm: variance as E[(x - mean)²], statistics in float32, output in the compute dtype.
+
+    Written out with a hand-written backward: with nnx.LayerNorm(use_fast_variance=False), or autodiff of
+    the forward below, a GPT-2 124M forward + backward on CPU (batch 4 × 128) took 3.2 s instead of 2.6 s.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        shape = (cfg.n_embd,)
+        self.scale = nnx.Param(_named(nnx.initializers.ones_init(), ("embed",))(rngs.params(), shape, jnp.dtype(cfg.param_dtype)))
+        self.bias = nnx.Param(_zeros(("embed",))(rngs.params(), shape, jnp.dtype(cfg.param_dtype)))
+        self.epsilon = cfg.layer_norm_epsilon
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x):
+        y = _layer_norm_f32(x.astype(jnp.float32), self.scale[...].astype(jnp.float32),
+                            self.bias[...].astype(jnp.float32), self.epsilon)
+        return y.astype(self.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_f32(x, scale, bias, epsilon):
+    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+    centred = x - jnp.mean(x, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + epsilon)
+    xhat = centred * rstd
+    return xhat * scale + bias, (xhat, rstd, scale)
+
+
+def _layer_norm_bwd(epsilon, res, dy):
+    # The textbook backward: two row reductions, fused by XLA, where autodiff's takes several passes.
+    xhat, rstd, scale = res
+    g = dy * scale
+    dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+    reduce = tuple(range(dy.ndim - 1))
+    return dx, jnp.sum(dy * xhat, axis=reduce), jnp.sum(dy, axis=reduce)
+
+
+_layer_norm_f32.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> LayerNorm:
+    return LayerNorm(cfg, rngs)
+
+
+def _policy_names() -> tuple[str, ...]:
+    """The policies in `jax.checkpoint_policies` (`dots_saveable`, ...): a policy takes the primitive and its
+    params (`**params`); the rest of that namespace builds policies from arguments (`save_only_these_names`)."""
+    out = []
+    for name in sorted(vars(jax.checkpoint_policies)):
+        f = getattr(jax.checkpoint_policies, name)
+        if not name.startswith("_") and callable(f):
+            params = inspect.signature(f).parameters.values()
+            if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                out.append(name)
+    return tuple(out)
+
+
+# model.remat: none, block (keep each block's input only), or any jax.checkpoint_policies policy.
+REMAT = ("none", "block", *_policy_names())
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How the model runs, not what it computes: static, so it lives in the graph definition and every jit
+    that traces the model is specialised to it.
+
+    `platform` picks the attention kernel (None: the default backend when traced); a program compiled ahead of
+    time for TPU devices from a CPU host must name "tpu". `mesh`: activations are pinned to the batch
+    split of sharding.BATCH_AXES at every block boundary, so FSDP gathers each layer's weights instead of
+    letting XLA partition the matmuls over the weights' sharded width. `remat`: "none", "block" (keep only
+    each block's input) or a `jax.checkpoint_policies` name such as "dots_with_no_batch_dims_saveable".
+    """
+
+    platform: Optional[str] = None
+    remat: str = "none"
+    mesh: Optional[Any] = None
+
+    @classmethod
+    def on(cls, mesh, remat: str = "none") -> "Execution":
+        """The execution for programs running on `mesh`'s devices."""
+        return cls(mesh.devices.flat[0].platform, remat, mesh)
+
+    def remat_policy(self):
+        """The `jax.checkpoint` policy of `remat` (None for "block": save nothing inside a block)."""
+        return None if self.remat == "block" else getattr(jax.checkpoint_policies, self.remat)
+
+    def constrain(self, x_BTD):
+        """`x_BTD` pinned to the batch split (nothing without a mesh)."""
+        if self.mesh is None:
+            return x_BTD
+        return jax.lax.with_sharding_constraint(x_BTD, NamedSharding(self.mesh, P(BATCH_AXES)))
+
+    def constrain_lookup(self, x_BTD):
+        """An embedding lookup's output [B, T, D] split like its table (D over fsdp) and the batch over data.
+
+        Its gradient, scattered into the D-sharded table, then arrives split the same way: pinned to the
+        batch split over every axis instead, XLA could only reach the table's layout by replicating it
+        ("involuntary full rematerialization", compiled for TPU with data x fsdp)."""
+        if self.mesh is None:
+            return x_BTD
+        return jax.lax.with_sharding_constraint(x_BTD, NamedSharding(self.mesh, P("data", None, RULES["embed"])))
+
+    @property
+    def current_platform(self) -> str:
+        return self.platform or jax.default_backend()
+
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention with an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs, execution: Execution = Execution()):
+        self.cfg = cfg
+        self.execution = execution
+        self.layer_idx = layer_idx
+        proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        self.c_attn = _linear(cfg, cfg.n_embd, 3 * cfg.n_embd, ("embed", "heads"), cfg.initializer_range, rngs)
+        self.c_proj = _linear(cfg, cfg.n_embd, cfg.n_embd, ("heads", "embed"), proj_std, rngs)
+        self.attn_dropout = nnx.Dropout(cfg.attn_pdrop, deterministic=True, rngs=rngs)
+        self.resid_dropout = nnx.Dropout(cfg.resid_pdrop, deterministic=True, rngs=rngs)
+
+    @property
+    def scale(self) -> float:
+        scale = 1.0 / math.sqrt(self.cfg.head_dim) if self.cfg.scale_attn_weights else 1.0
+        if self.cfg.scale_attn_by_inverse_layer_idx:
+            scale /= float(self.layer_idx + 1)
+        return scale
+
+    def __call__(self, x_BTD, mask_BTS, kv=None, index=None, segment_ids_BT=None):
+        """Returns the output [B, T, D] and, with a cache, this layer's updated (k, v)."""
+        cfg = self.cfg
+        B, T, _ = x_BTD.shape
+        q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, cfg.n_head, cfg.head_dim)
+                                  for a in jnp.split(self.c_attn(x_BTD), 3, axis=-1))
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_BSHK = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BTHK.astype(k_cache.dtype), index, axis=1)
+            v_BSHK = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BTHK.astype(v_cache.dtype), index, axis=1)
+            kv = (k_BSHK, v_BSHK)
+        else:
+            k_BSHK, v_BSHK = k_BTHK, v_BTHK
+        out_BTHK = self._attend(q_BTHK, k_BSHK.astype(q_BTHK.dtype), v_BSHK.astype(q_BTHK.dtype), mask_BTS,
+                                segment_ids_BT)
+        out_BTD = self.resid_dropout(self.c_proj(out_BTHK.reshape(B, T, cfg.n_embd)))
+        return out_BTD, kv
+
+    def _attend(self, q_BTHK, k_BSHK, v_BSHK, mask_BTS, segment_ids_BT):
+        dtype = q_BTHK.dtype
+        if self.cfg.reorder_and_upcast_attn:
+            q_BTHK, k_BSHK, v_BSHK = (a.astype(jnp.float32) for a in (q_BTHK, k_BSHK, v_BSHK))
+        dropout = not (self.attn_dropout.deterministic or self.cfg.attn_pdrop == 0.0)
+        ex = self.execution
+        impl = attention.default_impl(ex.current_platform, dropout=dropout)
+        out = attention.attend(q_BTHK, k_BSHK, v_BSHK, impl=impl, scale=self.scale, mask_BTS=mask_BTS,
+                               segment_ids_BT=segment_ids_BT, dropout=self.attn_dropout if dropout else None,
+                               mesh=ex.mesh, platform=ex.current_platform)
+        return out.astype(dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        self.c_fc = _linear(cfg, cfg.n_embd, cfg.inner_dim, ("embed", "mlp"), cfg.initializer_range, rngs)
+        self.c_proj = _linear(cfg, cfg.inner_dim, cfg.n_embd, ("mlp", "embed"), proj_std, rngs)
+        self.act = ACT_FNS[cfg.activation_function]
+        self.dropout = nnx.Dropout(cfg.resid_pdrop, deterministic=True, rngs=rngs)
+
+    def __call__(self, x_BTD):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x_BTD))))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs, execution: Execution = Execution()):
+        self.ln_1 = _layer_norm(cfg, rngs)
+        self.attn = Attention(cfg, layer_idx, rngs, execution)
+        self.ln_2 = _layer_norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BTD, mask_BTS, kv=None, index=None, segment_ids_BT=None):
+        a_BTD, kv = self.attn(self.ln_1(x_BTD), mask_BTS, kv, index, segment_ids_BT)
+        x_BTD = x_BTD + a_BTD
+        x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD))
+        return x_BTD, kv
+
+
+def _block_call(block, x_BTD, mask_BTS, kv, index, segment_ids_BT):
+    return block(x_BTD, mask_BTS, kv, index, segment_ids_BT)
+
+
+class GPT2Model(nnx.Module):
+    """Embeddings, blocks and the final LayerNorm: Hugging Face's `transformer`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, execution: Execution = Execution()):
+        std = cfg.initializer_range
+        self.execution = execution
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                             embedding_init=_normal(std, ("vocab", "embed")), rngs=rngs)
+        self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                             embedding_init=_normal(std, (None, "embed")), rngs=rngs)
+        self.drop = nnx.Dropout(cfg.embd_pdrop, deterministic=True, rngs=rngs)
+        self.h = nnx.List([Block(cfg, i, rngs, execution) for i in range(cfg.n_layer)])
+        self.ln_f = _layer_norm(cfg, rngs)
+
+    def __call__(self, input_ids_BT, attention_mask_BT=None, position_ids_BT=None, cache: Optional[KVCache] = None,
+                 segment_ids_BT=None):
+        B, T = input_ids_BT.shape
+        if segment_ids_BT is not None and (cache is not None or attention_mask_BT is not None):
+            raise GPT2JaxError("segment_ids (packed rows) go without a cache and without an attention_mask")
+        if cache is None:
+            offset = 0
+            if attention_mask_BT is None:
+                mask_BTS = None  # plain causal (within segments, for packed rows): no [B, T, T] mask
+            else:
+                causal_TT = jnp.tril(jnp.ones((T, T), bool))
+                mask_BTS = causal_TT[None] & attention_mask_BT.astype(bool)[:, None, :]
+        else:
+            offset = cache.index
+            new_valid_BT = (jnp.ones((B, T), bool) if attention_mask_BT is None
+                            else attention_mask_BT.astype(bool))
+            valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BS, new_valid_BT, offset, axis=1)
+            slot_S = jnp.arange(cache.max_length)
+            causal_TS = slot_S[None, :] <= (offset + jnp.arange(T))[:, None]
+            mask_BTS = causal_TS[None] & valid_BS[:, None, :]
+        if position_ids_BT is None:
+            position_ids_BT = jnp.broadcast_to(offset + jnp.arange(T, dtype=jnp.int32), (B, T))
+        ex = self.execution
+        x_BTD = ex.constrain(self.drop(ex.constrain_lookup(self.wte(input_ids_BT))
+                                       + ex.constrain_lookup(self.wpe(position_ids_BT))))
+        new_k, new_v = [], []
+        run = _block_call if cache is not None or ex.remat == "none" else nnx.remat(_block_call, policy=ex.remat_policy())
+        for i, block in enumerate(self.h):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x_BTD, kv = run(block, x_BTD, mask_BTS, kv, offset, segment_ids_BT)
+            x_BTD = ex.constrain(x_BTD)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x_BTD = self.ln_f(x_BTD)
+        if cache is not None:
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid_BS=valid_BS, index=offset + T)
+        return x_BTD, cache
+
+
+class GPT2LMHeadModel(nnx.Module):
+    """GPT-2 with the LM head tied to the token embedding.
+
+    `model(input_ids, attention_mask, position_ids)` gives the logits of `transformers.GPT2LMHeadModel`.
+    With `cache=`, the tokens are written into the cache at `cache.index` and `(logits, cache)` comes back;
+    `attention_mask` then marks which of the new tokens are real, and earlier slots keep their marks.
+    Built in evaluation mode: `model.train()` turns dropout on.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: Optional[nnx.Rngs] = None, seed: int = 0,
+                 execution: Execution = Execution()):
+        rngs = rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1)
+        self.config = config
+        self.transformer = GPT2Model(config, rngs, execution)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None, segment_ids=None):
+        """The final-LayerNorm output [B, T, D] (and the cache), before the LM head.
+
+        `segment_ids` [B, T] (packed rows, no cache): tokens attend only to earlier tokens of their own
+        segment; pass `position_ids` restarting at 0 in each segment with them."""
+        return self.transformer(jnp.asarray(input_ids), attention_mask, position_ids, cache, segment_ids)
+
+    def logits(self, h_BTD):
+        """The tied LM head: [..., D] -> [..., V] in the compute dtype."""
+        return self.transformer.wte.attend(h_BTD)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, cache: Optional[KVCache] = None):
+        h_BTD, new_cache = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        logits_BTV = self.logits(h_BTD)
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+
+def abstract_model(config: ModelConfig, execution: Execution = Execution()) -> GPT2LMHeadModel:
+    """The model with ShapeDtypeStructs for parameters: shapes and counts without allocating."""
+    return nnx.eval_shape(lambda: GPT2LMHeadModel(config, execution=execution))
+
+
+def num_params(model: GPT2LMHeadModel) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def resize_token_embeddings(model: GPT2LMHeadModel, new_vocab_size: int) -> GPT2LMHeadModel:
+    """Grow (or shrink) the tied embedding to `new_vocab_size` rows, in place.
+
+    Old rows are kept exactly; new rows are the mean of the old ones, so the logits of old tokens do not
+    change and new tokens start as an average token. Updates `model.config.vocab_size`.
+    """
+    wte = model.transformer.wte
+    old = wte.embedding[...]
+    old_vocab = old.shape[0]
+    if new_vocab_size <= 0:
+        raise GPT2JaxError(f"new vocabulary size must be positive, got {new_vocab_size}")
+    new = old[:new_vocab_size] if new_vocab_size <= old_vocab else grow_embedding(old, new_vocab_size)
+    wte.embedding = nnx.Param(new, **wte.embedding.get_metadata())
+    wte.num_embeddings = new_vocab_size
+    model.config = model.config.replace(vocab_size=new_vocab_size)
+    return model
+
+
+def grow_embedding(old, new_vocab_size: int):
+    """`old` [V, D] with rows added up to `new_vocab_size`, each the mean of the old rows (computed in
+    float32); a numpy input stays numpy."""
+    xp = np if isinstance(old, np.ndarray) else jnp
+    mean = xp.mean(old.astype(np.float32), axis=0, keepdims=True).astype(old.dtype)
+    return xp.concatenate([old, xp.repeat(mean, new_vocab_size - old.shape[0], axis=0)], axis=0)
+
+
+def path_key(path) -> str:
+    """An nnx state path ('transformer', 'h', 0, 'ln_1', 'scale') -> 'transformer/h/0/ln_1/scale'.
+
+    That string is the one parameter key everywhere (flat dicts, freezing, optimiser masks, checkpoints),
+    as Hugging Face's state-dict names are, with '/' for '.'."""
+    return "/".join(map(str, path))
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of every parameter, computed abstractly."""
+    flat = nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))
+    return {path_key(path): tuple(var.shape) for path, var in flat}
+
+
+def model_from_params(config: ModelConfig, params: dict[str, jax.Array], *, seed: int = 0) -> GPT2LMHeadModel:
+    """A model holding `params` ({key: array} for every key of `param_shapes(config)`), without
+    random-initialising them."""
+    layout = ModelLayout.of(config)
+    # Only the non-parameter state (dropout RNG keys) is built for real; XLA drops the unused initialisers.
+    rng = jax.jit(lambda: rng_arrays(nnx.split(GPT2LMHeadModel(config, seed=seed), nnx.Param, ...)[2]))()
+    dtype = jnp.dtype(config.param_dtype)
+    flat = {}
+    for k, want in layout.shapes.items():
+        flat[k] = jnp.asarray(params[k], dtype=dtype)
+        if flat[k].shape != want.shape:
+            raise GPT2JaxError(f"parameter {k} has shape {flat[k].shape}, expected {want.shape}")
+    return layout.model(flat, rng, train=False)
+
+
+@dataclasses.dataclass
+class ModelLayout:
+    """How flat `{key: array}` dicts map onto the NNX model, plus each parameter's logical axes and shape.
+
+    Steps take plain dicts at the jit boundary and rebuild the model inside with `model(...)`."""
+
+    config: ModelConfig
+    execution: Execution
+    graphdef_train: Any  # dropout on
+    graphdef_eval: Any  # dropout off
+    abstract_params: Any  # nnx.State of ShapeDtypeStruct Params: the template that flat dicts fill
+    abstract_rng: Any  # nnx.State of the dropout RNG keys and counts
+    logical: dict[str, Optional[tuple]]  # {key: logical axis names} (sharding.py maps them to the mesh)
+    shapes: dict[str, jax.ShapeDtypeStruct]
+
+    @classmethod
+    def of(cls, config: ModelConfig, execution: Execution = Execution()) -> "ModelLayout":
+        model = abstract_model(config, execution)
+        graphdef_eval, abstract_params, abstract_rng = nnx.split(model, nnx.Param, ...)
+        model.train()
+        graphdef_train = nnx.split(model, nnx.Param, ...)[0]
+        logical, shapes = {}, {}
+        for path, var in nnx.to_flat_state(abstract_params):
+            k = path_key(path)
+            logical[k] = var.get_metadata().get("out_sharding")
+            shapes[k] = jax.ShapeDtypeStruct(var.shape, var.dtype)
+        return cls(config, execution, graphdef_train, graphdef_eval, abstract_params, abstract_rng, logical, shapes)
+
+    def state(self, flat: dict) -> nnx.State:
+        """The nnx.State of parameters holding the arrays of `flat` (every key)."""
+        leaves = [(path, var.replace(flat[path_key(path)])) for path, var in nnx.to_flat_state(self.abstract_params)]
+        return nnx.from_flat_state(leaves)
+
+    def rng_state(self, flat: dict) -> nnx.State:
+        """The nnx RNG state from plain arrays (typed keys travel as uint32 key data, which Orbax stores)."""
+        leaves = []
+        for path, var in nnx.to_flat_state(self.abstract_rng):
+            value = flat[path_key(path)]
+            if jax.dtypes.issubdtype(var.dtype, jax.dtypes.prng_key):
+                value = jax.random.wrap_key_data(value)
+            leaves.append((path, var.replace(value)))
+        return nnx.from_flat_state(leaves)
+
+    def model(self, flat: dict, rng: dict, train: bool) -> GPT2LMHeadModel:
+        return nnx.merge(self.graphdef_train if train else self.graphdef_eval, self.state(flat), self.rng_state(rng))
+
+
+def rng_arrays(state: nnx.State) -> dict:
+    """Plain arrays of an nnx RNG state: the inverse of ModelLayout.rng_state."""
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        value = var[...]
+        out[path_key(path)] = jax.random.key_data(value) if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) \
+            else value
+    return out

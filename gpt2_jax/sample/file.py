@@ -1,0 +1,158 @@
+"""Generation for a whole file of titles and keywords: batched, bucketed by prompt length, seeded, resumable.
+
+The rows are planned into batches once, from the input alone: sorted by the new tokens they may take
+and by prompt length (so a batch pads little and nearby lengths share a compiled program), then cut
+every `batch_size` rows. Batch b samples with a seed derived from (seed, b). The plan and the seeds do
+not depend on what was done before, so a resumed run writes exactly what an uninterrupted one would:
+a batch with rows already in the output is generated again whole, and only its missing rows are written.
+Output lines are JSON objects `{"index", "title", "keywords", "text"}` in the order batches finish;
+`index` is the row's position among the input's good rows. When done, the keyword metrics of the whole
+output (keyword_metrics.summarise) are printed on stderr and returned under "metrics".
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from gpt2_jax.data.rows import read_rows
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.sample.keywords import summarise
+from gpt2_jax.sample.generate import generate, keyword_token_ids, new_tokens
+
+
+def plan_batches(prompt_lengths: list[int], new_tokens: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches: equal new-token budgets together, shortest prompts first, at most
+    `batch_size` rows each."""
+    order = sorted(range(len(prompt_lengths)), key=lambda i: (-new_tokens[i], prompt_lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if not batches or len(batches[-1]) == batch_size or new_tokens[batches[-1][0]] != new_tokens[i]:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0]) % 2**31
+
+
+def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_size: int = 32,
+                  max_new_tokens: int = 100, seed: int = 0, prompt_limit: Optional[int] = None,
+                  progress: bool = True, **sampling) -> dict:
+    """Write a text for every row of `input_path` (CSV or JSONL with title and keywords) to `output_path`
+    (JSONL), continuing an existing output of the same settings. Returns counts and tokens/s.
+
+    Bad rows and prompts that do not fit the model's context are reported on stderr, one line each, and
+    skipped; a prompt that leaves less room than `max_new_tokens` gets fewer new tokens (one summary line).
+    `prompt_limit` cuts keyword lists as training did (data.prompt_limit); `sampling`: generate's settings.
+    With `keyword_boost` > 0 in them, each row's keywords (all of them) are boosted.
+    """
+    if batch_size < 1:
+        raise GPT2JaxError(f"batch size must be at least 1, got {batch_size}")
+    rows = read_rows(input_path, skip_bad_rows=True, with_text=False)
+    for line in rows.bad:
+        print(f"skipped {line}", file=sys.stderr)
+    n_ctx = model.config.n_positions
+    prompts = [tokenizer.format_prompt(r.title, r.keywords, max_tokens=prompt_limit) for r in rows]
+    budget = [min(max_new_tokens, n_ctx - len(p)) for p in prompts]
+    short = sum(0 < b < max_new_tokens for b in budget)
+    for i in (i for i, b in enumerate(budget) if b < 1):
+        print(f"skipped row {i} ({rows[i].title[:40]!r}): its prompt of {len(prompts[i])} tokens fills the "
+              f"model's context of {n_ctx}", file=sys.stderr)
+    if short:
+        print(f"{short} row(s) get fewer than {max_new_tokens} new tokens: their prompts leave no more of the "
+              f"context of {n_ctx}", file=sys.stderr)
+    usable = [i for i, b in enumerate(budget) if b >= 1]
+    plan = [[usable[j] for j in b] for b in plan_batches([len(prompts[i]) for i in usable],
+                                                         [budget[i] for i in usable], batch_size)]
+    settings = {"input": os.path.abspath(input_path), "rows": len(rows), "batch_size": batch_size,
+                "max_new_tokens": max_new_tokens, "seed": seed, "prompt_limit": prompt_limit, **sampling}
+    if not settings.get("keyword_boost", 1):
+        del settings["keyword_boost"]  # off: outputs written before the option existed continue as they were
+    done = _open_output(Path(output_path), settings)
+
+    bar = tqdm(total=len(usable), initial=sum(i in done for i in usable), disable=not progress, unit="row",
+               dynamic_ncols=True)
+    sampling.setdefault("eos_token_id", tokenizer.eos_id)
+    sampling.setdefault("pad_token_id", tokenizer.pad_id)
+    written = generated = 0
+    t0 = time.perf_counter()
+    with open(output_path, "a", encoding="utf-8") as out:
+        for b, batch in enumerate(plan):
+            todo = [i for i in batch if i not in done]
+            if not todo:
+                continue
+            P = max(len(prompts[i]) for i in batch)
+            # Without a boost no keywords are passed: the program and the texts are those of plain sampling.
+            keywords = ([keyword_token_ids(tokenizer, rows[i].keywords) for i in batch]
+                        if sampling.get("keyword_boost", 0) else None)
+            ids = generate(model, [prompts[i] for i in batch], max_new_tokens=budget[batch[0]],
+                           seed=batch_seed(seed, b), keywords=keywords, **sampling)
+            for i, new in zip(batch, new_tokens(ids[:, P:], sampling["eos_token_id"])):
+                generated += len(new)
+                if i not in done:
+                    text = tokenizer.decode(new, skip_special_tokens=True)
+                    out.write(json.dumps({"index": i, "title": rows[i].title, "keywords": list(rows[i].keywords),
+                                          "text": text}, ensure_ascii=False) + "\n")
+                    written += 1
+            out.flush()
+            bar.update(len(todo))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    stats = {"rows": len(rows), "bad_rows": rows.skipped, "skipped_prompts": len(rows) - len(usable),
+             "written": written, "already_done": len(done & set(usable)), "new_tokens": generated,
+             "seconds": seconds, "tokens_per_s": generated / max(seconds, 1e-9)}
+    metrics = output_metrics(output_path)
+    if metrics is not None:
+        print("keywords: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in metrics.items()), file=sys.stderr)
+        stats["metrics"] = metrics
+    return stats
+
+
+def output_metrics(output_path: str) -> Optional[dict]:
+    """keyword_metrics.summarise over every line of an output (resumed parts too), in index order; None when
+    no row has keywords."""
+    objs = sorted((json.loads(line) for line in Path(output_path).read_text(encoding="utf-8").splitlines()),
+                  key=lambda o: o["index"])
+    if not any(o["keywords"] for o in objs):
+        return None
+    return summarise([o["text"] for o in objs], [o["keywords"] for o in objs])
+
+
+def _open_output(path: Path, settings: dict) -> set[int]:
+    """The indices an existing output already holds (its settings must match), after cutting a last line
+    that a killed run left half written; a new output gets its settings file."""
+    meta = path.with_name(path.name + ".settings.json")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        path.write_text("")
+        return set()
+    try:
+        saved = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        raise GPT2JaxError(f"{path} exists without a readable {meta.name}: not an output of this tool, or "
+                           f"damaged; give another --output") from None
+    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if changed:
+        raise GPT2JaxError(f"{path} was written with other settings ({', '.join(changed)}); continue it with "
+                           f"the same ones, or give another --output")
+    raw = path.read_bytes()
+    keep = raw[:raw.rfind(b"\n") + 1]  # a half-written last line is dropped
+    if len(keep) != len(raw):
+        path.write_bytes(keep)
+    done = set()
+    for n, line in enumerate(keep.decode("utf-8").splitlines(), 1):
+        try:
+            done.add(int(json.loads(line)["index"]))
+        except (ValueError, KeyError, TypeError):
+            raise GPT2JaxError(f"{path}:{n}: not a line this tool wrote") from None
+    return done

@@ -1,0 +1,158 @@
+"""Generation for a whole file (gpt2_jax/sample/file.py and tools/generate.py --input) on data/sample.csv."""
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from gpt2_jax.data.rows import read_rows, row_texts
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.sample.file import generate_file, plan_batches
+from gpt2_jax.sample.keywords import summarise
+from gpt2_jax.checkpoints.pretrained import load_pretrained
+from gpt2_jax.sample.generate import generate_text
+from gpt2_jax.tokenizer import load_tokenizer, train_bpe
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "data" / "sample.csv"
+SAMPLING = dict(do_sample=True, top_k=30, top_p=0.9, temperature=0.9, repetition_penalty=1.5)
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen-file") / "model"
+    tok = train_bpe(row_texts(read_rows(SAMPLE)), path, vocab_size=400)
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=96, n_embd=32, n_layer=2, n_head=4,
+                                  initializer_range=0.3, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    return load_pretrained(str(path)), load_tokenizer(path), path
+
+
+def lines(path: Path) -> dict[int, dict]:
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        obj = json.loads(line)
+        assert obj["index"] not in out
+        out[obj["index"]] = obj
+    return out
+
+
+def test_plan_batches_groups_budgets_and_sorts_by_length():
+    plan = plan_batches([5, 3, 9, 3, 7, 1], [8, 8, 4, 8, 8, 8], batch_size=2)
+    assert plan == [[5, 1], [3, 0], [4], [2]]
+
+
+def test_every_row_written_once_batched_equal_to_one_at_a_time(model_and_tok, tmp_path):
+    """Greedy: batch 8 (left-padded, bucketed) writes exactly the texts of one row at a time; each line holds
+    the row's title and keywords."""
+    model, tok, _ = model_and_tok
+    rows = read_rows(SAMPLE)
+    greedy = dict(do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    stats = generate_file(model, tok, str(SAMPLE), str(tmp_path / "b8.jsonl"), batch_size=8, max_new_tokens=12,
+                          progress=False, **greedy)
+    generate_file(model, tok, str(SAMPLE), str(tmp_path / "b1.jsonl"), batch_size=1, max_new_tokens=12,
+                  progress=False, **greedy)
+    b8, b1 = lines(tmp_path / "b8.jsonl"), lines(tmp_path / "b1.jsonl")
+    assert sorted(b8) == list(range(len(rows))) and stats["written"] == len(rows) and stats["new_tokens"] > 0
+    for i, row in enumerate(rows):
+        assert (b8[i]["title"], b8[i]["keywords"]) == (row.title, list(row.keywords))
+        assert b8[i]["text"] == b1[i]["text"]
+    one = generate_text(model, tok, [tok.format_prompt(rows[5].title, rows[5].keywords)], max_new_tokens=12,
+                        do_sample=False)
+    assert b8[5]["text"] == one[0]
+
+
+def test_sampling_is_seeded_and_a_killed_run_resumes_to_the_same_file(model_and_tok, tmp_path):
+    model, tok, _ = model_and_tok
+    run = lambda out, seed=0: generate_file(model, tok, str(SAMPLE), str(out), batch_size=16,  # noqa: E731
+                                            max_new_tokens=10, seed=seed, progress=False, **SAMPLING)
+    run(tmp_path / "a.jsonl")
+    run(tmp_path / "b.jsonl")
+    run(tmp_path / "c.jsonl", seed=1)
+    a = lines(tmp_path / "a.jsonl")
+    assert a == lines(tmp_path / "b.jsonl")
+    assert [a[i]["text"] for i in a] != [lines(tmp_path / "c.jsonl")[i]["text"] for i in a]
+    # Killed mid-way: 40 lines kept and half of the 41st; the resumed run completes the same texts.
+    text = (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    killed = tmp_path / "k.jsonl"
+    (tmp_path / "a.jsonl.settings.json").rename(tmp_path / "k.jsonl.settings.json")
+    killed.write_text("".join(text[:40]) + text[40][:17], encoding="utf-8")
+    stats = run(killed)
+    assert stats["already_done"] == 40 and stats["written"] == len(a) - 40
+    assert lines(killed) == a
+    assert run(killed)["written"] == 0  # complete: nothing more to do
+    with pytest.raises(GPT2JaxError, match=r"k.jsonl was written with other settings \(seed\)"):
+        run(killed, seed=5)
+
+
+def test_bad_rows_and_prompts_past_the_context_are_reported_and_skipped(model_and_tok, tmp_path, capsys):
+    model, tok, _ = model_and_tok
+    src = tmp_path / "rows.jsonl"
+    src.write_text("\n".join([json.dumps({"title": "Soup", "keywords": "leek potato"}),
+                              "{not json",
+                              json.dumps({"title": "x " * 200, "keywords": ["a"]}),
+                              json.dumps({"keywords": "no title"}),
+                              json.dumps({"title": "Bread", "keywords": ["flour", "yeast"], "text": "ignored"})]))
+    stats = generate_file(model, tok, str(src), str(tmp_path / "o.jsonl"), max_new_tokens=94, progress=False,
+                          **SAMPLING)
+    err = capsys.readouterr().err
+    assert f"skipped {src}:2: invalid JSON" in err and f"skipped {src}:4: missing key(s) 'title'" in err
+    assert "skipped row 1 ('x x x x" in err and "fills the model's context of 96" in err
+    assert "2 row(s) get fewer than 94 new tokens" in err
+    out = lines(tmp_path / "o.jsonl")
+    assert sorted(out) == [0, 2] and out[2]["keywords"] == ["flour", "yeast"]
+    assert stats["bad_rows"] == 2 and stats["skipped_prompts"] == 1
+
+
+def test_cli_input_output(model_and_tok, tmp_path, capsys, monkeypatch):
+    import gpt2_jax.runtime
+
+    monkeypatch.setattr(gpt2_jax.runtime, "enable_compilation_cache", lambda path=None: None)
+    spec = importlib.util.spec_from_file_location("generate_cli", os.path.join(ROOT, "tools", "generate.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    _, _, path = model_and_tok
+    out = tmp_path / "cli.jsonl"
+    cli.main(["--model", str(path), "--input", str(SAMPLE), "--output", str(out), "--batch-size", "32",
+              "--max-new-tokens", "8", "--top-k", "30"])
+    stats = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert stats["written"] == len(read_rows(SAMPLE)) == len(lines(out)) and stats["tokens_per_s"] > 0
+    assert 0 <= stats["metrics"]["keyword_coverage"] <= 1 and stats["metrics"]["rows"] == len(read_rows(SAMPLE))
+    with pytest.raises(SystemExit):
+        cli.main(["--model", str(path), "--input", str(SAMPLE)])
+
+
+def test_keyword_metrics_and_boost(model_and_tok, tmp_path, capsys):
+    """The metrics of the whole output on stderr and in the stats; a large boost puts every keyword in
+    (coverage 1, measured by keyword_metrics on the decoded text), and the swap scores lower."""
+    model, tok, _ = model_and_tok
+    rows = read_rows(SAMPLE)[:12]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"title": r.title, "keywords": list(r.keywords)}) + "\n" for r in rows))
+    greedy = dict(do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    plain = generate_file(model, tok, str(src), str(tmp_path / "plain.jsonl"), max_new_tokens=40,
+                          progress=False, **greedy)
+    err = capsys.readouterr().err
+    assert f"keywords: rows 12, keyword_coverage {plain['metrics']['keyword_coverage']:.3f}" in err
+    texts = [o["text"] for _, o in sorted(lines(tmp_path / "plain.jsonl").items())]
+    assert plain["metrics"] == summarise(texts, [list(r.keywords) for r in rows])
+    zero = generate_file(model, tok, str(src), str(tmp_path / "zero.jsonl"), max_new_tokens=40, progress=False,
+                         keyword_boost=0.0, **greedy)
+    assert zero["metrics"] == plain["metrics"]  # boost 0: the same texts
+    boosted = generate_file(model, tok, str(src), str(tmp_path / "boost.jsonl"), max_new_tokens=40,
+                            progress=False, keyword_boost=100.0, **greedy)["metrics"]
+    # Every keyword is written; a random model may glue the next token on ("kitchen" -> "kitcheners"), which
+    # the whole-word coverage does not count: the boost ends with the keyword's last token.
+    assert boosted["keyword_coverage"] > 0.9 > plain["metrics"]["keyword_coverage"]
+    assert all(k.lower() in o["text"].lower() for o in lines(tmp_path / "boost.jsonl").values() for k in o["keywords"])
+    assert boosted["swapped_coverage"] < 0.5
+    assert set(boosted) == {"rows", "keyword_coverage", "swapped_coverage", "distinct_1", "distinct_2",
+                            "repeat_4gram"}
+    # The boost is part of the settings: an output is continued only with the same one.
+    with pytest.raises(GPT2JaxError, match=r"other settings \(keyword_boost\)"):
+        generate_file(model, tok, str(src), str(tmp_path / "boost.jsonl"), max_new_tokens=40, progress=False,
+                      keyword_boost=5.0, **greedy)
