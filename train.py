@@ -6,7 +6,7 @@ On a TPU pod, run the same command on every host.
 import argparse
 
 from gpt2_jax.train.config import load_train_config
-from gpt2_jax.errors import run_cli
+from gpt2_jax.runtime import run_cli
 
 
 def main() -> None:

@@ -3,20 +3,7 @@
 Top-level API: `load_pretrained`, `save_pretrained`, `load_tokenizer`, `generate`. Names are imported on
 first use, so `import gpt2_jax.model.config` does not pull in transformers or the sampler.
 """
-import glob
 import importlib
-import os
-
-# libtpu (the `tpu` extra, for compiling for TPU slices anywhere) asks the Cloud TPU metadata server for its
-# slice when JAX starts, and logs errors about it on a machine that has no TPU. A TPU VM has /dev/accel* or
-# VFIO devices; elsewhere the query is skipped.
-# Where there is no accelerator device at all, JAX would still start libtpu to look for TPU chips, and libtpu
-# logs errors about the TPU it cannot find on every run; JAX_PLATFORMS=cpu is what JAX falls back to anyway
-# (compiling for a TPU topology still loads libtpu on its own).
-if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    if not glob.glob("/dev/nvidia[0-9]*"):
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _EXPORTS = {
     "GPT2JaxError": "gpt2_jax.errors",

@@ -42,7 +42,7 @@ from gpt2_jax.errors import GPT2JaxError, first_line
 from gpt2_jax.train.flops import flops_per_token
 from gpt2_jax.checkpoints.hf import load_hf_config
 from gpt2_jax.sharding import BATCH_AXES
-from gpt2_jax.sample.generate import SamplingParams, _generate_jit, bucket_length
+from gpt2_jax.sample.generate import SamplingParams, generate_program, bucket_length
 from gpt2_jax.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from gpt2_jax.train.config import TrainConfig, load_train_config
 from gpt2_jax.train.step import build_setup, compile_steps
@@ -445,7 +445,7 @@ def _generate_args(cfg: TrainConfig, setup, model_config: ModelConfig):
     ids = jax.ShapeDtypeStruct((s.num, P), jnp.int32, sharding=repl)
     start = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
     no_keywords = jax.ShapeDtypeStruct((s.num, 0, 1), jnp.int32, sharding=repl)  # as print_samples: none
-    jitted = jax.jit(lambda state, ids, mask, start, kw, p: _generate_jit(
+    jitted = jax.jit(lambda state, ids, mask, start, kw, p: generate_program(
         state, ids, mask, start, kw, p, graphdef=layout.graphdef_eval, do_sample=True, num_return_sequences=1,
         new_slots=N))
     # Model FLOPs: every prompt slot and new token through the forward pass at the full cache length;

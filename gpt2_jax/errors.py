@@ -1,9 +1,8 @@
-"""The one exception type for bad user input.
+"""The one exception type for bad user input, and helpers for its one-line messages.
 
-Entry points catch it and print its one-line message instead of a traceback.
+Entry points (runtime.run_cli) catch it and print its message instead of a traceback.
 """
 import difflib
-import sys
 from typing import Callable, Iterable
 
 
@@ -20,14 +19,3 @@ def suggest(name: str, known: Iterable[str]) -> str:
     """' (did you mean "x"?)' for the closest known name, or ''."""
     close = difflib.get_close_matches(name, list(known), n=1)
     return f' (did you mean "{close[0]}"?)' if close else ""
-
-
-def run_cli(main: Callable[[], object]) -> None:
-    """Run a command-line main: a GPT2JaxError becomes one line on stderr and exit status 2."""
-    try:
-        main()
-    except GPT2JaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)

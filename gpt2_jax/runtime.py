@@ -1,10 +1,92 @@
-"""Process-wide JAX settings for the command-line tools."""
+"""Process set-up for the command-line entry points (train.py, tools/): the platform JAX starts on, where
+the library's log lines go, the persistent compilation cache, and one-line errors. Importing the library
+changes none of these; `run_cli` does, for the process it runs.
+"""
 from __future__ import annotations
 
+import glob
+import importlib.metadata
+import logging
 import os
-from typing import Optional
+import pkgutil
+import sys
+from typing import Callable, Optional
 
 import jax
+
+from gpt2_jax.errors import GPT2JaxError
+
+# A Cloud TPU VM's chips: /dev/accel* (v4 and later) or VFIO devices (v5e, v6e).
+TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def has_tpu_devices() -> bool:
+    """Whether this machine's TPU chips are visible (a Cloud TPU VM)."""
+    return any(glob.glob(g) for g in TPU_DEVICE_GLOBS)
+
+
+def accelerator_plugins() -> list[str]:
+    """The PJRT plugins JAX would load (CUDA, ROCm, Metal, ...), found as JAX finds them: the `jax_plugins`
+    namespace package and the `jax_plugins` entry points. libtpu is not one: it is JAX's own TPU backend."""
+    names = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
+    try:
+        import jax_plugins
+        names += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+    except ImportError:
+        pass
+    return sorted(set(names))
+
+
+def configure_platform() -> Optional[str]:
+    """Start JAX on the CPU where it could only find the CPU anyway, without libtpu's noise.
+
+    libtpu (the `tpu` extra, for compiling for TPU slices anywhere) asks the Cloud TPU metadata server for its
+    slice when JAX starts, and logs errors about the TPU it cannot find on every run (and holds a lock file
+    that stops a TPU compile in another process). Off a TPU VM the query is skipped; and where no other
+    accelerator plugin is installed either, JAX is started on "cpu", which is what it falls back to. Any
+    plugin (CUDA, ROCm, ...) or an explicit JAX_PLATFORMS leaves the choice to JAX. Returns what it set.
+    """
+    if has_tpu_devices():
+        return None
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or accelerator_plugins():
+        return None
+    os.environ["JAX_PLATFORMS"] = "cpu"  # for the processes this one starts
+    jax.config.update("jax_platforms", "cpu")  # JAX read the environment when it was imported
+    return "cpu"
+
+
+class _Lines(logging.Formatter):
+    """A log record as the line a user reads: info as is, warnings and errors after their level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return line if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {line}"
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The library's log lines (logger "gpt2_jax") on stderr, from `level` up; once per process."""
+    logger = logging.getLogger("gpt2_jax")
+    logger.setLevel(level)
+    if not any(getattr(h, "_gpt2_jax", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Lines("%(message)s"))
+        handler._gpt2_jax = True
+        logger.addHandler(handler)
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a command-line main: platform and logging set up first; a GPT2JaxError becomes one line on stderr
+    and exit status 2; Ctrl-C exit status 130."""
+    configure_platform()
+    configure_logging()
+    try:
+        main()
+    except GPT2JaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def default_cache_dir() -> str:

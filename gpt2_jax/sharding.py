@@ -5,7 +5,6 @@ optimiser state split too). Parameters carry logical axis names (model.py); `RUL
 """
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from typing import Any, Optional
@@ -16,6 +15,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.runtime import has_tpu_devices
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def initialize_distributed(num_processes: Optional[int] = None, process_id: Opti
 def _cluster_environment() -> bool:
     # A Cloud TPU VM (its chips are /dev/accel* or VFIO devices; JAX then reads the slice's hosts from the
     # metadata server, and a single-host VM initialises as one process), SLURM with several tasks, Open MPI.
-    tpu_vm = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) or "TPU_WORKER_HOSTNAMES" in os.environ
+    tpu_vm = has_tpu_devices() or "TPU_WORKER_HOSTNAMES" in os.environ
     return (tpu_vm or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 or "OMPI_COMM_WORLD_SIZE" in os.environ)
 
 

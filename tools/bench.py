@@ -479,7 +479,7 @@ def main() -> None:
         return
     if args.bench == "compile":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices need no TPU backend
-        from gpt2_jax.errors import run_cli
+        from gpt2_jax.runtime import run_cli
         from gpt2_jax.aot import print_reports, print_shipped
         programs = [n for n in args.programs.split(",") if n]
         if args.shipped:

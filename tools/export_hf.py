@@ -10,7 +10,8 @@ mesh wrote it: the optimiser state and the whole model are never in memory.
 import argparse
 from pathlib import Path
 
-from gpt2_jax.errors import GPT2JaxError, run_cli
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.runtime import run_cli
 
 
 def main() -> None:

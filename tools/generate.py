@@ -19,7 +19,8 @@ import json
 import secrets
 import sys
 
-from gpt2_jax.errors import GPT2JaxError, run_cli
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.runtime import run_cli
 
 EPILOG = """\
 sampling defaults are those of Hugging Face's GenerationConfig (top-k 50, top-p 1.0, temperature 1.0,

@@ -11,7 +11,8 @@ import argparse
 import math
 import os
 
-from gpt2_jax.errors import GPT2JaxError, run_cli
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.runtime import run_cli
 from gpt2_jax.train.metrics import read_metrics
 
 

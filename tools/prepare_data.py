@@ -12,7 +12,7 @@ import json
 import logging
 
 from gpt2_jax.data.rows import ROW_FORMATS
-from gpt2_jax.errors import run_cli
+from gpt2_jax.runtime import run_cli
 from gpt2_jax.data.prepare import DEFAULT_SHARD_TOKENS, prepare_corpus
 
 

@@ -8,7 +8,8 @@ import argparse
 from pathlib import Path
 
 from gpt2_jax.data.rows import ROW_FORMATS, read_rows, row_texts
-from gpt2_jax.errors import GPT2JaxError, run_cli
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.runtime import run_cli
 from gpt2_jax.tokenizer import train_bpe, train_sentencepiece
 
 

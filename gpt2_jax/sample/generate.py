@@ -122,9 +122,9 @@ def _emit(s: DecodeState, tok_B, p: SamplingParams) -> DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "num_return_sequences", "new_slots"))
-def _generate_jit(state, ids_BP, mask_BP, prompt_start, kw_BKL, p: SamplingParams, *, graphdef, do_sample: bool,
-                  num_return_sequences: int, new_slots: int):
-    """New tokens [B * R, N] (pad after EOS / past max_new_tokens) for left-padded prompts [B, P] and their
+def generate_program(state, ids_BP, mask_BP, prompt_start, kw_BKL, p: SamplingParams, *, graphdef,
+                     do_sample: bool, num_return_sequences: int, new_slots: int):
+    """The jitted program behind `generate` (aot.py compiles it for TPU): new tokens [B * R, N] (pad after EOS / past max_new_tokens) for left-padded prompts [B, P] and their
     keywords [B, K, L] (K = 0: none)."""
     model = nnx.merge(graphdef, state)
     B, P = ids_BP.shape
@@ -373,7 +373,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
                                max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_ids=eos_ids, seed=seed,
                                keyword_boost=keyword_boost, penalize_prompt=bool(penalize_prompt))
     graphdef, state = nnx.split(model)
-    new_BN = _generate_jit(state, ids_b, mask_b, np.int32(P_b - P), kw_BKL, params, graphdef=graphdef,
+    new_BN = generate_program(state, ids_b, mask_b, np.int32(P_b - P), kw_BKL, params, graphdef=graphdef,
                            do_sample=bool(do_sample), num_return_sequences=num_return_sequences, new_slots=N_b)
     prompt = np.repeat(ids, num_return_sequences, axis=0).astype(np.int32)
     return np.concatenate([prompt, np.asarray(new_BN)[:, :max_new_tokens]], axis=1)

@@ -174,7 +174,7 @@ def test_parameters_do_not_recompile(models):
     base = dict(max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, repetition_penalty=1.2,
                 min_new_tokens=2, eos_token_id=CFG_EOS, pad_token_id=0)
     generate(model, prompts, **base)
-    compiled = sampling._generate_jit._cache_size()
+    compiled = sampling.generate_program._cache_size()
     events = []
 
     def listener(event, duration, **kwargs):
@@ -191,7 +191,7 @@ def test_parameters_do_not_recompile(models):
         generate(model, [[1, 2, 3, 4, 5, 6, 7, 8, 9], [4]], **base)  # another prompt length, same bucket
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert sampling._generate_jit._cache_size() == compiled
+    assert sampling.generate_program._cache_size() == compiled
     assert events == []
 
 
@@ -258,7 +258,7 @@ def test_keyword_boost_does_not_recompile(models):
     _, model = models
     base = dict(max_new_tokens=10, do_sample=True, top_k=20, eos_token_id=CFG_EOS, pad_token_id=0)
     generate(model, KW_PROMPTS, keywords=KEYWORDS, keyword_boost=3.0, **base)
-    compiled = sampling._generate_jit._cache_size()
+    compiled = sampling.generate_program._cache_size()
     events = []
 
     def listener(event, duration, **kwargs):
@@ -272,7 +272,7 @@ def test_keyword_boost_does_not_recompile(models):
         generate(model, KW_PROMPTS, keywords=[[[1]], [[2, 3]], [[4], [5]]], keyword_boost=7.0, **base)  # same buckets
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert sampling._generate_jit._cache_size() == compiled
+    assert sampling.generate_program._cache_size() == compiled
     assert events == []
 
 

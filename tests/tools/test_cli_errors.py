@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_jax.errors import run_cli
+from gpt2_jax.runtime import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "sample.csv"

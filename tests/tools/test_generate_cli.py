@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from gpt2_jax.errors import run_cli
+from gpt2_jax.runtime import run_cli
 from gpt2_jax.checkpoints.pretrained import load_pretrained
 from gpt2_jax.sample.generate import generate, keyword_token_ids
 from gpt2_jax.tokenizer import load_tokenizer, train_bpe
