@@ -1,4 +1,5 @@
-"""tools/bench.py: its subcommands and their arguments."""
+"""tools/bench.py: its subcommands, and the train benchmark's rows (each impl in a child process)."""
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,20 @@ def test_every_subcommand_has_its_help():
     for name in SUBCOMMANDS:
         proc = _bench(name, "--help")
         assert proc.returncode == 0 and proc.stdout.startswith(f"usage: bench.py {name}"), proc.stderr
+
+
+def test_train_rows_against_the_full_step():
+    """gpt2-jax's step and the matmul floor, each in its own process: a row each, the floor's compared with
+    the full step's."""
+    proc = _bench("train", "--shapes", "tiny", "--impls", "jax,gemm", "--batch", "1", "--seq", "8", "--steps", "1",
+                  timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 0 and [r["impl"] for r in rows] == ["jax", "gemm"], proc.stdout + proc.stderr
+    assert not [r["error"] for r in rows if "error" in r]
+    jax_row, gemm = rows
+    assert (jax_row["trainable"], jax_row["shape"], jax_row["batch"], jax_row["seq"]) == ("all", "tiny", 1, 8)
+    assert jax_row["step_s"] > 0 and jax_row["tokens_per_s"] > 0 and 0 < jax_row["mfu"]
+    assert gemm["trainable"] == "all (matmuls only)" and gemm["ratio_to_full"] > 0
 
 
 def test_train_seq_past_the_shape_is_a_usage_error():

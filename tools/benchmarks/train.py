@@ -40,12 +40,15 @@ NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def _train_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
-    """`n` random next-token batches shaped [1, B, T] (one micro-batch), every token counted."""
+    """`n` random next-token batches shaped [1, B, T] (one micro-batch) as data.Batches gives them unpacked:
+    one example a row (segment 1, positions from 0), every token counted."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         ids = rng.integers(0, vocab, size=(1, batch, seq + 1)).astype(np.int32)
-        out.append({"input_ids": ids[..., :-1], "labels": ids[..., 1:], "loss_mask": np.ones((1, batch, seq), np.float32)})
+        out.append({"input_ids": ids[..., :-1], "labels": ids[..., 1:], "loss_mask": np.ones((1, batch, seq), np.float32),
+                    "segment_ids": np.ones((1, batch, seq), np.int32),
+                    "positions": np.tile(np.arange(seq, dtype=np.int32), (1, batch, 1))})
     return out
 
 
@@ -103,7 +106,7 @@ def _flax_train(shape: dict, args, batches):
 
     params = model.params
     opt_state = tx.init(params)
-    placed = cycle([jax.device_put({k: v[0] for k, v in b.items()}) for b in batches])
+    placed = cycle([jax.device_put({k: b[k][0] for k in ("input_ids", "labels", "loss_mask")}) for b in batches])
     dropout_rng = jax.random.PRNGKey(0)
 
     def run():
