@@ -10,15 +10,13 @@ tensor to reshard it ("involuntary full rematerialization", which it only logs, 
 Nothing here runs on a TPU: the figures are the compiler's and the cost model's, not measurements.
 Loops: XLA's cost analysis counts a `while` body once (grad_accum's scan, chunked loops, the decode loop),
 so with loops in the program its FLOPs, bytes and time estimate are too low (`xla_cost_counts_loop_bodies_once`);
-the collective counts here multiply each scan body by its trip count, read from the loop condition.
+the collective counts (gpt2_jax.hlo) multiply each scan body by its trip count, read from the loop condition.
 
 Shape letters: A micro-batches per step, B examples, T positions, P prompt slots, N new-token slots.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import functools
 import math
 import os
 import re
@@ -31,20 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import topologies
-from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gpt2_jax import sharding
 
-from gpt2_jax.model import attention
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.errors import GPT2JaxError, first_line
+from gpt2_jax.hlo import collectives
 from gpt2_jax.train.flops import flops_per_token
 from gpt2_jax.checkpoints.hf import load_hf_config
-from gpt2_jax.sharding import BATCH_AXES
 from gpt2_jax.sample.generate import SamplingParams, generate_program, bucket_length
 from gpt2_jax.tokenizer import SPECIAL_TOKENS, load_tokenizer
-from gpt2_jax.train.config import TrainConfig, load_train_config
+from gpt2_jax.train.config import TrainConfig
 from gpt2_jax.train.step import build_setup, compile_steps
 
 PROGRAMS = ("train", "eval", "generate")
@@ -71,10 +66,7 @@ CHIPS = {
     "TPU v6e": Chip("v6e", 32 * GiB, 918e12, 1640e9),
 }
 
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 REMAT_MARK = "involuntary full rematerialization"
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
 
 
 def chip_of(device) -> Chip:
@@ -144,127 +136,6 @@ def remat_lines(lines: Sequence[str]) -> list[str]:
     """The partitioner's involuntary-rematerialization warnings among log lines (libtpu's own
     initialisation errors and everything else filtered out)."""
     return [line.strip() for line in lines if REMAT_MARK in line.lower()]
-
-
-# --- reading the optimised HLO ----------------------------------------------------------------------
-
-_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
-_CALLS = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|called_computations)="
-                    r"(\{[^}]*\}|%?[\w.\-]+)")
-
-
-def _split_type(rest: str) -> tuple[str, str]:
-    """(result type, the rest) of an instruction's right-hand side; tuple types hold spaces and parentheses."""
-    if rest.startswith("("):
-        depth = 0
-        for i, ch in enumerate(rest):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                return rest[:i + 1], rest[i + 1:].lstrip()
-    head, _, tail = rest.partition(" ")
-    return head, tail
-
-
-def shape_bytes(type_text: str) -> int:
-    """Bytes of every array in an HLO result type (`bf16[64,192]{1,0}` or a tuple of them)."""
-    total = 0.0
-    for dtype, dims in _ARRAY.findall(type_text):
-        if dtype in _DTYPE_BYTES:
-            total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-    return int(total)
-
-
-def parse_hlo(text: str) -> tuple[str, dict]:
-    """(entry name, {computation: [(name, result type, opcode, attributes)]}) of an HLO module's text."""
-    comps: dict[str, list] = {}
-    entry, current = None, None
-    for line in text.splitlines():
-        if current is None:
-            m = _COMPUTATION.match(line)
-            if m and not line.lstrip().startswith("HloModule"):
-                current = m.group(2)
-                comps[current] = []
-                if m.group(1):
-                    entry = current
-            continue
-        if line.strip() == "}":
-            current = None
-            continue
-        m = _INSTRUCTION.match(line)
-        if m:
-            type_text, rest = _split_type(m.group(3))
-            op = re.match(r"([a-z][a-z0-9\-]*)\(", rest)
-            comps[current].append((m.group(2), type_text, op.group(1) if op else "", rest))
-    if entry is None:
-        raise GPT2JaxError("no ENTRY computation in the compiled HLO text")
-    return entry, comps
-
-
-def _trip_count(comps: dict, condition: str) -> Optional[int]:
-    """A scan's trip count from its loop condition (ROOT `counter < constant`, the counter starting at 0
-    as lax.scan's does), or None for any other condition (a data-dependent while_loop)."""
-    body = comps.get(condition, [])
-    if not body or body[-1][2] != "compare" or "direction=LT" not in body[-1][3]:
-        return None
-    operands = re.findall(r"%([\w.\-]+)", body[-1][3].split(")")[0])
-    defs = {name: (op, rest) for name, _, op, rest in body}
-    if len(operands) != 2 or defs.get(operands[0], ("",))[0] != "get-tuple-element":
-        return None
-    op, rest = defs.get(operands[1], ("", ""))
-    m = re.match(r"constant\((\d+)\)", rest)
-    return int(m.group(1)) if op == "constant" and m else None
-
-
-def collectives(text: str) -> dict:
-    """Collectives of an optimised HLO module: per kind, how many run per step and the bytes of their
-    results, with loop bodies counted as often as the loop runs (trip counts read from `counter < N`
-    conditions; a loop whose count cannot be read is counted once and listed in `loops_counted_once`);
-    the loops by trip count; the Pallas kernel calls per step."""
-    entry, comps = parse_hlo(text)
-    times: dict[str, float] = {}
-    loops, counted_once = [], []
-
-    def visit(comp: str, n: float):
-        times[comp] = times.get(comp, 0) + n
-        for name, _, op, rest in comps.get(comp, []):
-            calls = {}
-            for kind, target in _CALLS.findall(rest):
-                for t in re.findall(r"[\w.\-]+", target):
-                    calls[t] = kind
-            trip = 1
-            if op == "while":
-                cond = next((t for t, k in calls.items() if k == "condition"), None)
-                count = _trip_count(comps, cond) if cond else None
-                loops.append({"loop": name, "trip_count": count})
-                if count is None:
-                    counted_once.append(name)
-                trip = count or 1
-            for t, kind in calls.items():
-                if t in comps:
-                    visit(t, n * (trip if kind in ("body", "condition") else 1))
-
-    visit(entry, 1)
-    out = {c: {"count": 0, "bytes": 0} for c in COLLECTIVES}
-    kernels = 0
-    for comp, n in times.items():
-        for _, type_text, op, rest in comps[comp]:
-            kernels += int(n) * (op == "custom-call" and 'custom_call_target="tpu_custom_call"' in rest)
-            base = op[:-len("-done")] if op.endswith("-done") else op
-            # An async pair is counted at its -done (whose result is the collective's output alone).
-            if base in out and not op.endswith("-start"):
-                out[base]["count"] += int(n)
-                out[base]["bytes"] += int(n * shape_bytes(type_text))
-    trips: dict[str, int] = {}
-    for loop in loops:
-        key = str(loop["trip_count"] if loop["trip_count"] is not None else "unknown")
-        trips[key] = trips.get(key, 0) + 1
-    # {trip count: loops}; "unknown" loops (data-dependent while_loops) had their bodies counted once
-    # Pallas kernels (tpu_custom_call, e.g. attention): XLA's cost analysis does not see their FLOPs.
-    return {"collectives": out, "while_loops": trips, "loops_counted_once": counted_once[:5],
-            "pallas_kernels": kernels}
 
 
 # --- one program ------------------------------------------------------------------------------------
@@ -452,85 +323,3 @@ def _generate_args(cfg: TrainConfig, setup, model_config: ModelConfig):
     # tokens (for tokens/s): the new ones.
     model = s.num * (P + new) * flops_per_token(model_config, P + new, ())
     return jitted, (state, ids, ids, start, no_keywords, p), {"prompt": [s.num, P], "new_slots": N}, s.num * new, model
-
-
-def print_reports(config: Optional[str], overrides: Sequence[str], topology: str,
-                  programs: Sequence[str] = PROGRAMS, vocab_size: Optional[int] = None) -> int:
-    """`tools/bench.py compile`: one JSON line per program; exit status 1 when one does not fit in HBM
-    (a result, printed as a line with "fits": false), else 0."""
-    cfg = load_train_config(config, overrides)
-    status = 0
-    for report in compile_programs(cfg, topology, programs, vocab_size):
-        print(json.dumps({"bench": "compile", "config": config, "overrides": list(overrides), **report}), flush=True)
-        if report.get("fits") is False:
-            status = 1
-    return status
-
-
-# The slice each shipped config is for (as its header says), with the settings it is run with there:
-# `tools/bench.py compile --shipped` compiles them all.
-SHIPPED = {
-    "configs/gpt2-tpu-pod.yaml": ("v5e:4x4", ()),  # a v5e-16 (v5litepod-16)
-    "configs/gpt2-finetune.yaml": ("v5e:1x1", ("model.dtype=bfloat16",)),  # one v5e chip, bf16 on accelerators
-}
-
-
-def print_shipped(root: str, programs: Sequence[str] = PROGRAMS) -> int:
-    """Every shipped config compiled for its slice (`SHIPPED`); exit status 1 when a program does not fit."""
-    status = 0
-    for config, (topology, overrides) in SHIPPED.items():
-        status = max(status, print_reports(os.path.join(root, config), overrides, topology, programs))
-    return status
-
-
-def _flash(q_BTHK, k_BTHK, v_BTHK, seg_BT, *, scale):
-    """The Pallas TPU flash-attention kernel (attention_report only: splash beat it, see attention.TPU_DEFAULT)."""
-    b = attention.pallas_block(q_BTHK.shape[1])
-    blocks = pallas_flash.BlockSizes(block_q=b, block_k_major=b, block_k=b, block_b=1, block_q_major_dkv=b,
-                                     block_k_major_dkv=b, block_k_dkv=b, block_q_dkv=b, block_k_major_dq=b,
-                                     block_k_dq=b, block_q_dq=b)
-    q_BHTK, k_BHTK, v_BHTK = (a.transpose(0, 2, 1, 3) for a in (q_BTHK, k_BTHK, v_BTHK))
-    out_BHTK = pallas_flash.flash_attention(q_BHTK, k_BHTK, v_BHTK, segment_ids=pallas_flash.SegmentIds(seg_BT, seg_BT),
-                                            causal=True, sm_scale=scale, block_sizes=blocks)
-    return out_BHTK.transpose(0, 2, 1, 3)
-
-
-def attention_report(topology: str = "v5e:2x2", seq_lens=(1024, 2048), batch_per_chip: int = 8,
-                                 heads: int = 12, head_dim: int = 64,
-                                 impls=("xla", "splash", "flash")) -> list[dict]:
-    """Forward + backward of one attention layer (bf16, packed-row segment ids) compiled ahead of time for
-    a TPU slice with libtpu; one dict per (impl, T) with the compiler's per-chip memory and cost figures
-    and a roofline estimate max(flops / peak, bytes / HBM bandwidth) at the chip's figures (an estimate, not a
-    measurement). cost_analysis may not count a Pallas custom call's work: compare `flops` with
-    `model_flops` (4·B·H·T²·K forward, ×3 with backward, halved for causal)."""
-    devices = topology_devices(topology)
-    chip = chip_of(devices[0])
-    mesh = jax.make_mesh((len(devices), 1), BATCH_AXES, devices=devices)
-    rows = []
-    for T in seq_lens:
-        B = batch_per_chip * len(devices)
-        x = jax.ShapeDtypeStruct((B, T, heads, head_dim), jnp.bfloat16, sharding=NamedSharding(mesh, P(BATCH_AXES)))
-        seg = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=NamedSharding(mesh, P(BATCH_AXES)))
-        for impl in impls:
-            def loss(q, k, v, seg, impl=impl):
-                if impl == "flash":
-                    spec = P(BATCH_AXES)
-                    out = jax.shard_map(functools.partial(_flash, scale=1 / math.sqrt(head_dim)), mesh=mesh,
-                                        in_specs=(spec,) * 4, out_specs=spec, check_vma=False)(q, k, v, seg)
-                else:
-                    out = attention.attend(q, k, v, impl=impl, scale=1 / math.sqrt(head_dim), segment_ids_BT=seg, mesh=mesh)
-                return jnp.sum(out.astype(jnp.float32) ** 2)
-
-            compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, seg).compile()
-            mem = compiled.memory_analysis()
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            flops, hbm = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-            model_flops = 3 * 4 * batch_per_chip * heads * T * T * head_dim / 2
-            rows.append(dict(
-                impl=impl, topology=topology, seq_len=T, batch_per_chip=batch_per_chip, heads=heads,
-                head_dim=head_dim, dtype="bfloat16", temp_bytes=int(mem.temp_size_in_bytes),
-                argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-                flops=flops, bytes_accessed=hbm, model_flops=model_flops,
-                roofline_estimate_ms=1e3 * max(max(flops, model_flops) / chip.peak_flops, hbm / chip.hbm_bandwidth)))
-    return rows

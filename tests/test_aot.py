@@ -1,8 +1,5 @@
-"""tpu_compile.py: the run's programs compiled by XLA:TPU (libtpu, ahead of time, on this CPU machine)."""
+"""gpt2_jax/aot.py: the run's programs compiled by XLA:TPU (libtpu, ahead of time, on this CPU machine)."""
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,14 +7,13 @@ import pytest
 
 from gpt2_jax import sharding
 
-from gpt2_jax import aot as tpu_compile
+from gpt2_jax import aot
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.train.config import load_train_config
 from gpt2_jax.train.step import build_setup
 
 pytest.importorskip("libtpu", reason='libtpu is not installed (pip install -e ".[tpu]"); CI installs it')
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_positions=64", "model.dropout=0.0",
         "data.max_length=64", "train.batch_size=8", "mesh.data=2", "mesh.fsdp=2", "sample.num=0"]
 
@@ -25,7 +21,7 @@ TINY = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_positio
 @pytest.fixture(scope="module")
 def tiny_train():
     cfg = load_train_config(None, TINY)
-    (report,) = tpu_compile.compile_programs(cfg, "v5e:2x2", ["train"], vocab_size=300)
+    (report,) = aot.compile_programs(cfg, "v5e:2x2", ["train"], vocab_size=300)
     return cfg, report
 
 
@@ -53,7 +49,7 @@ def test_fsdp_layout_needs_no_involuntary_full_rematerialization(tiny_train):
 def test_eval_and_generate_compile_on_a_data_parallel_mesh():
     cfg = load_train_config(None, TINY[:-3] + ["mesh.data=4", "mesh.fsdp=1", "sample.num=2",
                                                "sample.max_new_tokens=20"])
-    ev, gen = tpu_compile.compile_programs(cfg, "v5e:2x2", ["eval", "generate"], vocab_size=300)
+    ev, gen = aot.compile_programs(cfg, "v5e:2x2", ["eval", "generate"], vocab_size=300)
     assert ev["program"] == "eval" and ev["batch"] == [1, 8, 64] and ev["fits"]
     assert 0.5 < ev["flops_ratio"] < 4  # no loop in the forward pass: XLA's count is the whole step
     # Data parallel: the eval step reduces its loss sums; nothing needs gathering.
@@ -65,136 +61,47 @@ def test_eval_and_generate_compile_on_a_data_parallel_mesh():
     assert gen["xla_flops_per_chip"] > 0 and gen["model_flops_per_chip"] > 0
 
 
-def test_every_shipped_config_names_its_slice():
-    """`tools/bench.py compile --shipped` covers each config in configs/ that runs on TPU."""
-    import glob
-
-    shipped = set(tpu_compile.SHIPPED)
-    configs = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))}
-    assert shipped == configs - {"configs/demo.yaml"}
-    for config, (topology, overrides) in tpu_compile.SHIPPED.items():
-        load_train_config(os.path.join(ROOT, config), overrides)  # valid as run there
-        assert topology.startswith("v5e:")
-
-
 def test_one_chip_and_pod_topologies():
     """A one-chip slice (smaller than libtpu's default 2x2 host) and a 16-chip one, one device a chip."""
-    one, pod = tpu_compile.topology_devices("v5e:1x1"), tpu_compile.topology_devices("v5e:4x4")
+    one, pod = aot.topology_devices("v5e:1x1"), aot.topology_devices("v5e:4x4")
     assert (len(one), len(pod)) == (1, 16)
-    assert tpu_compile.chip_of(one[0]).name == "v5e"
+    assert aot.chip_of(one[0]).name == "v5e"
 
 
 def test_involuntary_full_rematerialization_is_caught():
     """A reshard XLA:TPU can only do by replicating ([4,1,1] tiles to [1,1,2] with the data axis replicated):
     its warning must reach the report (libtpu keeps warnings off stderr unless told)."""
-    devices = tpu_compile.topology_devices("v5e:2x2")
+    devices = aot.topology_devices("v5e:2x2")
     mesh = sharding.make_mesh(2, 2, devices=devices)
     spec = lambda *s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s))
     f = jax.jit(lambda x: jax.lax.with_sharding_constraint(x * 2, spec(None, None, "fsdp")) + 1)
     x = jax.ShapeDtypeStruct((8, 4, 8), jnp.float32, sharding=spec(("data", "fsdp"), None, None))
-    r = tpu_compile.compile_report(f, (x,), chip=tpu_compile.chip_of(devices[0]), chips=4,
+    r = aot.compile_report(f, (x,), chip=aot.chip_of(devices[0]), chips=4,
                                    model_flops_per_chip=None, tokens_per_chip=1)
     assert r["involuntary_remat"] == 1 and "{devices=[4,1,1]" in r["first_remat"]
 
 
 def test_a_program_too_big_for_hbm_is_a_result():
-    devices = tpu_compile.topology_devices("v5e:2x2")
+    devices = aot.topology_devices("v5e:2x2")
     mesh = sharding.make_mesh(4, 1, devices=devices)
     x = jax.ShapeDtypeStruct((1024, 1024), jnp.float32, sharding=sharding.replicated(mesh))
     f = jax.jit(lambda x: jnp.tile(x, (5 * 1024, 1)) + 1.0, out_shardings=sharding.replicated(mesh))  # 20 GiB
-    r = tpu_compile.compile_report(f, (x,), chip=tpu_compile.chip_of(devices[0]), chips=4,
+    r = aot.compile_report(f, (x,), chip=aot.chip_of(devices[0]), chips=4,
                                    model_flops_per_chip=None, tokens_per_chip=1)
     assert r["fits"] is False and r["needed_bytes"] == 20 * 2 ** 30 and r["hbm_share"] == 1.25
     assert r["error"].startswith("RESOURCE_EXHAUSTED")
 
 
 def _abstract_state(cfg):
-    devices = tpu_compile.topology_devices("v5e:2x2")
+    devices = aot.topology_devices("v5e:2x2")
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices=devices)
     return build_setup(cfg.model_config(300), cfg, mesh).abstract_state
 
 
-# A hand-written optimised module: a 3-step scan holding an all-gather, an async all-reduce pair and a
-# Pallas kernel, a data-dependent while loop holding a collective-permute, and a reduce-scatter in a
-# fusion of the entry.
-HLO = """HloModule m, entry_computation_layout={()->f32[]}
-
-%add (a: f32[], b: f32[]) -> f32[] {
-  %a = f32[] parameter(0)
-  %b = f32[] parameter(1)
-  ROOT %s = f32[] add(%a, %b)
-}
-
-%fused_rs (p: f32[64,8]) -> f32[16,8] {
-  %p = f32[64,8]{1,0} parameter(0)
-  ROOT %reduce-scatter.1 = f32[16,8]{1,0:T(8,128)} reduce-scatter(%p), replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
-}
-
-%scan_body (t: (s32[], bf16[4,32])) -> (s32[], bf16[4,32]) {
-  %t = (s32[], bf16[4,32]) parameter(0)
-  %i = s32[] get-tuple-element(%t), index=0
-  %x = bf16[4,32]{1,0} get-tuple-element(%t), index=1
-  %all-gather.1 = bf16[16,32]{1,0:T(8,128)(2,1)} all-gather(%x), replica_groups={{0,1,2,3}}, dimensions={0}
-  %all-reduce-start.1 = (bf16[4,32]{1,0}, bf16[4,32]{1,0}) all-reduce-start(%x), to_apply=%add
-  %all-reduce-done.1 = bf16[4,32]{1,0} all-reduce-done(%all-reduce-start.1)
-  %custom-call.1 = bf16[4,32]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", backend_config="{}"
-  ROOT %r = (s32[], bf16[4,32]) tuple(%i, %all-reduce-done.1)
-}
-
-%scan_cond (c: (s32[], bf16[4,32])) -> pred[] {
-  %c = (s32[], bf16[4,32]) parameter(0)
-  %n = s32[] constant(3)
-  %j = s32[] get-tuple-element(%c), index=0
-  ROOT %lt = pred[] compare(%j, %n), direction=LT
-}
-
-%loop_body (u: (s32[], f32[2])) -> (s32[], f32[2]) {
-  %u = (s32[], f32[2]) parameter(0)
-  %v = f32[2]{0} get-tuple-element(%u), index=1
-  %collective-permute.1 = f32[2]{0} collective-permute(%v), source_target_pairs={{0,1},{1,0}}
-  %k = s32[] get-tuple-element(%u), index=0
-  ROOT %o = (s32[], f32[2]) tuple(%k, %collective-permute.1)
-}
-
-%loop_cond (w: (s32[], f32[2])) -> pred[] {
-  %w = (s32[], f32[2]) parameter(0)
-  %g = f32[2]{0} get-tuple-element(%w), index=1
-  %h = f32[] constant(0)
-  %slice = f32[1]{0} slice(%g), slice={[0:1]}
-  %rs = f32[] reshape(%slice)
-  ROOT %gt = pred[] compare(%rs, %h), direction=GT
-}
-
-ENTRY %main () -> f32[] {
-  %z = f32[64,8]{1,0} constant({...})
-  %fusion.1 = f32[16,8]{1,0} fusion(%z), kind=kCustom, calls=%fused_rs
-  %init = (s32[], bf16[4,32]) constant({...})
-  %while.1 = (s32[], bf16[4,32]) while(%init), condition=%scan_cond, body=%scan_body
-  %init2 = (s32[], f32[2]) constant({...})
-  %while.2 = (s32[], f32[2]) while(%init2), condition=%loop_cond, body=%loop_body
-  ROOT %zero = f32[] constant(0)
-}
-"""
-
-
-def test_collectives_count_scan_bodies_per_iteration():
-    out = tpu_compile.collectives(HLO)
-    c = out["collectives"]
-    assert c["all-gather"] == {"count": 3, "bytes": 3 * 16 * 32 * 2}
-    assert c["all-reduce"] == {"count": 3, "bytes": 3 * 4 * 32 * 2}  # the async pair counts once, at -done
-    assert c["reduce-scatter"] == {"count": 1, "bytes": 16 * 8 * 4}
-    assert c["collective-permute"] == {"count": 1, "bytes": 2 * 4}  # a data-dependent loop: body once
-    assert c["all-to-all"] == {"count": 0, "bytes": 0}
-    assert out["while_loops"] == {"3": 1, "unknown": 1}
-    assert out["loops_counted_once"] == ["while.2"]
-    assert out["pallas_kernels"] == 3
-
-
-def test_shape_bytes_and_exhausted_message():
-    assert tpu_compile.shape_bytes("(bf16[16,32]{1,0:T(8,128)(2,1)}, f32[], s32[2]{0})") == 16 * 32 * 2 + 4 + 8
+def test_exhausted_message():
     msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
            "(20.00G) exceeds available HBM (15.75G).")  # what XLA:TPU says for a 20 GiB output on a v5e
-    assert tpu_compile.exhausted_bytes(msg) == 20 * 2 ** 30
+    assert aot.exhausted_bytes(msg) == 20 * 2 ** 30
 
 
 def test_remat_lines_drop_libtpu_noise():
@@ -202,23 +109,14 @@ def test_remat_lines_drop_libtpu_noise():
            "W1202 spmd_partitioner.cc:652] [spmd] Involuntary full rematerialization. The compiler was not able "
            "to go from sharding {devices=[2,2]<=[4]} to {devices=[4,1]<=[4]} without doing a full "
            "rematerialization of the tensor"]
-    assert tpu_compile.remat_lines(log) == [log[1].strip()]
+    assert aot.remat_lines(log) == [log[1].strip()]
 
 
 def test_one_line_errors():
     with pytest.raises(GPT2JaxError, match="devices per chip"):
-        tpu_compile.topology_devices("v4:2x2x1")
+        aot.topology_devices("v4:2x2x1")
     with pytest.raises(GPT2JaxError, match="unknown TPU topology 'v9x:2x2'"):
-        tpu_compile.topology_devices("v9x:2x2")
+        aot.topology_devices("v9x:2x2")
     cfg = load_train_config(None, TINY[:-3] + ["mesh.data=8", "mesh.fsdp=1"])
     with pytest.raises(GPT2JaxError, match="mesh.data=8 × mesh.fsdp=1 = 8 devices, but there are 4"):
-        next(tpu_compile.compile_programs(cfg, "v5e:2x2", ["train"], vocab_size=300))
-
-
-def test_cli_prints_one_line_for_an_unknown_topology():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "compile", "--topology",
-                           "v9x:2x2"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert errors == [errors[0]] and "unknown TPU topology 'v9x:2x2'" in errors[0]
-    assert proc.stdout == ""
+        next(aot.compile_programs(cfg, "v5e:2x2", ["train"], vocab_size=300))

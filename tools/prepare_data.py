@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from gpt2_jax.data.rows import ROW_FORMATS
 from gpt2_jax.runtime import run_cli
@@ -26,7 +25,6 @@ def main() -> None:
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="about this many tokens a shard")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows (counted) instead of failing")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = prepare_corpus(args.corpus, args.tokenizer, args.out, format=args.format, workers=args.workers,
                              shard_tokens=args.shard_tokens, skip_bad_rows=args.skip_bad_rows)
     print(json.dumps(summary))

@@ -1,37 +1,41 @@
-"""tools/bench.py: the matmul floor multiplies exactly the products a train step needs."""
-import importlib.util
-import math
+"""tools/bench.py: its subcommands, and the train benchmark's rows (each impl in a child process)."""
+import json
 import os
+import subprocess
+import sys
 
-import pytest
-
-from gpt2_jax.model.config import ModelConfig
-from gpt2_jax.train.flops import flops_per_token
-from gpt2_jax.model.attention import QUERY_CHUNK
-
-_spec = importlib.util.spec_from_file_location(
-    "bench", os.path.join(os.path.dirname(__file__), "..", "tools", "bench.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+BENCH = os.path.join(ROOT, "tools", "bench.py")
+SUBCOMMANDS = ("generate", "generate-file", "train", "compile", "attention", "data", "padding", "grain", "keywords")
 
 
-def _gemm_flops(shape, batch, seq):
-    return sum(2 * math.prod(b) * m * k * n for b, m, k, n in bench._gemm_shapes(shape, batch, seq))
+def _bench(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
-@pytest.mark.parametrize("name", sorted(bench.TRAIN_SHAPES))
-def test_gemm_floor_counts_the_train_step_flops(name):
-    """Up to one query block, attention is dense and the floor's FLOPs are 6N + 12LHQT up to the biases
-    and LayerNorm parameters (which no matmul touches); past it, the causal blocks skip the masked blocks."""
-    shape = bench.TRAIN_SHAPES[name]
-    cfg = ModelConfig(**shape)
-    d, L = cfg.n_embd, cfg.n_layer
-    no_matmul = L * (3 * d + d + 4 * d + d + 4 * d) + 2 * d  # biases and LayerNorm scales/biases, ln_f
-    batch, seq = 2, QUERY_CHUNK
-    assert _gemm_flops(shape, batch, seq) == batch * seq * (flops_per_token(cfg, seq) - 6 * no_matmul)
-    blocks = 4
-    seq = blocks * QUERY_CHUNK
-    dense_attention = batch * seq * 12 * L * d * seq
-    kept = sum(range(1, blocks + 1)) / blocks ** 2  # the lower triangle of query blocks x key blocks
-    assert _gemm_flops(shape, batch, seq) == (batch * seq * (flops_per_token(cfg, seq) - 6 * no_matmul)
-                                              - dense_attention * (1 - kept))
+def test_every_subcommand_has_its_help():
+    listed = _bench("--help")
+    assert listed.returncode == 0 and "{" + ",".join(SUBCOMMANDS) + "}" in listed.stdout
+    for name in SUBCOMMANDS:
+        proc = _bench(name, "--help")
+        assert proc.returncode == 0 and proc.stdout.startswith(f"usage: bench.py {name}"), proc.stderr
+
+
+def test_train_rows_against_the_full_step():
+    """gpt2-jax's step and the matmul floor, each in its own process: a row each, the floor's compared with
+    the full step's."""
+    proc = _bench("train", "--shapes", "tiny", "--impls", "jax,gemm", "--batch", "1", "--seq", "8", "--steps", "1",
+                  timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 0 and [r["impl"] for r in rows] == ["jax", "gemm"], proc.stdout + proc.stderr
+    assert not [r["error"] for r in rows if "error" in r]
+    jax_row, gemm = rows
+    assert (jax_row["trainable"], jax_row["shape"], jax_row["batch"], jax_row["seq"]) == ("all", "tiny", 1, 8)
+    assert jax_row["step_s"] > 0 and jax_row["tokens_per_s"] > 0 and 0 < jax_row["mfu"]
+    assert gemm["trainable"] == "all (matmuls only)" and gemm["ratio_to_full"] > 0
+
+
+def test_train_seq_past_the_shape_is_a_usage_error():
+    proc = _bench("train", "--shapes", "tiny", "--seq", "2000")
+    assert proc.returncode == 2 and "--seq must be between 1 and 1024 (n_positions)" in proc.stderr
+    assert proc.stdout == ""

@@ -1,4 +1,5 @@
-"""tools/bench_keywords.py: coverage split by keyword length in tokens, and the reference texts' own coverage."""
+"""tools/benchmarks/keywords.py (`bench.py keywords`): coverage by keyword length in tokens, and the reference
+texts' own coverage."""
 import importlib.util
 import os
 import random
@@ -6,8 +7,8 @@ import random
 from gpt2_jax.data.rows import Row
 from gpt2_jax.tokenizer import train_sentencepiece
 
-_TOOLS = os.path.join(os.path.dirname(__file__), "..", "tools")
-_spec = importlib.util.spec_from_file_location("bench_keywords", os.path.join(_TOOLS, "bench_keywords.py"))
+_BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "benchmarks")
+_spec = importlib.util.spec_from_file_location("bench_keywords", os.path.join(_BENCHMARKS, "keywords.py"))
 bench_keywords = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_keywords)
 

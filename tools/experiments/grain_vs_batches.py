@@ -1,5 +1,5 @@
 """``tools/bench.py grain``: Grain's loader (``grain`` 0.2.x: MapDataset, packing iterators) against our data
-path (token_cache.py + data.Batches), over the same memory-mapped token corpus, in one process, interleaved.
+path (data.token_store + data.Batches), over the same memory-mapped token corpus, in one process, interleaved.
 
 Setups: "demo" (the bundled builtin:stdlib-docs corpus tokenized as train.py does, T=128, batch 16, keyword
 augmentation on) and "pod" (a synthetic text-only corpus of ~200k documents, log-normal lengths, written once

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]  # the repository
 _CACHE = Path(os.path.expanduser("~/.cache/gpt2-jax/bench-data"))
 _SAMPLE_MB = 20
 _EOT = "<|endoftext|>"
