@@ -345,15 +345,13 @@ def resize_token_embeddings(model: GPT2LMHeadModel, new_vocab_size: int) -> GPT2
     Old rows are kept exactly; new rows are the mean of the old ones, so the logits of old tokens do not
     change and new tokens start as an average token. Updates `model.config.vocab_size`.
     """
+    config = model.config.replace(vocab_size=new_vocab_size)  # checks the size before anything changes
     wte = model.transformer.wte
     old = wte.embedding[...]
-    old_vocab = old.shape[0]
-    if new_vocab_size <= 0:
-        raise GPT2JaxError(f"new vocabulary size must be positive, got {new_vocab_size}")
-    new = old[:new_vocab_size] if new_vocab_size <= old_vocab else grow_embedding(old, new_vocab_size)
+    new = old[:new_vocab_size] if new_vocab_size <= old.shape[0] else grow_embedding(old, new_vocab_size)
     wte.embedding = nnx.Param(new, **wte.embedding.get_metadata())
     wte.num_embeddings = new_vocab_size
-    model.config = model.config.replace(vocab_size=new_vocab_size)
+    model.config = config
     return model
 
 

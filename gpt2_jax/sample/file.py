@@ -53,7 +53,7 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
 
     Bad rows and prompts that do not fit the model's context are logged as warnings, one line each, and
     skipped; a prompt that leaves less room than `max_new_tokens` gets fewer new tokens (one summary line).
-    `prompt_limit` cuts keyword lists as training did (data.prompt_limit); `sampling`: generate's settings.
+    `prompt_limit` cuts keyword lists as training did (data.batches.prompt_limit); `sampling`: generate's settings.
     With `keyword_boost` > 0 in them, each row's keywords (all of them) are boosted.
     """
     if batch_size < 1:

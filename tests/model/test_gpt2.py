@@ -11,6 +11,7 @@ import transformers
 from conftest import TINY, torch_logits
 from gpt2_jax.model.config import ModelConfig, preset
 from gpt2_jax.checkpoints.pretrained import load_pretrained
+from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.model.gpt2 import GPT2LMHeadModel, resize_token_embeddings
 from gpt2_jax.model.layout import abstract_model, param_shapes
 
@@ -140,6 +141,10 @@ def test_resize_keeps_old_logits(hf_dir):
                                atol=1e-7)
     # New tokens are usable as inputs.
     assert np.isfinite(np.asarray(model(np.array([[TINY["vocab_size"] + 3, 5]])))).all()
+    # A bad size is refused (by the model config) before anything changes.
+    with pytest.raises(GPT2JaxError, match="vocab_size must be a positive integer, got 0"):
+        resize_token_embeddings(model, 0)
+    assert model.transformer.wte.embedding[...].shape[0] == model.config.vocab_size == TINY["vocab_size"] + 4
 
 
 def test_every_parameter_has_logical_axis_names():
