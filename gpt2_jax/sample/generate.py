@@ -381,8 +381,8 @@ def generate_tokens(model, tokenizer, prompts: Sequence[Sequence[int]], *,
 
 def generate_text(model, tokenizer, prompts: Sequence[Sequence[int]], **kwargs) -> list[str]:
     """`generate_tokens` decoded, special tokens skipped: one string per row."""
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in generate_tokens(model, tokenizer, prompts,
-                                                                                          **kwargs)]
+    new = generate_tokens(model, tokenizer, prompts, **kwargs)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
 
 
 def new_tokens(new_BN: np.ndarray, eos_token_id) -> list[list[int]]:
