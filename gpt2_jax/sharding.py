@@ -1,11 +1,14 @@
-"""The device mesh, the logical-to-mesh rules, and multi-process start-up: all sharding lives here.
+"""The device mesh, the logical-to-mesh rules, the shardings of parameters and batches, and multi-process
+start-up.
 
 The mesh has two axes: `data` (batch split, parameters replicated) and `fsdp` (batch split, parameters and
-optimiser state split too). Parameters carry logical axis names (model.py); `RULES` maps them to mesh axes.
+optimiser state split too). Parameters carry logical axis names (model/gpt2.py; model/layout.py collects them
+per key); `RULES` maps them to mesh axes. Code that runs on the mesh uses these names, BATCH_AXES and RULES
+where it lives: the model pins its activations to the batch split (model/gpt2.py, `Execution`), and the Pallas
+attention kernel (model/attention.py) and the chunked loss (train/loss.py) run per device under shard_map.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Optional
 
@@ -16,8 +19,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.runtime import has_tpu_devices
-
-log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp")
 BATCH_AXES = AXES  # a batch's example dimension is split over every mesh axis
@@ -109,6 +110,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
+    """How many shards a batch's example dimension is split into: the product of the BATCH_AXES sizes."""
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 

@@ -1,5 +1,5 @@
-"""Text by script: the one table of scripts written without spaces between words, and whether a keyword
-occurs in a text.
+"""Keywords in text, by script: the one table of scripts written without spaces between words, whether a
+keyword occurs in a text, and a keyword's token ids as it appears in running text.
 
 Scripts written without spaces (Chinese, Japanese, Thai, ...; Korean too, whose particles attach to the word)
 have no word boundaries to match: a keyword with such characters counts where it occurs as a substring. Every
@@ -8,6 +8,7 @@ other keyword must occur as a whole word (not inside a longer word or identifier
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 # The characters a BERT-style (WordPiece) tokenizer splits one by one: CJK radicals, punctuation, kana,
 # bopomofo, ideographs (with extension A and the compatibility forms), full- and half-width forms, the
@@ -41,3 +42,22 @@ def keyword_occurs(text: str, keyword: str) -> bool:
             return True
         i = text.find(keyword, i + 1)
     return False
+
+
+def keyword_token_ids(tokenizer, keywords: Sequence[str]) -> list[list[int]]:
+    """Each keyword's token ids as it appears in running text, for `sample.generate.generate(keywords=...)`.
+
+    A word of a spaced script follows a space mid-text (GPT-2 BPE "Ġword", SentencePiece "▁word"); a word of
+    an unspaced script (Chinese) follows another character directly. So the keyword is encoded after a
+    context ("a " or "的") and the context's own tokens are cut off; where the two do not split cleanly (the
+    keyword's first token merges with the context), it is encoded alone, after a space where spaced.
+    """
+    out = []
+    for word in keywords:
+        sep, context = ("", "的") if is_unspaced(word) else (" ", "a")
+        head, ids = tokenizer.encode(context), tokenizer.encode(context + sep + word)
+        if ids[:len(head)] == head and len(ids) > len(head):
+            out.append(ids[len(head):])
+        else:
+            out.append(tokenizer.encode(sep + word))
+    return [ids for ids in out if ids]

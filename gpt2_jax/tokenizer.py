@@ -75,7 +75,7 @@ class Tokenizer:
 
     def format_prompt(self, title: str, keywords: str | Sequence[str], max_tokens: int | None = None) -> list[int]:
         """``[BOS] title [SEP] keywords [SEP]``: what generation continues from. With ``max_tokens``, the
-        last keywords are dropped until it fits, as training does (data.prompt_limit); the title stays whole.
+        last keywords are dropped until it fits, as training does (data.batches.prompt_limit); the title stays whole.
         Without a title and keywords, ``[EOS]``: plain-text documents are trained as ``[EOS] text [EOS]``."""
         words = keywords.split() if isinstance(keywords, str) else [w for k in keywords for w in k.split()]
         if not title and not words:
@@ -89,7 +89,7 @@ class Tokenizer:
 
     def format_example(self, title: str, keywords: str | Sequence[str], text: str) -> list[int]:
         """``[BOS] title [SEP] keywords [SEP] text [EOS]`` (``[EOS] text [EOS]`` without title and keywords):
-        one training example, as data.Batches assembles it."""
+        one training example, as data.batches.Batches assembles it."""
         return [*self.format_prompt(title, keywords), *self.encode(text), self.eos_id]
 
 

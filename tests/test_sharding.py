@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 from gpt2_jax import sharding
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.errors import GPT2JaxError
-from gpt2_jax.model.gpt2 import ModelLayout
+from gpt2_jax.model.layout import ModelLayout
 
 MC = ModelConfig(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 

@@ -85,7 +85,7 @@ def test_format_example_and_prompt(backend):
     assert tok.format_example(TITLE, KEYWORDS, TEXT) == expected
     assert tok.format_example(TITLE, " soil   seeds ", TEXT) == expected  # a string of keywords
     assert tok.format_prompt(TITLE, list(KEYWORDS)) == expected[: -len(enc(TEXT)) - 1]
-    # Plain text (no title, no keywords) is trained as [EOS] text [EOS] (data.Batches): its prompt is [EOS].
+    # Plain text (no title, no keywords) is trained as [EOS] text [EOS] (data.batches.Batches): its prompt is [EOS].
     assert tok.format_prompt("", []) == tok.format_prompt("", "  ") == [tok.eos_id]
     assert tok.format_example("", (), TEXT) == [tok.eos_id, *enc(TEXT), tok.eos_id]
 

@@ -111,9 +111,7 @@ def main(argv=None) -> None:
         return tok.format_prompt(title, keywords)
 
     def show(prompt_ids: list[int], call: int, keywords: str = "") -> None:
-        # Keywords go to generate only when boosted: without a boost, the program of plain sampling.
-        boosted = [keywords.split()] if args.keyword_boost else None
-        texts = generate_text(model, tok, [prompt_ids], seed=seed + call, keywords=boosted, **kwargs)
+        texts = generate_text(model, tok, [prompt_ids], seed=seed + call, keywords=[keywords.split()], **kwargs)
         for i, text in enumerate(texts):
             print(text if len(texts) == 1 else f"[{i + 1}] {text}", flush=True)
 

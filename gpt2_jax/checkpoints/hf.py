@@ -22,7 +22,8 @@ from safetensors.numpy import load_file
 
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.errors import GPT2JaxError, first_line
-from gpt2_jax.model.gpt2 import GPT2LMHeadModel, param_shapes, path_key
+from gpt2_jax.model.gpt2 import GPT2LMHeadModel
+from gpt2_jax.model.layout import param_shapes, path_key
 
 # Our leaf name -> PyTorch leaf name. Flax msgpack keeps our leaf names.
 _TO_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}

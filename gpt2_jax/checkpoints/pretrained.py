@@ -15,7 +15,8 @@ from gpt2_jax.checkpoints.orbax import Checkpointer, CorruptCheckpoint, checkpoi
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.checkpoints.hf import load_hf_config, params_from_state_dict, read_hf_state_dict, write_pretrained
-from gpt2_jax.model.gpt2 import GPT2LMHeadModel, model_from_params, param_shapes
+from gpt2_jax.model.gpt2 import GPT2LMHeadModel
+from gpt2_jax.model.layout import model_from_params, param_shapes
 from gpt2_jax.tokenizer import load_tokenizer
 
 T = TypeVar("T")

@@ -22,19 +22,19 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import Mesh, PartitionSpec as P
 
 from gpt2_jax.errors import GPT2JaxError, suggest
-from gpt2_jax.sharding import BATCH_AXES
+from gpt2_jax.sharding import BATCH_AXES, data_parallel_size
 
 IMPLS = ("materialised", "xla", "splash")
 PALLAS_IMPLS = ("splash",)
-# tpu_compile.attention_report, `tools/bench.py attention` (v5e, GPT-2 124M layer, fwd+bwd): splash needs the fewest temporaries (102 MB
-# per chip at T=1024 against flash's 328 MB and XLA's 604 MB; 303 / 755 / 2451 MB at T=2048) and its roofline
-# estimate is within 10% of flash's (XLA's is 3-7x both). Estimates from the compiler, not TPU timings.
+# aot.attention_report, `tools/bench.py attention` (v5e, GPT-2 124M layer, fwd+bwd): splash needs the fewest
+# temporaries (102 MB per chip at T=1024 against flash's 328 MB and XLA's 604 MB; 303 / 755 / 2451 MB at
+# T=2048) and its roofline estimate is within 10% of flash's (XLA's is 3-7x both). Estimates from the
+# compiler, not TPU timings.
 TPU_DEFAULT = "splash"
 QUERY_CHUNK = 128  # query rows per block of materialised causal attention
 PALLAS_MIN_BLOCK = 128  # the TPU kernels' smallest tile along the sequence (one vreg's 128 lanes)
@@ -130,12 +130,11 @@ def _pallas_sharded(q_BTHK, k_BTHK, v_BTHK, segment_ids_BT, scale, mesh, *, inte
     local = functools.partial(_splash, scale=scale, interpret=interpret, segments=segment_ids_BT is not None)
     if mesh is None or mesh.size == 1:
         return local(q_BTHK, k_BTHK, v_BTHK, seg_BT)
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    shards = data_parallel_size(mesh)
     if q_BTHK.shape[0] % shards:
         raise GPT2JaxError(f"attention: a batch of {q_BTHK.shape[0]} does not split over the mesh's {shards} "
-                           f"batch shards ({', '.join(axes)})")
-    spec = P(axes)
+                           f"batch shards ({', '.join(BATCH_AXES)})")
+    spec = P(BATCH_AXES)
     # Pallas calls carry no varying-manual-axes rule, hence check_vma=False.
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec), out_specs=spec,
                          check_vma=False)(q_BTHK, k_BTHK, v_BTHK, seg_BT)

@@ -1,6 +1,6 @@
 """Model configuration with Hugging Face `GPT2Config` field names, presets and config.json I/O.
 
-The run's YAML configuration (sections, overrides, validation) lives in train_config.py.
+The run's YAML configuration (sections, overrides, validation) lives in train/config.py.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ K head width, F MLP width, V vocabulary.
 
 Parameter paths read like Hugging Face's (`transformer/h/0/attn/c_attn/kernel`). Kernels are stored
 [in, out], as in PyTorch's `Conv1D.weight`, so safetensors import is a key copy and only the Flax
-msgpack format needs transposes (see hf.py).
+msgpack format needs transposes (checkpoints/hf.py). The flat `{key: array}` view of the
+parameters that jitted steps and checkpoints use: model/layout.py.
 """
 from __future__ import annotations
 
@@ -106,10 +107,6 @@ def _layer_norm_bwd(epsilon, res, dy):
 
 
 _layer_norm_f32.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> LayerNorm:
-    return LayerNorm(cfg, rngs)
 
 
 def _policy_names() -> tuple[str, ...]:
@@ -240,9 +237,9 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs, execution: Execution = Execution()):
-        self.ln_1 = _layer_norm(cfg, rngs)
+        self.ln_1 = LayerNorm(cfg, rngs)
         self.attn = Attention(cfg, layer_idx, rngs, execution)
-        self.ln_2 = _layer_norm(cfg, rngs)
+        self.ln_2 = LayerNorm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x_BTD, mask_BTS, kv=None, index=None, segment_ids_BT=None):
@@ -268,7 +265,7 @@ class GPT2Model(nnx.Module):
                              embedding_init=_normal(std, (None, "embed")), rngs=rngs)
         self.drop = nnx.Dropout(cfg.embd_pdrop, deterministic=True, rngs=rngs)
         self.h = nnx.List([Block(cfg, i, rngs, execution) for i in range(cfg.n_layer)])
-        self.ln_f = _layer_norm(cfg, rngs)
+        self.ln_f = LayerNorm(cfg, rngs)
 
     def __call__(self, input_ids_BT, attention_mask_BT=None, position_ids_BT=None, cache: Optional[KVCache] = None,
                  segment_ids_BT=None):
@@ -342,30 +339,19 @@ class GPT2LMHeadModel(nnx.Module):
         return logits_BTV if cache is None else (logits_BTV, new_cache)
 
 
-def abstract_model(config: ModelConfig, execution: Execution = Execution()) -> GPT2LMHeadModel:
-    """The model with ShapeDtypeStructs for parameters: shapes and counts without allocating."""
-    return nnx.eval_shape(lambda: GPT2LMHeadModel(config, execution=execution))
-
-
-def num_params(model: GPT2LMHeadModel) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 def resize_token_embeddings(model: GPT2LMHeadModel, new_vocab_size: int) -> GPT2LMHeadModel:
     """Grow (or shrink) the tied embedding to `new_vocab_size` rows, in place.
 
     Old rows are kept exactly; new rows are the mean of the old ones, so the logits of old tokens do not
     change and new tokens start as an average token. Updates `model.config.vocab_size`.
     """
+    config = model.config.replace(vocab_size=new_vocab_size)  # checks the size before anything changes
     wte = model.transformer.wte
     old = wte.embedding[...]
-    old_vocab = old.shape[0]
-    if new_vocab_size <= 0:
-        raise GPT2JaxError(f"new vocabulary size must be positive, got {new_vocab_size}")
-    new = old[:new_vocab_size] if new_vocab_size <= old_vocab else grow_embedding(old, new_vocab_size)
+    new = old[:new_vocab_size] if new_vocab_size <= old.shape[0] else grow_embedding(old, new_vocab_size)
     wte.embedding = nnx.Param(new, **wte.embedding.get_metadata())
     wte.num_embeddings = new_vocab_size
-    model.config = model.config.replace(vocab_size=new_vocab_size)
+    model.config = config
     return model
 
 
@@ -375,89 +361,3 @@ def grow_embedding(old, new_vocab_size: int):
     xp = np if isinstance(old, np.ndarray) else jnp
     mean = xp.mean(old.astype(np.float32), axis=0, keepdims=True).astype(old.dtype)
     return xp.concatenate([old, xp.repeat(mean, new_vocab_size - old.shape[0], axis=0)], axis=0)
-
-
-def path_key(path) -> str:
-    """An nnx state path ('transformer', 'h', 0, 'ln_1', 'scale') -> 'transformer/h/0/ln_1/scale'.
-
-    That string is the one parameter key everywhere (flat dicts, freezing, optimiser masks, checkpoints),
-    as Hugging Face's state-dict names are, with '/' for '.'."""
-    return "/".join(map(str, path))
-
-
-def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """{key: shape} of every parameter, computed abstractly."""
-    flat = nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))
-    return {path_key(path): tuple(var.shape) for path, var in flat}
-
-
-def model_from_params(config: ModelConfig, params: dict[str, jax.Array], *, seed: int = 0) -> GPT2LMHeadModel:
-    """A model holding `params` ({key: array} for every key of `param_shapes(config)`), without
-    random-initialising them."""
-    layout = ModelLayout.of(config)
-    # Only the non-parameter state (dropout RNG keys) is built for real; XLA drops the unused initialisers.
-    rng = jax.jit(lambda: rng_arrays(nnx.split(GPT2LMHeadModel(config, seed=seed), nnx.Param, ...)[2]))()
-    dtype = jnp.dtype(config.param_dtype)
-    flat = {}
-    for k, want in layout.shapes.items():
-        flat[k] = jnp.asarray(params[k], dtype=dtype)
-        if flat[k].shape != want.shape:
-            raise GPT2JaxError(f"parameter {k} has shape {flat[k].shape}, expected {want.shape}")
-    return layout.model(flat, rng, train=False)
-
-
-@dataclasses.dataclass
-class ModelLayout:
-    """How flat `{key: array}` dicts map onto the NNX model, plus each parameter's logical axes and shape.
-
-    Steps take plain dicts at the jit boundary and rebuild the model inside with `model(...)`."""
-
-    config: ModelConfig
-    execution: Execution
-    graphdef_train: Any  # dropout on
-    graphdef_eval: Any  # dropout off
-    abstract_params: Any  # nnx.State of ShapeDtypeStruct Params: the template that flat dicts fill
-    abstract_rng: Any  # nnx.State of the dropout RNG keys and counts
-    logical: dict[str, Optional[tuple]]  # {key: logical axis names} (sharding.py maps them to the mesh)
-    shapes: dict[str, jax.ShapeDtypeStruct]
-
-    @classmethod
-    def of(cls, config: ModelConfig, execution: Execution = Execution()) -> "ModelLayout":
-        model = abstract_model(config, execution)
-        graphdef_eval, abstract_params, abstract_rng = nnx.split(model, nnx.Param, ...)
-        model.train()
-        graphdef_train = nnx.split(model, nnx.Param, ...)[0]
-        logical, shapes = {}, {}
-        for path, var in nnx.to_flat_state(abstract_params):
-            k = path_key(path)
-            logical[k] = var.get_metadata().get("out_sharding")
-            shapes[k] = jax.ShapeDtypeStruct(var.shape, var.dtype)
-        return cls(config, execution, graphdef_train, graphdef_eval, abstract_params, abstract_rng, logical, shapes)
-
-    def state(self, flat: dict) -> nnx.State:
-        """The nnx.State of parameters holding the arrays of `flat` (every key)."""
-        leaves = [(path, var.replace(flat[path_key(path)])) for path, var in nnx.to_flat_state(self.abstract_params)]
-        return nnx.from_flat_state(leaves)
-
-    def rng_state(self, flat: dict) -> nnx.State:
-        """The nnx RNG state from plain arrays (typed keys travel as uint32 key data, which Orbax stores)."""
-        leaves = []
-        for path, var in nnx.to_flat_state(self.abstract_rng):
-            value = flat[path_key(path)]
-            if jax.dtypes.issubdtype(var.dtype, jax.dtypes.prng_key):
-                value = jax.random.wrap_key_data(value)
-            leaves.append((path, var.replace(value)))
-        return nnx.from_flat_state(leaves)
-
-    def model(self, flat: dict, rng: dict, train: bool) -> GPT2LMHeadModel:
-        return nnx.merge(self.graphdef_train if train else self.graphdef_eval, self.state(flat), self.rng_state(rng))
-
-
-def rng_arrays(state: nnx.State) -> dict:
-    """Plain arrays of an nnx RNG state: the inverse of ModelLayout.rng_state."""
-    out = {}
-    for path, var in nnx.to_flat_state(state):
-        value = var[...]
-        out[path_key(path)] = jax.random.key_data(value) if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) \
-            else value
-    return out

@@ -10,9 +10,6 @@ from flax import struct
 
 from gpt2_jax.model.config import ModelConfig
 
-# Logical axis names of k_BSHK / v_BSHK, for sharding on the model's mesh.
-KV_LOGICAL_AXES = ("batch", "cache_seq", "heads", "head_dim")
-
 
 @struct.dataclass
 class KVCache:
@@ -28,9 +25,9 @@ class KVCache:
         return self.valid_BS.shape[1]
 
 
-def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> KVCache:
-    """An empty cache for `batch` rows of up to `max_length` tokens (prompt + new)."""
-    dtype = jnp.dtype(dtype or config.dtype)
+def init_cache(config: ModelConfig, batch: int, max_length: int) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_length` tokens (prompt + new), in the compute dtype."""
+    dtype = jnp.dtype(config.dtype)
     shape = (batch, max_length, config.n_head, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
     return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),

@@ -7,13 +7,13 @@ not depend on what was done before, so a resumed run writes exactly what an unin
 a batch with rows already in the output is generated again whole, and only its missing rows are written.
 Output lines are JSON objects `{"index", "title", "keywords", "text"}` in the order batches finish;
 `index` is the row's position among the input's good rows. When done, the keyword metrics of the whole
-output (keyword_metrics.summarise) are printed on stderr and returned under "metrics".
+output (sample.keywords.summarise) are logged and returned under "metrics".
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,7 +24,9 @@ from tqdm import tqdm
 from gpt2_jax.data.rows import read_rows
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.sample.keywords import summarise
-from gpt2_jax.sample.generate import generate, keyword_token_ids, new_tokens
+from gpt2_jax.sample.generate import generate_tokens
+
+log = logging.getLogger(__name__)
 
 
 def plan_batches(prompt_lengths: list[int], new_tokens: list[int], batch_size: int) -> list[list[int]]:
@@ -49,26 +51,26 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
     """Write a text for every row of `input_path` (CSV or JSONL with title and keywords) to `output_path`
     (JSONL), continuing an existing output of the same settings. Returns counts and tokens/s.
 
-    Bad rows and prompts that do not fit the model's context are reported on stderr, one line each, and
+    Bad rows and prompts that do not fit the model's context are logged as warnings, one line each, and
     skipped; a prompt that leaves less room than `max_new_tokens` gets fewer new tokens (one summary line).
-    `prompt_limit` cuts keyword lists as training did (data.prompt_limit); `sampling`: generate's settings.
+    `prompt_limit` cuts keyword lists as training did (data.batches.prompt_limit); `sampling`: generate's settings.
     With `keyword_boost` > 0 in them, each row's keywords (all of them) are boosted.
     """
     if batch_size < 1:
         raise GPT2JaxError(f"batch size must be at least 1, got {batch_size}")
     rows = read_rows(input_path, skip_bad_rows=True, with_text=False)
     for line in rows.bad:
-        print(f"skipped {line}", file=sys.stderr)
+        log.warning(f"skipped {line}")
     n_ctx = model.config.n_positions
     prompts = [tokenizer.format_prompt(r.title, r.keywords, max_tokens=prompt_limit) for r in rows]
     budget = [min(max_new_tokens, n_ctx - len(p)) for p in prompts]
     short = sum(0 < b < max_new_tokens for b in budget)
     for i in (i for i, b in enumerate(budget) if b < 1):
-        print(f"skipped row {i} ({rows[i].title[:40]!r}): its prompt of {len(prompts[i])} tokens fills the "
-              f"model's context of {n_ctx}", file=sys.stderr)
+        log.warning(f"skipped row {i} ({rows[i].title[:40]!r}): its prompt of {len(prompts[i])} tokens fills "
+                    f"the model's context of {n_ctx}")
     if short:
-        print(f"{short} row(s) get fewer than {max_new_tokens} new tokens: their prompts leave no more of the "
-              f"context of {n_ctx}", file=sys.stderr)
+        log.warning(f"{short} row(s) get fewer than {max_new_tokens} new tokens: their prompts leave no more of "
+                    f"the context of {n_ctx}")
     usable = [i for i, b in enumerate(budget) if b >= 1]
     plan = [[usable[j] for j in b] for b in plan_batches([len(prompts[i]) for i in usable],
                                                          [budget[i] for i in usable], batch_size)]
@@ -80,8 +82,6 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
 
     bar = tqdm(total=len(usable), initial=sum(i in done for i in usable), disable=not progress, unit="row",
                dynamic_ncols=True)
-    sampling.setdefault("eos_token_id", tokenizer.eos_id)
-    sampling.setdefault("pad_token_id", tokenizer.pad_id)
     written = generated = 0
     t0 = time.perf_counter()
     with open(output_path, "a", encoding="utf-8") as out:
@@ -89,13 +89,10 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
             todo = [i for i in batch if i not in done]
             if not todo:
                 continue
-            P = max(len(prompts[i]) for i in batch)
-            # Without a boost no keywords are passed: the program and the texts are those of plain sampling.
-            keywords = ([keyword_token_ids(tokenizer, rows[i].keywords) for i in batch]
-                        if sampling.get("keyword_boost", 0) else None)
-            ids = generate(model, [prompts[i] for i in batch], max_new_tokens=budget[batch[0]],
-                           seed=batch_seed(seed, b), keywords=keywords, **sampling)
-            for i, new in zip(batch, new_tokens(ids[:, P:], sampling["eos_token_id"])):
+            new_rows = generate_tokens(model, tokenizer, [prompts[i] for i in batch], max_new_tokens=budget[batch[0]],
+                                       seed=batch_seed(seed, b), keywords=[rows[i].keywords for i in batch],
+                                       **sampling)
+            for i, new in zip(batch, new_rows):
                 generated += len(new)
                 if i not in done:
                     text = tokenizer.decode(new, skip_special_tokens=True)
@@ -111,14 +108,14 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
              "seconds": seconds, "tokens_per_s": generated / max(seconds, 1e-9)}
     metrics = output_metrics(output_path)
     if metrics is not None:
-        print("keywords: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in metrics.items()), file=sys.stderr)
+        log.info("keywords: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in metrics.items()))
         stats["metrics"] = metrics
     return stats
 
 
 def output_metrics(output_path: str) -> Optional[dict]:
-    """keyword_metrics.summarise over every line of an output (resumed parts too), in index order; None when
+    """sample.keywords.summarise over every line of an output (resumed parts too), in index order; None when
     no row has keywords."""
     objs = sorted((json.loads(line) for line in Path(output_path).read_text(encoding="utf-8").splitlines()),
                   key=lambda o: o["index"])

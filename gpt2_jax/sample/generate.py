@@ -11,7 +11,7 @@ the loop, where XLA updates it in place: no copy per step and no buffer to donat
 travels in `SamplingParams`, whose fields are all traced: only the model's graph, `do_sample`,
 `num_return_sequences`, the batch size and the two bucketed lengths are static, so changing temperature,
 top-k, top-p, the penalty, `min_new_tokens`, `max_new_tokens` (within a bucket), the special ids or the
-seed reuses the compiled program. Each token is chosen by the processors of processors.py.
+seed reuses the compiled program. Each token is chosen by the processors of sample/processors.py.
 
 Keyword-guided sampling (`keywords`, `keyword_boost`): each row's keywords travel as token ids [B, K, L],
 and the loop's state tracks, per row and keyword, how much of it the text ends with and whether it has been
@@ -31,7 +31,7 @@ from flax import nnx, struct
 
 from gpt2_jax.model.kv_cache import KVCache, init_cache
 from gpt2_jax.errors import GPT2JaxError
-from gpt2_jax.text import is_unspaced
+from gpt2_jax.text import keyword_token_ids
 from gpt2_jax.sample.processors import (apply_keyword_boost, apply_min_new_tokens, apply_repetition_penalty,
                                  apply_temperature, one_minus_top_p, sample_tokens, token_presence,
                                  update_keyword_match)
@@ -124,8 +124,8 @@ def _emit(s: DecodeState, tok_B, p: SamplingParams) -> DecodeState:
 @functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "num_return_sequences", "new_slots"))
 def generate_program(state, ids_BP, mask_BP, prompt_start, kw_BKL, p: SamplingParams, *, graphdef,
                      do_sample: bool, num_return_sequences: int, new_slots: int):
-    """The jitted program behind `generate` (aot.py compiles it for TPU): new tokens [B * R, N] (pad after EOS / past max_new_tokens) for left-padded prompts [B, P] and their
-    keywords [B, K, L] (K = 0: none)."""
+    """The jitted program behind `generate` (aot.py compiles it for TPU): new tokens [B * R, N] (pad after EOS
+    and past max_new_tokens) for left-padded prompts [B, P] and their keywords [B, K, L] (K = 0: none)."""
     model = nnx.merge(graphdef, state)
     B, P = ids_BP.shape
     R, N = num_return_sequences, new_slots
@@ -210,7 +210,9 @@ def _prompt_arrays(input_ids, attention_mask, pad_id: int, infer_mask: bool) -> 
     `infer_mask`: without attention_mask, mask out `pad_id` wherever it occurs, as HF does when the pad
     token is set and is not an EOS token.
     """
-    if isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(r, (list, tuple)) for r in input_ids):
+    if isinstance(input_ids, (list, tuple)) and not input_ids:
+        raise GPT2JaxError("empty prompt: no prompts to generate from")
+    if isinstance(input_ids, (list, tuple)) and all(isinstance(r, (list, tuple)) for r in input_ids):
         if attention_mask is not None:
             raise GPT2JaxError("attention_mask is only for an array of input_ids; lists of unequal length "
                                "are padded by generate itself")
@@ -287,25 +289,6 @@ def _keyword_array(keywords, batch: int, vocab_size: int) -> np.ndarray:
     return kw_BKL
 
 
-def keyword_token_ids(tokenizer, keywords: Sequence[str]) -> list[list[int]]:
-    """Each keyword's token ids as it appears in running text, for `generate(keywords=...)`.
-
-    A word of a spaced script follows a space mid-text (GPT-2 BPE "Ġword", SentencePiece "▁word"); a word of
-    an unspaced script (Chinese) follows another character directly. So the keyword is encoded after a
-    context ("a " or "的") and the context's own tokens are cut off; where the two do not split cleanly (the
-    keyword's first token merges with the context), it is encoded alone, after a space where spaced.
-    """
-    out = []
-    for word in keywords:
-        sep, context = ("", "的") if is_unspaced(word) else (" ", "a")
-        head, ids = tokenizer.encode(context), tokenizer.encode(context + sep + word)
-        if ids[:len(head)] == head and len(ids) > len(head):
-            out.append(ids[len(head):])
-        else:
-            out.append(tokenizer.encode(sep + word))
-    return [ids for ids in out if ids]
-
-
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              min_new_tokens: int = 0, num_return_sequences: int = 1, eos_token_id=None, pad_token_id=None,
@@ -319,7 +302,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     (an int or a list), `pad_token_id` to the config's, else the first EOS. top_k 0 and top_p 1 are off.
     Sampling with a fixed `seed` gives the same tokens every time.
 
-    `keywords`: per prompt, a list of keyword token-id sequences (`keyword_token_ids`); each keyword's next
+    `keywords`: per prompt, a list of keyword token-id sequences (text.keyword_token_ids); each keyword's next
     token gets `keyword_boost` added to its score until the keyword has been generated whole (see
     processors.apply_keyword_boost). The boost is traced: changing it reuses the compiled program.
 
@@ -379,22 +362,26 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     return np.concatenate([prompt, np.asarray(new_BN)[:, :max_new_tokens]], axis=1)
 
 
-def generate_text(model, tokenizer, prompts: Sequence[Sequence[int]], *,
-                  keywords: Sequence[Sequence[str]] | None = None, **kwargs) -> list[str]:
-    """Generate from token-id prompts and decode only the new tokens (up to EOS, special tokens skipped).
+def generate_tokens(model, tokenizer, prompts: Sequence[Sequence[int]], *,
+                    keywords: Sequence[Sequence[str]] | None = None, keyword_boost: float = 0.0,
+                    **kwargs) -> list[list[int]]:
+    """`generate` from token-id prompts; each row's new tokens up to its first EOS.
 
-    Returns `len(prompts) * num_return_sequences` strings, each prompt's samples together. EOS and padding
-    default to the tokenizer's ids. `keywords`: per prompt, keyword strings for `keyword_boost`.
+    Returns `len(prompts) * num_return_sequences` rows, each prompt's samples together. EOS and padding
+    default to the tokenizer's ids. `keywords`: per prompt, keyword strings; they reach `generate` only with a
+    `keyword_boost` (and some keyword), so that without one the program and the tokens are plain sampling's.
     """
     kwargs.setdefault("eos_token_id", tokenizer.eos_id)
     kwargs.setdefault("pad_token_id", tokenizer.pad_id)
-    if not prompts:
-        raise GPT2JaxError("no prompts to generate from")
     prompts = [list(p) for p in prompts]
-    if keywords is not None:
-        kwargs["keywords"] = [keyword_token_ids(tokenizer, k) for k in keywords]
-    out = generate(model, prompts, **kwargs)
-    new = new_tokens(out[:, max(len(p) for p in prompts):], kwargs["eos_token_id"])
+    ids = [keyword_token_ids(tokenizer, k) for k in keywords] if keywords is not None and keyword_boost else None
+    out = generate(model, prompts, keywords=ids if ids and any(ids) else None, keyword_boost=keyword_boost, **kwargs)
+    return new_tokens(out[:, max(map(len, prompts)):], kwargs["eos_token_id"])
+
+
+def generate_text(model, tokenizer, prompts: Sequence[Sequence[int]], **kwargs) -> list[str]:
+    """`generate_tokens` decoded, special tokens skipped: one string per row."""
+    new = generate_tokens(model, tokenizer, prompts, **kwargs)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
 
 

@@ -121,8 +121,11 @@ def _top_k_off(top_k, V):
     return (top_k <= 0) | (top_k >= V)
 
 
-def _full_filter(scores_BV, top_k, top_p_cut, top_p_on):
-    """Exact top-k then top-p over the whole vocabulary with one stable ascending sort, as HF does."""
+def full_filter(scores_BV, top_k, top_p_cut, top_p_on):
+    """HF's `TopKLogitsWarper` then `TopPLogitsWarper` (min_tokens_to_keep=1), exactly, over the whole vocabulary
+    with one stable ascending sort: filtered scores are -inf. `top_k` 0 (or >= V) is off; `top_p_cut` is
+    `one_minus_top_p(top_p)`, and `top_p_on` False (top_p 1, which generate skips) keeps even zero-probability
+    tokens."""
     B, V = scores_BV.shape
     iota_BV = jax.lax.broadcasted_iota(jnp.int32, (B, V), 1)
     # Stable: equal scores keep index order. HF's torch.sort is not stable on CPU, so where tied tokens
@@ -142,24 +145,6 @@ def _full_filter(scores_BV, top_k, top_p_cut, top_p_on):
     return jnp.zeros_like(scores_BV).at[rows, order_BV].set(sorted_BV, unique_indices=True)
 
 
-def top_k_filter(scores_BV, top_k):
-    """HF `TopKLogitsWarper` (exact; ties with the k-th value are kept); `top_k` 0 (or >= V) is off."""
-    scores_BV = jnp.asarray(scores_BV, jnp.float32)
-    return _full_filter(scores_BV, jnp.asarray(top_k, jnp.int32), jnp.float32(0.0), False)
-
-
-def top_p_filter(scores_BV, top_p):
-    """HF `TopPLogitsWarper` with min_tokens_to_keep=1 (exact, stable sort); `top_p` 1 is off, as in generate."""
-    scores_BV = jnp.asarray(scores_BV, jnp.float32)
-    return _full_filter(scores_BV, jnp.int32(0), one_minus_top_p(top_p), jnp.asarray(top_p) < 1)
-
-
-def warp(scores_BV, temperature, top_k, top_p):
-    """Temperature, top-k, top-p in HF's order, exactly, with one sort: what sampling draws from."""
-    scores_BV = apply_temperature(jnp.asarray(scores_BV, jnp.float32), temperature)
-    return _full_filter(scores_BV, jnp.asarray(top_k, jnp.int32), one_minus_top_p(top_p), jnp.asarray(top_p) < 1)
-
-
 def _top_k(x_BV, k: int):
     # XLA:CPU runs top_k as a partial sort only while its output is a plain slice of a sort; a second slice
     # of that output (x[:, -1:]) gets folded into the sort and turns it into a full sort, ~100x slower.
@@ -168,10 +153,10 @@ def _top_k(x_BV, k: int):
 
 
 def filter_candidates(scores_BV, top_k, top_p, cap: int, *, top_p_cut=None):
-    """Top-k then top-p restricted to the `cap` largest scores: the fast path of `warp` (after temperature).
+    """Top-k then top-p restricted to the `cap` largest scores: the fast path of `full_filter`.
 
     Returns (scores_BC, ids_BC, exact_B): the candidates' warped scores (-inf where filtered) and token ids,
-    and per row whether they are exactly `warp`'s surviving tokens and scores. Exactness needs the answer
+    and per row whether they are exactly `full_filter`'s surviving tokens and scores. Exactness needs the answer
     to lie among the candidates with no tie straddling the cap: top-k on and <= cap, or top-k off and a
     nucleus narrower than the cap.
     """
@@ -241,7 +226,8 @@ def categorical(key, scores_BV, block: int = 256):
 
 
 def sample_tokens(key, scores_BV, top_k, top_p, *, top_p_cut=None, caps: Sequence[int] = CANDIDATE_CAPS):
-    """Draw one token per row from softmax(warp(scores)) (scores already divided by the temperature).
+    """Draw one token per row from softmax of the scores (already divided by the temperature) after top-k and
+    top-p, as `full_filter` leaves them.
 
     Tries the candidate path for each cap in turn and falls back to the full sort; each fallback sits in a
     `lax.cond` branch, so only the path taken runs.
@@ -256,7 +242,7 @@ def sample_tokens(key, scores_BV, top_k, top_p, *, top_p_cut=None, caps: Sequenc
         return jnp.take_along_axis(ids_BC, j_B[:, None], axis=-1)[:, 0]
 
     def full():
-        return categorical(key, _full_filter(scores_BV, top_k, top_p_cut, top_p < 1))
+        return categorical(key, full_filter(scores_BV, top_k, top_p_cut, top_p < 1))
 
     def unfiltered():
         return categorical(key, scores_BV)

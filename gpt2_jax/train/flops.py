@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_jax.model.config import ModelConfig
-from gpt2_jax.model.gpt2 import param_shapes
+from gpt2_jax.model.layout import param_shapes
 
 # Dense bf16 peak FLOP/s per device (vendor figures). float32 compute on GPUs runs at the TF32 rate, half this.
 _PEAK_BF16 = (

@@ -39,12 +39,11 @@ def write_texts(model, tokenizer, rows: Sequence, cfg: TrainConfig, warn: Callab
         groups.setdefault(min(room, s.max_new_tokens), []).append((r, prompt))
     out = []
     for n, group in groups.items():
-        guided = s.keyword_boost > 0 and any(r.keywords for r, _ in group)
-        extra = dict(keyword_boost=s.keyword_boost, keywords=[list(r.keywords) for r, _ in group]) if guided else {}
         texts = generate_text(model, tokenizer, [p for _, p in group], max_new_tokens=n, do_sample=True,
                               temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                               repetition_penalty=s.repetition_penalty, penalize_prompt=s.penalize_prompt,
-                              seed=cfg.train.seed, **extra)
+                              seed=cfg.train.seed, keyword_boost=s.keyword_boost,
+                              keywords=[list(r.keywords) for r, _ in group])
         out += [(r, t) for (r, _), t in zip(group, texts)]
     return out
 

@@ -33,7 +33,8 @@ from gpt2_jax.train.flops import flops_per_token, peak_flops
 from gpt2_jax.train.held_out import format_metrics, sample_metrics, write_texts
 from gpt2_jax.checkpoints.hf import load_hf_config, params_from_state_dict, read_hf_state_dict
 from gpt2_jax.train.metrics import MetricsWriter
-from gpt2_jax.model.gpt2 import ModelLayout, grow_embedding
+from gpt2_jax.model.gpt2 import grow_embedding
+from gpt2_jax.model.layout import ModelLayout
 from gpt2_jax.checkpoints.pretrained import export_run, load_run
 from gpt2_jax.data.token_store import rows_digest, tokenize_corpus
 from gpt2_jax.tokenizer import load_tokenizer, train_sentencepiece

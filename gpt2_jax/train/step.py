@@ -27,7 +27,8 @@ from gpt2_jax import sharding
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.train.freeze import trainable_paths
 from gpt2_jax.train.loss import lm_head_cross_entropy
-from gpt2_jax.model.gpt2 import Execution, GPT2LMHeadModel, ModelLayout, path_key, rng_arrays
+from gpt2_jax.model.gpt2 import Execution, GPT2LMHeadModel
+from gpt2_jax.model.layout import ModelLayout, path_key, rng_arrays
 from gpt2_jax.train.optim import learning_rate, make_optimizer
 from gpt2_jax.train.config import TrainConfig
 

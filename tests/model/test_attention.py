@@ -1,4 +1,4 @@
-"""attention.py: every impl against transformers' eager GPT-2 attention, packed segments, causality,
+"""gpt2_jax/model/attention.py: every impl against transformers' eager GPT-2 attention, packed segments, causality,
 gradients through the Pallas kernel (interpreted on CPU), and the kernel compiled for a TPU slice."""
 import math
 import os

@@ -1,4 +1,6 @@
 """The model against transformers' PyTorch GPT2LMHeadModel (eager attention), on CPU in float32."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,9 @@ import transformers
 from conftest import TINY, torch_logits
 from gpt2_jax.model.config import ModelConfig, preset
 from gpt2_jax.checkpoints.pretrained import load_pretrained
-from gpt2_jax.model.gpt2 import GPT2LMHeadModel, abstract_model, num_params, resize_token_embeddings
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.model.gpt2 import GPT2LMHeadModel, resize_token_embeddings
+from gpt2_jax.model.layout import abstract_model, param_shapes
 
 TOL = 1e-5
 RNG = np.random.default_rng(0)
@@ -20,7 +24,6 @@ CASES = {
     "n_inner": dict(n_inner=48),
     "gelu": dict(activation_function="gelu"),
     "relu": dict(activation_function="relu"),
-    "gelu_new": dict(activation_function="gelu_new"),
     "quick_gelu": dict(activation_function="quick_gelu"),
     "inverse_layer_idx": dict(scale_attn_by_inverse_layer_idx=True),
     "reorder_and_upcast": dict(reorder_and_upcast_attn=True),
@@ -96,7 +99,7 @@ def test_preset_parameter_counts_equal_transformers(name):
         ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                                                                    n_head=cfg.n_head))
     want = sum(p.numel() for p in ref.parameters())  # the tied head is counted once
-    assert num_params(abstract_model(cfg)) == want
+    assert sum(math.prod(shape) for shape in param_shapes(cfg).values()) == want
     if name == "gpt2":
         assert want == 124_439_808
 
@@ -138,6 +141,10 @@ def test_resize_keeps_old_logits(hf_dir):
                                atol=1e-7)
     # New tokens are usable as inputs.
     assert np.isfinite(np.asarray(model(np.array([[TINY["vocab_size"] + 3, 5]])))).all()
+    # A bad size is refused (by the model config) before anything changes.
+    with pytest.raises(GPT2JaxError, match="vocab_size must be a positive integer, got 0"):
+        resize_token_embeddings(model, 0)
+    assert model.transformer.wte.embedding[...].shape[0] == model.config.vocab_size == TINY["vocab_size"] + 4
 
 
 def test_every_parameter_has_logical_axis_names():

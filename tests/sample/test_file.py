@@ -1,6 +1,7 @@
 """Generation for a whole file (gpt2_jax/sample/file.py and tools/generate.py --input) on data/sample.csv."""
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_sampling_is_seeded_and_a_killed_run_resumes_to_the_same_file(model_and_
         run(killed, seed=5)
 
 
-def test_bad_rows_and_prompts_past_the_context_are_reported_and_skipped(model_and_tok, tmp_path, capsys):
+def test_bad_rows_and_prompts_past_the_context_are_reported_and_skipped(model_and_tok, tmp_path, caplog):
     model, tok, _ = model_and_tok
     src = tmp_path / "rows.jsonl"
     src.write_text("\n".join([json.dumps({"title": "Soup", "keywords": "leek potato"}),
@@ -97,9 +98,10 @@ def test_bad_rows_and_prompts_past_the_context_are_reported_and_skipped(model_an
                               json.dumps({"title": "x " * 200, "keywords": ["a"]}),
                               json.dumps({"keywords": "no title"}),
                               json.dumps({"title": "Bread", "keywords": ["flour", "yeast"], "text": "ignored"})]))
-    stats = generate_file(model, tok, str(src), str(tmp_path / "o.jsonl"), max_new_tokens=94, progress=False,
-                          **SAMPLING)
-    err = capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="gpt2_jax.sample.file"):
+        stats = generate_file(model, tok, str(src), str(tmp_path / "o.jsonl"), max_new_tokens=94, progress=False,
+                              **SAMPLING)
+    err = caplog.text
     assert f"skipped {src}:2: invalid JSON" in err and f"skipped {src}:4: missing key(s) 'title'" in err
     assert "skipped row 1 ('x x x x" in err and "fills the model's context of 96" in err
     assert "2 row(s) get fewer than 94 new tokens" in err
@@ -126,18 +128,18 @@ def test_cli_input_output(model_and_tok, tmp_path, capsys, monkeypatch):
         cli.main(["--model", str(path), "--input", str(SAMPLE)])
 
 
-def test_keyword_metrics_and_boost(model_and_tok, tmp_path, capsys):
-    """The metrics of the whole output on stderr and in the stats; a large boost puts every keyword in
-    (coverage 1, measured by keyword_metrics on the decoded text), and the swap scores lower."""
+def test_keyword_metrics_and_boost(model_and_tok, tmp_path, caplog):
+    """The metrics of the whole output in the log and in the stats; a large boost puts every keyword in
+    (coverage 1, measured by sample.keywords on the decoded text), and the swap scores lower."""
     model, tok, _ = model_and_tok
     rows = read_rows(SAMPLE)[:12]
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(json.dumps({"title": r.title, "keywords": list(r.keywords)}) + "\n" for r in rows))
     greedy = dict(do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    plain = generate_file(model, tok, str(src), str(tmp_path / "plain.jsonl"), max_new_tokens=40,
-                          progress=False, **greedy)
-    err = capsys.readouterr().err
-    assert f"keywords: rows 12, keyword_coverage {plain['metrics']['keyword_coverage']:.3f}" in err
+    with caplog.at_level(logging.INFO, logger="gpt2_jax.sample.file"):
+        plain = generate_file(model, tok, str(src), str(tmp_path / "plain.jsonl"), max_new_tokens=40,
+                              progress=False, **greedy)
+    assert f"keywords: rows 12, keyword_coverage {plain['metrics']['keyword_coverage']:.3f}" in caplog.text
     texts = [o["text"] for _, o in sorted(lines(tmp_path / "plain.jsonl").items())]
     assert plain["metrics"] == summarise(texts, [list(r.keywords) for r in rows])
     zero = generate_file(model, tok, str(src), str(tmp_path / "zero.jsonl"), max_new_tokens=40, progress=False,

@@ -11,8 +11,7 @@ from flax import nnx
 from gpt2_jax.sample import generate as sampling
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.checkpoints.pretrained import load_pretrained
-from gpt2_jax.sample.generate import SamplingParams, bucket_length, generate, keyword_token_ids
-from gpt2_jax.tokenizer import train_bpe, train_sentencepiece
+from gpt2_jax.sample.generate import SamplingParams, bucket_length, generate, generate_text
 from gpt2_jax.sharding import make_mesh, named_shardings
 
 V = 300  # above the first candidate cap (64), so generate's fast path and its fallbacks both run
@@ -137,7 +136,7 @@ def test_config_eos_and_pad_defaults(models):
 
 def test_greedy_tokens_are_argmax_of_full_forward(models, attention_path):
     """Each token greedy generate picks through its KV cache (prefilled, grown, decoded step by step) is the
-    argmax of a full forward pass over prompt + tokens so far; model-level cached logits: test_model.py."""
+    argmax of a full forward pass over prompt + tokens so far; model-level cached logits: tests/model/test_gpt2.py."""
     _, model = models
     ids, mask = left_padded(LENGTHS, pad=0, seed=1)
     N, P = 12, ids.shape[1]
@@ -276,6 +275,33 @@ def test_keyword_boost_does_not_recompile(models):
     assert events == []
 
 
+class WordTokenizer:
+    """One token per space-separated word of WORDS (ids from 10); decodes to the ids, space-separated."""
+
+    WORDS = ["a", "leek", "potato"]
+    eos_id, pad_id = CFG_EOS, 0
+
+    def encode(self, text):
+        return [10 + self.WORDS.index(w) for w in text.split()]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_keywords_reach_generate_only_with_a_boost(models):
+    """generate_text passes keywords on only with keyword_boost > 0 and some keyword: otherwise the texts and
+    the compiled program are plain sampling's; with a large boost each row starts with its keyword."""
+    _, model = models
+    tok, kw = WordTokenizer(), dict(max_new_tokens=8, do_sample=True, top_k=20, seed=2)
+    plain = generate_text(model, tok, KW_PROMPTS, **kw)
+    compiled = sampling.generate_program._cache_size()
+    assert generate_text(model, tok, KW_PROMPTS, keywords=[["leek"], [], ["potato"]], keyword_boost=0.0, **kw) == plain
+    assert generate_text(model, tok, KW_PROMPTS, keywords=[[], [], []], keyword_boost=5.0, **kw) == plain
+    assert sampling.generate_program._cache_size() == compiled
+    boosted = generate_text(model, tok, KW_PROMPTS, keywords=[["leek"], [], ["potato"]], keyword_boost=100.0, **kw)
+    assert boosted[0].startswith("11") and boosted[2].startswith("12")
+
+
 @pytest.mark.parametrize("keywords,boost,match", [
     ([[[1]]], 1.0, r"one list of keyword token-id sequences per prompt \(3\), got 1 rows"),
     ([[[1]], [], [[]]], 1.0, r"keywords\[2\]\[0\] must be a non-empty list of token ids"),
@@ -289,24 +315,6 @@ def test_bad_keywords(models, keywords, boost, match):
         generate(model, KW_PROMPTS, keywords=keywords, keyword_boost=boost, max_new_tokens=4)
 
 
-TEXTS = ["Plant the seeds in spring, when the soil is warm.", "Water the garden every morning.",
-         "中国经济持续发展，经济增长稳定。", "发展经济是中国的目标。", "我们讨论经济问题。", "世界经济很复杂。"] * 20
-
-
-@pytest.mark.parametrize("train", [train_bpe, train_sentencepiece])
-def test_keyword_token_ids_as_in_running_text(tmp_path, train):
-    """A keyword's ids are those it has inside a sentence: after a space (GPT-2 "Ġseeds", SentencePiece
-    "▁seeds"), or straight after another character in Chinese."""
-    tok = train(TEXTS, tmp_path / "tok", 400)
-    ids = keyword_token_ids(tok, ["seeds", "garden", "经济"])
-    assert len(ids) == 3 and all(ids)
-    assert occurs(tok.encode(TEXTS[0]), ids[0]) and occurs(tok.encode(TEXTS[1]), ids[1])
-    assert not occurs(tok.encode(TEXTS[0]), tok.encode("xseeds")[1:])  # not the word-start-less form
-    assert tok.decode(ids[0]).strip() == "seeds" and tok.decode(ids[2]).strip() == "经济"
-    if train is train_sentencepiece:  # byte-level BPE merges whole memorised Chinese phrases across words
-        assert all(occurs(tok.encode(t), ids[2]) for t in ["他们讨论经济。", "世界经济很复杂。", "中国经济持续发展"])
-
-
 # --- bad input -------------------------------------------------------------------------------------------
 
 BAD = {
@@ -315,7 +323,6 @@ BAD = {
     "top_p_above_one": (dict(top_p=1.5), [[1, 2]], r"top_p must be in \(0, 1\]"),
     "top_k_negative": (dict(top_k=-1), [[1, 2]], "top_k must be >= 0"),
     "temperature_zero": (dict(do_sample=True, temperature=0.0), [[1, 2]], "temperature must be > 0"),
-    "temperature_negative": (dict(do_sample=True, temperature=-1.0), [[1, 2]], "temperature must be > 0"),
     "penalty_zero": (dict(repetition_penalty=0.0), [[1, 2]], "repetition_penalty must be > 0"),
     "empty_list": ({}, [], "empty prompt"),
     "empty_row": ({}, [[1, 2], []], "empty prompt"),

@@ -12,8 +12,8 @@ import torch
 from transformers.generation import logits_process as hf_lp
 
 from gpt2_jax.sample.processors import (apply_keyword_boost, apply_min_new_tokens, apply_repetition_penalty,
-                                 apply_temperature, filter_candidates, sample_tokens, token_presence, top_k_filter,
-                                 top_p_filter, update_keyword_match, warp)
+                                        apply_temperature, filter_candidates, full_filter, one_minus_top_p,
+                                        sample_tokens, token_presence, update_keyword_match)
 
 V = 300  # above the first candidate cap (64), so the fast path and its fallbacks both run
 
@@ -75,6 +75,21 @@ def jitted(fn, **static):
     return run
 
 
+def top_k_filter(x, k):
+    """HF's TopKLogitsWarper by the exact path: top-p off."""
+    return full_filter(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.int32), jnp.float32(0.0), False)
+
+
+def top_p_filter(x, p):
+    """HF's TopPLogitsWarper by the exact path: top-k off; top_p 1 is off, as generate skips it."""
+    return full_filter(jnp.asarray(x, jnp.float32), jnp.int32(0), one_minus_top_p(p), jnp.asarray(p) < 1)
+
+
+def warp(x, t, k, p):
+    """Temperature, top-k, top-p in HF's order by the exact path: what sampling draws from."""
+    return full_filter(apply_temperature(x, t), jnp.asarray(k, jnp.int32), one_minus_top_p(p), jnp.asarray(p) < 1)
+
+
 def _warp_candidates(x, t, k, p, cap):
     return filter_candidates(apply_temperature(x, t), k, p, cap)
 
@@ -113,14 +128,14 @@ def check_candidates(x, k, want, cap, out):
     return exact
 
 
-@pytest.mark.parametrize("t", [0.3, 0.9, 1.0, 2.5])
+@pytest.mark.parametrize("t", [0.3, 1.0, 2.5])
 def test_temperature(t):
     x = scores("normal")
     np.testing.assert_array_equal(jitted(apply_temperature)(x, t), hf_apply([hf_lp.TemperatureLogitsWarper(t)], x))
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("k", [1, 2, 7, 30, 64, 65, 299, 300, 1000])
+@pytest.mark.parametrize("k", [1, 30, 64, 65, 299, 300])
 def test_top_k(kind, k):
     x = scores(kind)
     want = hf_apply([hf_lp.TopKLogitsWarper(k)], x)
@@ -137,7 +152,7 @@ def test_top_k_zero_is_off():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("p", [1e-6, 0.01, 0.3, 0.7, 0.95, 0.999, 0.999999])
+@pytest.mark.parametrize("p", [1e-6, 0.3, 0.7, 0.95, 0.999999])
 def test_top_p(kind, p):
     x = scores(kind)
     want = hf_reference([hf_lp.TopPLogitsWarper(p)], x)
@@ -155,8 +170,9 @@ def test_top_p_one_is_off():
     np.testing.assert_array_equal(top_p_filter(x, 1.0), x)
 
 
-WARP_CASES = [(0.9, 30, 0.7), (1.0, 5, 1.0), (0.5, 0, 0.9), (2.0, 0, 0.3), (1.3, 100, 0.95), (0.7, 250, 0.5),
-              (1.0, 0, 1.0), (0.9, 64, 0.999999), (1.1, 3, 1e-6)]
+# Both on within the candidates; top-p alone; top-k past the candidates with a wide and a narrow nucleus;
+# everything off; top-k at the cap with a nucleus of nearly everything.
+WARP_CASES = [(0.9, 30, 0.7), (2.0, 0, 0.3), (1.3, 100, 0.95), (0.7, 250, 0.5), (1.0, 0, 1.0), (0.9, 64, 0.999999)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -200,7 +216,7 @@ def test_repetition_penalty(penalty):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("length", [5, 6, 7, 8, 9])
+@pytest.mark.parametrize("length", [5, 7, 8])  # 0 and 2 new tokens: EOS blocked; 3: not
 def test_min_new_tokens(length):
     x = scores("normal")
     ids = np.zeros((4, length), np.int64)

@@ -9,7 +9,8 @@ import transformers
 
 from gpt2_jax.runtime import run_cli
 from gpt2_jax.checkpoints.pretrained import load_pretrained
-from gpt2_jax.sample.generate import generate, keyword_token_ids
+from gpt2_jax.sample.generate import generate
+from gpt2_jax.text import keyword_token_ids
 from gpt2_jax.tokenizer import load_tokenizer, train_bpe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -9,7 +9,7 @@ import pytest
 from gpt2_jax import sharding
 
 from gpt2_jax.train import step as train_step
-from gpt2_jax.model.gpt2 import ModelLayout
+from gpt2_jax.model.layout import ModelLayout
 from gpt2_jax.model.config import ModelConfig, preset
 from gpt2_jax.train.config import load_train_config
 from gpt2_jax.train.flops import flops_per_token

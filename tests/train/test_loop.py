@@ -431,7 +431,7 @@ def test_export_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
     from gpt2_jax.checkpoints import hf
     from gpt2_jax.checkpoints import pretrained
     from gpt2_jax.model.config import ModelConfig
-    from gpt2_jax.model.gpt2 import param_shapes
+    from gpt2_jax.model.layout import param_shapes
 
     run(tmp_path, train__steps=2, checkpoint__every=0, mesh__data=2, mesh__fsdp=4)
     reads, held = [], []

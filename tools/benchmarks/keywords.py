@@ -24,9 +24,8 @@ import numpy as np
 from gpt2_jax.data import batches as data
 from gpt2_jax.train.held_out import prompt_ids, sample_metrics, write_texts
 from gpt2_jax.sample.keywords import mean_coverage
-from gpt2_jax.text import keyword_occurs
+from gpt2_jax.text import keyword_occurs, keyword_token_ids
 from gpt2_jax.checkpoints.pretrained import load_pretrained
-from gpt2_jax.sample.generate import keyword_token_ids
 from gpt2_jax.train.config import load_train_config
 from gpt2_jax.train.loop import prepare_data
 
