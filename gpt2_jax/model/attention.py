@@ -31,7 +31,7 @@ from gpt2_jax.sharding import BATCH_AXES, data_parallel_size
 
 IMPLS = ("materialised", "xla", "splash")
 PALLAS_IMPLS = ("splash",)
-# aot.attention_report, `tools/bench.py attention` (v5e, GPT-2 124M layer, fwd+bwd): splash needs the fewest
+# tools/benchmarks/attention.py, `tools/bench.py attention` (v5e, GPT-2 124M layer, fwd+bwd): splash needs the fewest
 # temporaries (102 MB per chip at T=1024 against flash's 328 MB and XLA's 604 MB; 303 / 755 / 2451 MB at
 # T=2048) and its roofline estimate is within 10% of flash's (XLA's is 3-7x both). Estimates from the
 # compiler, not TPU timings.
