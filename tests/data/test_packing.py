@@ -12,7 +12,7 @@ from gpt2_jax.data.rows import Row
 from gpt2_jax.data.batches import Batches, unigram_entropy
 from gpt2_jax.checkpoints.pretrained import load_pretrained
 from gpt2_jax.data.token_store import tokenize_corpus
-from test_data import CHAR, IDS, CrossSpaceTokenizer
+from test_batches import CHAR, IDS, CrossSpaceTokenizer
 
 
 class SmallTokenizer(CHAR.__class__):
