@@ -70,7 +70,7 @@ class Batches:
     def __init__(self, corpus: TokenizedCorpus, indices: Sequence[int], *, bos_id: int, sep_id: int,
                  eos_id: int, pad_id: int, max_length: int, batch_size: int, grad_accum: int = 1, seed: int = 0,
                  shuffle: bool = True, keyword_augment: bool = True, loss_on: str = "all", process_index: int = 0,
-                 process_count: int = 1, repeat: bool = True, packing: bool = False):
+                 process_count: int = 1, repeat: bool = True, packing: bool = True):
         _check_loss_on(loss_on)
         _check_max_length(max_length)
         if batch_size < 1 or grad_accum < 1:

@@ -205,3 +205,13 @@ def test_packed_losses_equal_each_example_alone_and_transformers(tmp_path):
     assert packed.num_batches < alone.num_batches and set(got) == set(want) and len(got) > len(rows)
     assert max(abs(got[w] - want[w]) for w in want) < 2e-3 and min(want.values()) > 0
     assert max(len(w) for s in range(packed.num_batches) for w in packed.row_windows(s)[0]) >= 2
+
+
+def test_batches_pack_by_default_as_a_run_does(tmp_path):
+    """Batches built without ``packing`` packs, as a run does with the config's default data.packing."""
+    from gpt2_jax.train.config import load_train_config
+
+    corpus = tokenize_corpus([Row("", (), "ab"), Row("", (), "cd")], CHAR, tmp_path)
+    b = Batches(corpus, range(2), **IDS, pad_id=0, max_length=16, batch_size=1)
+    assert b.packing == load_train_config(None, []).data.packing
+    assert b.num_rows(0) == 1 and sorted(b.row_windows(0)[0][0]) == [(0, 0, 0), (1, 0, 0)]  # both in one row
