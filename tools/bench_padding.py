@@ -16,7 +16,7 @@ import numpy as np
 
 from gpt2_jax.data import batches as data
 from gpt2_jax.data.rows import Row, read_rows, resolve_corpus, row_texts
-from gpt2_jax.data.token_store import tokenize_corpus
+from gpt2_jax.data.token_writer import tokenize_corpus
 from gpt2_jax.tokenizer import load_tokenizer, train_sentencepiece
 
 

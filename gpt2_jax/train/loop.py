@@ -35,7 +35,7 @@ from gpt2_jax.checkpoints.hf import load_hf_config, params_from_state_dict, read
 from gpt2_jax.train.metrics import MetricsWriter
 from gpt2_jax.model.gpt2 import ModelLayout, grow_embedding
 from gpt2_jax.checkpoints.pretrained import export_run, load_run
-from gpt2_jax.data.token_store import rows_digest, tokenize_corpus
+from gpt2_jax.data.token_writer import rows_digest, tokenize_corpus
 from gpt2_jax.tokenizer import load_tokenizer, train_sentencepiece
 from gpt2_jax.train.config import TrainConfig
 from gpt2_jax.train.step import (Setup, TrainState, build_setup, compile_steps, count_params, init_state,

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2_jax.data import token_store as token_cache
+from gpt2_jax.data import token_writer
 from gpt2_jax.data.rows import Row, read_rows
 from gpt2_jax.data.batches import Batches, prompt_limit, prompt_overflow, split_indices, unigram_entropy
+from gpt2_jax.data.token_store import ARRAYS, TokenizedCorpus, tokenizer_digest
+from gpt2_jax.data.token_writer import tokenize_corpus
 from gpt2_jax.errors import GPT2JaxError
-from gpt2_jax.data.token_store import tokenize_corpus
 from gpt2_jax.tokenizer import Tokenizer, train_bpe, train_sentencepiece
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample.csv"
@@ -60,7 +61,7 @@ def tokenizers(tmp_path_factory) -> dict[str, Tokenizer]:
 
 
 @pytest.fixture(scope="module")
-def corpora(tmp_path_factory, rows, tokenizers) -> dict[str, token_cache.TokenizedCorpus]:
+def corpora(tmp_path_factory, rows, tokenizers) -> dict[str, TokenizedCorpus]:
     root = tmp_path_factory.mktemp("cache")
     return {name: tokenize_corpus(rows, tok, root) for name, tok in tokenizers.items()}
 
@@ -112,7 +113,7 @@ def test_cache_hit_loads_without_encoding(tmp_path, rows, tokenizers, monkeypatc
     monkeypatch.setattr(type(tok), "encode_batch", lambda self, texts: refuse(texts))
     again = tokenize_corpus(list(rows), tok, tmp_path)
     assert again.directory == first.directory and isinstance(again.tokens, np.memmap)
-    for name in token_cache._ARRAYS:
+    for name in ARRAYS:
         np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
     with pytest.raises(AssertionError, match="encoded again"):  # a changed row is a miss
         tokenize_corpus(rows[:-1] + [Row("changed", (), "")], tok, tmp_path)
@@ -143,7 +144,7 @@ def test_publish_keeps_the_first_finished_copy(tmp_path):
     for d, mark in ((final, "first"), (tmp, "second")):
         d.mkdir()
         (d / "meta.json").write_text(mark)
-    token_cache._publish(tmp, final)  # another process renamed its copy into place first
+    token_writer._publish(tmp, final)  # another process renamed its copy into place first
     assert [p.name for p in tmp_path.iterdir()] == ["tokens-x"] and (final / "meta.json").read_text() == "first"
 
 
@@ -159,8 +160,8 @@ def test_tokenizer_digest_ignores_cosmetic_files(tokenizers, tmp_path):
 
     for tok in tokenizers.values():
         tok.save(tmp_path / tok.kind)
-        assert token_cache.tokenizer_digest(load_tokenizer(tmp_path / tok.kind)) == token_cache.tokenizer_digest(tok)
-    assert token_cache.tokenizer_digest(tokenizers["bpe"]) != token_cache.tokenizer_digest(tokenizers["sentencepiece"])
+        assert tokenizer_digest(load_tokenizer(tmp_path / tok.kind)) == tokenizer_digest(tok)
+    assert tokenizer_digest(tokenizers["bpe"]) != tokenizer_digest(tokenizers["sentencepiece"])
 
 
 def test_keyword_augmentation_deterministic_and_varies_by_epoch(tmp_path):

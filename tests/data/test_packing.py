@@ -11,7 +11,7 @@ from conftest import make_hf_model
 from gpt2_jax.data.rows import Row
 from gpt2_jax.data.batches import Batches, unigram_entropy
 from gpt2_jax.checkpoints.pretrained import load_pretrained
-from gpt2_jax.data.token_store import tokenize_corpus
+from gpt2_jax.data.token_writer import tokenize_corpus
 from test_batches import CHAR, IDS, CrossSpaceTokenizer
 
 

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 from gpt2_jax.data import prepare
-
-from gpt2_jax.data import token_store as token_cache
-from gpt2_jax.data.rows import Row, iter_rows, read_rows
-from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.data.prepare import prepare_corpus
-from gpt2_jax.data.token_store import TokenizedCorpus, tokenize_corpus
+from gpt2_jax.data.rows import Row, iter_rows, read_rows
+from gpt2_jax.data.token_store import ShardedTokens, TokenizedCorpus, open_corpus, tokenizer_digest
+from gpt2_jax.data.token_writer import tokenize_corpus
+from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.tokenizer import train_bpe, train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +83,7 @@ def test_round_trip_two_workers_tiny_shards(tmp_path, rows, tok_dir, tok, name, 
     s = prepare_corpus(src, tok_dir, tmp_path / "out", workers=2, shard_tokens=300)
     assert s["shards"] > 3 and s["shards_written"] == s["shards"] and s["dtype"] == "uint16"
     corpus = TokenizedCorpus.load(tmp_path / "out")
-    assert isinstance(corpus.tokens, token_cache.ShardedTokens) and corpus.text_only == (format == "text")
+    assert isinstance(corpus.tokens, ShardedTokens) and corpus.text_only == (format == "text")
     assert_rows_equal(corpus, expect, tok)
     # The same ids and offsets as train.py's small-corpus path, which writes the same format in one shard.
     small = tokenize_corpus(expect, tok, tmp_path / "cache")
@@ -92,7 +91,7 @@ def test_round_trip_two_workers_tiny_shards(tmp_path, rows, tok_dir, tok, name, 
     np.testing.assert_array_equal(corpus.piece_off, small.piece_off)
     np.testing.assert_array_equal(corpus.row_kw_off, small.row_kw_off)
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["tokenizer_digest"] == token_cache.tokenizer_digest(tok) and meta["source"]["size"] == src.stat().st_size
+    assert meta["tokenizer_digest"] == tokenizer_digest(tok) and meta["source"]["size"] == src.stat().st_size
     assert sum(sh["tokens"] for sh in meta["shards"]) == meta["tokens"] == len(corpus.tokens)
     assert not (tmp_path / "out" / prepare.PLAN).exists()
 
@@ -229,7 +228,7 @@ def test_resume_after_a_kill_keeps_finished_shards(tmp_path, rows, tok_dir, tok)
         prepare_corpus(src, tok_dir, out, workers=0, shard_tokens=300, on_shard=killed)
     assert not (out / "meta.json").exists() and (out / prepare.PLAN).exists()
     with pytest.raises(GPT2JaxError, match="not a prepared data directory .*unfinished"):
-        token_cache.open_corpus(out)
+        open_corpus(out)
     kept = sorted(p.name for p in out.glob("shard-*"))
     assert kept == ["shard-00000", "shard-00001", "shard-00002"]
     mtimes = {d: (out / d / "tokens.npy").stat().st_mtime_ns for d in kept}
@@ -241,7 +240,7 @@ def test_resume_after_a_kill_keeps_finished_shards(tmp_path, rows, tok_dir, tok)
     # A finished directory that lost meta.json and a shard: that shard alone is written again.
     (out / "meta.json").unlink()
     (out / prepare.PLAN).write_text(json.dumps(dict(source=prepare.source_identity(src),
-                                                    tokenizer_digest=token_cache.tokenizer_digest(tok),
+                                                    tokenizer_digest=tokenizer_digest(tok),
                                                     settings=dict(format="csv", shard_tokens=300, skip_bad_rows=False))))
     (out / "shard-00001" / "tokens.npy").write_bytes(b"garbage")  # a broken shard fails its checksum
     s = prepare_corpus(src, tok_dir, out, workers=0, shard_tokens=300)
