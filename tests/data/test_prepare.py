@@ -15,7 +15,7 @@ import pytest
 
 from gpt2_jax.data import prepare
 from gpt2_jax.data.prepare import prepare_corpus
-from gpt2_jax.data.rows import Row, iter_rows, read_rows
+from gpt2_jax.data.rows import Row, corpus_format, iter_rows, read_rows
 from gpt2_jax.data.token_store import ShardedTokens, TokenizedCorpus, open_corpus, tokenizer_digest
 from gpt2_jax.data.token_writer import tokenize_corpus
 from gpt2_jax.errors import GPT2JaxError
@@ -177,7 +177,7 @@ def test_streamed_rows_equal_read_rows(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
     whole = read_rows(path, skip_bad_rows=True)
-    streamed = list(iter_rows(path))
+    streamed = list(iter_rows(path, corpus_format(path, None)))
     assert [r for _, r in streamed if isinstance(r, Row)] == list(whole)
     assert [f"{path}:{w}: {r}" for w, r in streamed if not isinstance(r, Row)] == whole.bad
 
