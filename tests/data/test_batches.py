@@ -12,7 +12,8 @@ import pytest
 
 from gpt2_jax.data import token_writer
 from gpt2_jax.data.rows import Row, read_rows
-from gpt2_jax.data.batches import Batches, prompt_limit, prompt_overflow, split_indices, unigram_entropy
+from gpt2_jax.data.batches import Batches, prompt_limit
+from gpt2_jax.data.split_stats import prompt_overflow, split_indices, unigram_entropy
 from gpt2_jax.data.token_store import ARRAYS, TokenizedCorpus, tokenizer_digest
 from gpt2_jax.data.token_writer import tokenize_corpus
 from gpt2_jax.errors import GPT2JaxError
@@ -283,7 +284,7 @@ def test_long_rows_continue_and_only_long_titles_are_cut(tmp_path):
     assert batch["loss_mask"][1].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]  # EOS only: u was trained before
     assert batch["labels"][2].tolist() == [ord(c) for c in "A long tit"]  # not even the prompt fits: cut
     assert batch["loss_mask"][2].sum() == 0
-    over = prompt_overflow(b.corpus, [0, 1], 10)
+    over = prompt_overflow(b)
     assert over["truncated"] == 1 and over["no_text"] == 1
 
 
@@ -309,54 +310,58 @@ def test_long_keyword_lists_are_cut_to_half_the_window(tmp_path):
                 assert prompt == CHAR.format_prompt(title, kept), (augment, step, r)
                 text = [t for t in seq[len(prompt):] if t]
                 assert text == [ord(rows[i].text[0])] * len(text) and (k > 0 or len(prompt) + len(text) == 40)
-    over = prompt_overflow(tokenize_corpus(rows, CHAR, tmp_path / "cache"), [0, 1], 40)
+    over = prompt_overflow(b)
     assert over == {"cut": 1, "no_text": 0, "truncated": 0, "longest": 5 + 37 + 3}
     assert CHAR.format_prompt("Title", keywords, max_tokens=20) == CHAR.format_prompt("Title", keywords[:4])
     assert prompt_limit(40) == 20
 
 
 def test_unigram_entropy_hand_checked_and_equal_to_batches(tmp_path, corpora, tokenizers, rows):
-    corpus = tokenize_corpus([Row("T", ("k",), "xy")], CHAR, tmp_path)
-    assert unigram_entropy(corpus, [0], **IDS, loss_on="all", max_length=10) == pytest.approx(
+    one_row = {on: char_batches([Row("T", ("k",), "xy")], tmp_path, batch_size=1, max_length=10, loss_on=on)
+               for on in ("all", "text")}
+    assert unigram_entropy(one_row["all"]) == pytest.approx(
         -(2 / 7 * math.log(2 / 7) + 5 / 7 * math.log(1 / 7)))  # labels T SEP k SEP x y EOS
-    assert unigram_entropy(corpus, [0], **IDS, loss_on="text", max_length=10) == pytest.approx(math.log(3))
+    assert unigram_entropy(one_row["text"]) == pytest.approx(math.log(3))
     tok, corpus = tokenizers["bpe"], corpora["bpe"]
-    ids = dict(bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id)
+    ids = dict(bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     split = np.arange(3, len(rows))
-    for loss_on, packing in (("all", False), ("text", False), ("all", True), ("text", True)):
+    for loss_on, packing in (("all", False), ("text", True)):  # packing trains the same labels
         for max_length in (12, 48, 512):  # titles cut, windows and keywords cut, neither
-            b = Batches(corpus, split, **ids, pad_id=tok.pad_id, max_length=max_length, batch_size=8, shuffle=False,
+            b = Batches(corpus, split, **ids, max_length=max_length, batch_size=8, shuffle=False,
                         keyword_augment=False, loss_on=loss_on, repeat=False, packing=packing)
             batches = [b.local_batch(s) for s in range(b.num_batches)]
             labels = np.concatenate([x["labels"][x["loss_mask"] > 0] for x in batches])
             p = np.bincount(labels)[np.bincount(labels) > 0] / len(labels)
-            assert unigram_entropy(corpus, split, **ids, loss_on=loss_on, max_length=max_length) == pytest.approx(
-                -(p * np.log(p)).sum(), rel=1e-12)
-            assert (prompt_overflow(corpus, split, max_length)["cut"] > 0) == (max_length < 512)  # keywords cut
-            assert (prompt_overflow(corpus, split, max_length)["truncated"] > 0) == (max_length < 512)  # titles
+            assert unigram_entropy(b) == pytest.approx(-(p * np.log(p)).sum(), rel=1e-12)
+            assert (prompt_overflow(b)["cut"] > 0) == (max_length < 512)  # keywords cut
+            assert (prompt_overflow(b)["truncated"] > 0) == (max_length < 512)  # titles
     with pytest.raises(GPT2JaxError, match="no label counts toward the loss"):
-        unigram_entropy(corpus, [0], **ids, loss_on="text", max_length=3)
+        unigram_entropy(Batches(corpus, [0], **ids, loss_on="text", max_length=3, batch_size=1))
 
 
 def test_unigram_entropy_of_a_large_corpus_is_a_sample(tmp_path, corpora, tokenizers, rows, monkeypatch):
     """Past _UNIGRAM_TOKENS text tokens, a seeded sample of rows holding about that many: the exact entropy of
     those rows (checked against counting them in full), close to the whole split's, the same every call."""
-    from gpt2_jax.data import batches as data
+    from gpt2_jax.data import split_stats
 
     tok, corpus = tokenizers["bpe"], corpora["bpe"]
-    ids = dict(bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id, loss_on="text", max_length=512)
+
+    def entropy(split) -> float:
+        return unigram_entropy(Batches(corpus, split, bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id,
+                                       pad_id=tok.pad_id, loss_on="text", max_length=512, batch_size=1))
+
     split = np.arange(len(rows) - 3)
-    exact = unigram_entropy(corpus, split, **ids)
+    exact = entropy(split)
     text_len = np.diff(corpus.piece_off)[2::3]
-    monkeypatch.setattr(data, "_UNIGRAM_TOKENS", int(text_len[split].sum()) // 2)
-    sampled = unigram_entropy(corpus, split, **ids)
-    assert sampled == unigram_entropy(corpus, split, **ids) != exact
+    monkeypatch.setattr(split_stats, "_UNIGRAM_TOKENS", int(text_len[split].sum()) // 2)
+    sampled = entropy(split)
+    assert sampled == entropy(split) != exact
     assert abs(sampled - exact) < 0.15 * exact
-    order = np.random.default_rng([data._UNIGRAM]).permutation(split)
-    kept = order[:int(np.searchsorted(np.cumsum(text_len[order]), data._UNIGRAM_TOKENS))]
+    order = np.random.default_rng([split_stats._UNIGRAM]).permutation(split)
+    kept = order[:int(np.searchsorted(np.cumsum(text_len[order]), split_stats._UNIGRAM_TOKENS))]
     assert 0.3 < text_len[kept].sum() / text_len[split].sum() <= 0.5
-    monkeypatch.setattr(data, "_UNIGRAM_TOKENS", 1 << 40)
-    assert sampled == unigram_entropy(corpus, np.sort(kept), **ids)
+    monkeypatch.setattr(split_stats, "_UNIGRAM_TOKENS", 1 << 40)
+    assert sampled == entropy(np.sort(kept))
 
 
 def test_split_indices():
@@ -390,14 +395,9 @@ def test_batches_errors(tmp_path, kw, message):
         char_batches(letter_rows(3), tmp_path, **kw)
 
 
-def test_tokenize_and_baseline_errors(tmp_path):
+def test_tokenizing_no_rows_is_an_error(tmp_path):
     with pytest.raises(GPT2JaxError, match="no rows to tokenize"):
         tokenize_corpus([], CHAR, tmp_path)
-    corpus = tokenize_corpus(letter_rows(3), CHAR, tmp_path)
-    with pytest.raises(GPT2JaxError, match="unknown loss_on 'every'"):
-        unigram_entropy(corpus, [0], **IDS, loss_on="every", max_length=8)
-    with pytest.raises(GPT2JaxError, match="the split has no examples"):
-        unigram_entropy(corpus, [], **IDS, loss_on="all", max_length=8)
 
 
 class CrossSpaceTokenizer(CharTokenizer):
