@@ -49,7 +49,7 @@ def mixed_rows(n: int, seed: int = 0) -> list[Row]:
 
 
 def example_sequence(tok, row: Row) -> list[int]:
-    """S as data.py defines it: [EOS] text [EOS] for a text-only row, else format_example."""
+    """S as data.batches defines it: [EOS] text [EOS] for a text-only row, else format_example."""
     if not row.title and not row.keywords:
         return [tok.eos_id, *tok.encode(row.text), tok.eos_id]
     return tok.format_example(row.title, row.keywords, row.text)
@@ -99,8 +99,7 @@ def test_packed_rows_hand_checked(tmp_path):
     assert b.real_tokens(0) == 15 and b.padding_share() == pytest.approx(1 / 16)
 
 
-@pytest.mark.parametrize("loss_on", ["all", "text"])
-@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("loss_on,augment", [("all", False), ("text", True)])
 def test_every_label_once_per_epoch_and_never_across_examples(tmp_path, loss_on, augment):
     rows = mixed_rows(40)
     b = make(rows, CHAR, tmp_path, batch_size=4, max_length=32, loss_on=loss_on, keyword_augment=augment)

@@ -107,7 +107,7 @@ def check_docs(corpus: TokenizedCorpus, docs) -> None:
     assert len(corpus) == len(docs) and corpus.text_only
     for r, d in enumerate(docs):
         assert corpus.text(r).tolist() == d and len(corpus.title(r)) == 0 and len(corpus.keywords(r)) == 0
-        # Plain text is trained as [EOS] doc [EOS] (data.Batches, tokenizer.format_example).
+        # Plain text is trained as [EOS] doc [EOS] (Batches, tokenizer.format_example).
         assert corpus.sequence(r, bos_id=1, sep_id=2, eos_id=3)[0].tolist() == [3, *d, 3]
     flat = [t for d in docs for t in d]
     idx = np.array([[0, len(flat) - 1], [3, 4]])
