@@ -1,6 +1,6 @@
-"""The batches of training data from a tokenized corpus (token_cache.py): keyword augmentation, the prompt
-limit, windows for long texts, packing with segment ids, shuffling, per-process slices, loss masks; the
-train/validation split and the unigram baseline.
+"""The batches of training data from a tokenized corpus (``data.token_store``): keyword augmentation, the
+prompt limit, windows for long texts, packing with segment ids, shuffling, per-process slices, loss masks.
+The train/validation split and the measures of a split (its unigram baseline) are in ``data.split_stats``.
 
 Shape letters: A micro-batches per step (grad_accum), M rows of a micro-batch held by this process, T
 tokens per row (max_length), R rows, E examples, N windows.
@@ -22,16 +22,16 @@ from typing import Sequence
 
 import numpy as np
 
+from gpt2_jax.data.token_store import TokenizedCorpus
 from gpt2_jax.errors import GPT2JaxError, suggest
-from gpt2_jax.data.token_store import TokenizedCorpus, flat_ranges
 
 LOSS_ON = ("all", "text")  # data.loss_on: which tokens get loss
 
 log = logging.getLogger(__name__)
 
-# The first word of every seed sequence, so that the streams of randomness never coincide.
-_SHUFFLE, _AUGMENT, _SPLIT, _UNIGRAM = 0, 1, 2, 3
-_UNIGRAM_TOKENS = 1 << 24  # text tokens the unigram baseline counts at most (a seeded sample of rows past it)
+# The first word of each seed sequence, so that the streams of randomness never coincide (data.split_stats
+# takes 2 and 3).
+_SHUFFLE, _AUGMENT = 0, 1
 _PLANS_KEPT = 3  # epochs whose packing plans stay in memory (a batch straddles at most two)
 
 
@@ -70,9 +70,12 @@ class Batches:
     def __init__(self, corpus: TokenizedCorpus, indices: Sequence[int], *, bos_id: int, sep_id: int,
                  eos_id: int, pad_id: int, max_length: int, batch_size: int, grad_accum: int = 1, seed: int = 0,
                  shuffle: bool = True, keyword_augment: bool = True, loss_on: str = "all", process_index: int = 0,
-                 process_count: int = 1, repeat: bool = True, packing: bool = False):
-        _check_loss_on(loss_on)
-        _check_max_length(max_length)
+                 process_count: int = 1, repeat: bool = True, packing: bool = True):
+        if loss_on not in LOSS_ON:
+            raise GPT2JaxError(f"unknown loss_on {loss_on!r}{suggest(str(loss_on), LOSS_ON)}; known: "
+                               f"{', '.join(LOSS_ON)}")
+        if max_length < 2:
+            raise GPT2JaxError(f"max_length must be at least 2 (one input and one label), got {max_length}")
         if batch_size < 1 or grad_accum < 1:
             raise GPT2JaxError(f"batch_size={batch_size} and grad_accum={grad_accum} must be at least 1")
         if batch_size % grad_accum:
@@ -363,127 +366,11 @@ def example_lengths(corpus: TokenizedCorpus, ids: np.ndarray, *, max_length: int
     return P, P + lx, text_only
 
 
-def padding_stats(corpus: TokenizedCorpus, indices: Sequence[int], *, max_length: int, bos_id: int, sep_id: int,
-                  eos_id: int, pad_id: int, seed: int = 0) -> list[dict]:
-    """Padding share (padded slots ÷ all slots) and truncated share (labels never trained ÷ all labels) of
-    epoch 0 for: "cut" (one row per example, cut to the window: this module before windows), "windows"
-    (``packing=False``) and "packed". Metadata only, vectorised but for the packing plan."""
-    ids = _check_indices(indices, len(corpus))
-    P, labels, text_only = example_lengths(corpus, ids, max_length=max_length)
-    _, _, end, _ = trained_label_range(corpus, ids, loss_on="all", max_length=max_length)
-    cut = np.minimum(labels, max_length)
-    out = [{"mode": "cut", "rows": len(ids), "padding_share": 1 - cut.sum() / (len(ids) * max_length),
-            "truncated_share": 1 - cut.sum() / labels.sum()}]
-    for packing in (False, True):
-        b = Batches(corpus, ids, bos_id=bos_id, sep_id=sep_id, eos_id=eos_id, pad_id=pad_id, max_length=max_length,
-                    batch_size=1, seed=seed, packing=packing)
-        out.append({"mode": "packed" if packing else "windows", "rows": b.num_rows(0),
-                    "padding_share": b.padding_share(0), "truncated_share": 1 - end.sum() / labels.sum()})
-    return [{k: round(float(v), 4) if isinstance(v, float) else v for k, v in r.items()} for r in out]
-
-
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded split of ``range(n)`` into sorted (train, validation) ids.
-
-    With ``val_fraction > 0`` and at least two rows, each side gets at least one.
-    """
-    if n < 1:
-        raise GPT2JaxError("cannot split an empty corpus")
-    if not 0 <= val_fraction < 1:  # also rejects NaN
-        raise GPT2JaxError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    n_val = round(n * val_fraction)
-    if val_fraction > 0 and n >= 2:
-        n_val = min(max(n_val, 1), n - 1)
-    perm = np.random.default_rng([_SPLIT, int(seed) % 2**64]).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
-def trained_label_range(corpus: TokenizedCorpus, ids: np.ndarray, *, loss_on: str, max_length: int):
-    """(P, first, end, text-only) per unaugmented example: `Batches` trains labels S[first..end] (inclusive)
-    of each example across its windows; ``end`` falls short of S's last label only when a title over half
-    the window leaves no room for continuation windows."""
-    P, labels, text_only = example_lengths(corpus, ids, max_length=max_length)
-    goes_on = text_only | (P <= prompt_limit(max_length))
-    end = np.where(goes_on, labels, np.minimum(labels, max_length))
-    first = np.ones_like(P) if loss_on == "all" else P
-    return P, first, end, text_only
-
-
-def unigram_entropy(corpus: TokenizedCorpus, indices: Sequence[int], *, bos_id: int, sep_id: int, eos_id: int,
-                    loss_on: str, max_length: int) -> float:
-    """Entropy in nats of the counted labels' token frequencies over the (unaugmented) examples.
-
-    The loss of a model that knows only how often each token occurs: a baseline for the training loss.
-    Counted exactly as ``Batches`` counts them (windows, ``loss_on``), without assembling sequences, over
-    every example, or, when they hold more than ``_UNIGRAM_TOKENS`` tokens, over a seeded random sample of
-    examples of about that many (a pod corpus's baseline in seconds, not minutes; the estimate's bias is
-    about vocabulary / (2 × tokens) nats). ``bos_id`` is never a label; it is taken so that the call reads
-    like ``Batches``'.
-    """
-    _check_loss_on(loss_on)
-    _check_max_length(max_length)
-    indices = _check_indices(indices, len(corpus))
-    text_len = np.diff(corpus.piece_off)[2::3]  # each row's text tokens: most of its labels
-    if text_len[indices].sum() > _UNIGRAM_TOKENS:
-        indices = np.random.default_rng([_UNIGRAM]).permutation(indices)
-        indices = indices[:max(1, int(np.searchsorted(np.cumsum(text_len[indices]), _UNIGRAM_TOKENS)))]
-    counts = np.zeros(max(sep_id, eos_id) + 1, np.int64)
-    for a in range(0, len(indices), 1 << 16):
-        ids = indices[a:a + (1 << 16)]
-        P, first, end, text_only = trained_label_range(corpus, ids, loss_on=loss_on, max_length=max_length)
-        p = 3 * ids
-        t0, k0, x0, x1 = (corpus.piece_off[p + i].astype(np.int64) for i in range(4))
-        lt, lx = k0 - t0, x1 - x0
-        lk = np.where(text_only, 0, P - lt - 3)  # the keyword tokens kept
-        stop = end + 1  # labels are positions first .. end of S
-        for pos, start, length in ((1, t0, lt), (lt + 2, k0, lk), (P, x0, lx)):
-            lo, hi = np.maximum(pos, first), np.minimum(pos + length, stop)
-            got = corpus.tokens[flat_ranges(start + lo - pos, np.maximum(hi - lo, 0))]
-            c = np.bincount(got)
-            if len(c) > len(counts):
-                counts = np.pad(counts, (0, len(c) - len(counts)))
-            counts[:len(c)] += c
-        for sep_pos in (lt + 1, P - 1):
-            counts[sep_id] += np.count_nonzero(~text_only & (first <= sep_pos) & (sep_pos < stop))
-        counts[eos_id] += np.count_nonzero(end == P + lx)
-    total = counts.sum()
-    if total == 0:
-        raise GPT2JaxError(f"no label counts toward the loss: with loss_on={loss_on!r} and max_length={max_length} "
-                           f"the titles and keywords leave no room for text")
-    p = counts[counts > 0] / total
-    return float(-(p * np.log(p)).sum())
-
-
 def prompt_limit(max_length: int) -> int:
     """The longest ``[BOS] title [SEP] keywords [SEP]`` trained: half the window, so that a long keyword
     list (the seed's news rows carry about 30 words) leaves room for text. Keywords past it are dropped,
     after augmentation has chosen and shuffled them; titles are never cut."""
     return max_length // 2
-
-
-def prompt_overflow(corpus: TokenizedCorpus, indices: Sequence[int], max_length: int) -> dict[str, int]:
-    """How `prompt_limit` touches the rows `indices` (unaugmented): {"cut": rows whose keyword lists are cut,
-    "no_text": rows whose title alone leaves no room for text, "truncated": rows whose text is cut (a title
-    over half the window leaves no room to continue it), "longest": the longest full prompt}."""
-    ids = _check_indices(indices, len(corpus))
-    p = 3 * ids
-    lt = corpus.piece_off[p + 1] - corpus.piece_off[p]
-    prompt = corpus.piece_off[p + 2] - corpus.piece_off[p] + 3  # BOS title SEP keywords SEP
-    P, _, end, text_only = trained_label_range(corpus, ids, loss_on="all", max_length=max_length)
-    full = P + (corpus.piece_off[p + 3] - corpus.piece_off[p + 2])
-    return {"cut": int(np.count_nonzero(~text_only & (prompt > prompt_limit(max_length)))),
-            "no_text": int(np.count_nonzero(~text_only & (lt + 3 >= max_length))),
-            "truncated": int(np.count_nonzero(end < full)), "longest": int(prompt.max())}
-
-
-def _check_loss_on(loss_on: str) -> None:
-    if loss_on not in LOSS_ON:
-        raise GPT2JaxError(f"unknown loss_on {loss_on!r}{suggest(str(loss_on), LOSS_ON)}; known: {', '.join(LOSS_ON)}")
-
-
-def _check_max_length(max_length: int) -> None:
-    if max_length < 2:
-        raise GPT2JaxError(f"max_length must be at least 2 (one input and one label), got {max_length}")
 
 
 def _check_indices(indices: Sequence[int], n: int) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Preparing a corpus of any size: rows streamed from the file in bounded memory, chunks of rows tokenized
-in worker processes, each chunk one shard of token_cache.py's format; resumable and refusing to mix sources.
+in worker processes, each chunk one shard of ``data.token_store``'s format; resumable and refusing to mix sources.
 
 The directory is usable once ``meta.json`` is written (last). Before that, ``prepare.json`` records what is
 being prepared (source identity, tokenizer digest, settings), so that a re-run after a kill keeps the
@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from gpt2_jax.data import token_store as token_cache
+from gpt2_jax.data import token_writer
 from gpt2_jax.data.rows import Row, corpus_format, iter_rows
+from gpt2_jax.data.token_store import tokenizer_digest
 from gpt2_jax.errors import GPT2JaxError, first_line
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def prepare_corpus(corpus: str | Path, tokenizer_dir: str | Path, out: str | Pat
     if shard_tokens < 1 or workers < 0:
         raise GPT2JaxError(f"shard_tokens must be at least 1 and workers at least 0, got {shard_tokens} and {workers}")
     tokenizer = load_tokenizer(tokenizer_dir)
-    digest = token_cache.tokenizer_digest(tokenizer)
+    digest = tokenizer_digest(tokenizer)
     source = source_identity(path)
     settings = dict(format=format, shard_tokens=shard_tokens, skip_bad_rows=skip_bad_rows)
     plan = dict(source=source, tokenizer_digest=digest, settings=settings)
@@ -99,8 +100,8 @@ def prepare_corpus(corpus: str | Path, tokenizer_dir: str | Path, out: str | Pat
     for stale in out.glob("shard-*"):  # from an earlier, longer attempt with the same plan: none expected
         if stale.name not in {r["name"] for r in records}:
             shutil.rmtree(stale, ignore_errors=True)
-    meta = token_cache.finish(out, records, tokenizer, digest, source, extra=dict(settings=settings),
-                              more_bad_rows=len(tail_bad))
+    meta = token_writer.finish(out, records, tokenizer, digest, source, extra=dict(settings=settings),
+                               more_bad_rows=len(tail_bad))
     (out / PLAN).unlink()
     if meta["bad_rows"]:
         log.warning("skipped %d bad row(s) of %s", meta["bad_rows"], path)
@@ -154,12 +155,12 @@ def _what_changed(old: dict, new: dict) -> str:
 
 def _finished(out: Path, i: int) -> Optional[dict]:
     """Shard i's record when it is complete and intact (a broken one is removed, to be written again)."""
-    d = out / token_cache.shard_name(i)
-    if not (d / token_cache.SHARD_DONE).is_file():
+    d = out / token_writer.shard_name(i)
+    if not (d / token_writer.SHARD_DONE).is_file():
         shutil.rmtree(d, ignore_errors=True)
         return None
-    record = _read_json(d / token_cache.SHARD_DONE)
-    why = token_cache.check_shard(out, record)
+    record = _read_json(d / token_writer.SHARD_DONE)
+    why = token_writer.check_shard(out, record)
     if why:
         log.warning("%s: %s; writing it again", out, why)
         shutil.rmtree(d, ignore_errors=True)
@@ -240,7 +241,7 @@ class _Pool:
 
     def submit(self, out: Path, i: int, rows: list[Row], bad: list[str]):
         if self.executor is None:
-            record = token_cache.write_shard(out, i, rows, self.tokenizer, bad)
+            record = token_writer.write_shard(out, i, rows, self.tokenizer, bad)
             done = cf.Future()
             done.set_result(record)
             self.finished.append(i)
@@ -292,7 +293,7 @@ def _init_worker(spec: _RustEncoder | str) -> None:
 
 
 def _write(out: Path, i: int, rows: list[Row], bad: list[str]) -> dict:
-    return token_cache.write_shard(out, i, rows, _worker_tokenizer, bad)
+    return token_writer.write_shard(out, i, rows, _worker_tokenizer, bad)
 
 
 def _read_json(path: Path) -> dict:

@@ -4,13 +4,13 @@ Formats: ``csv`` (title,keywords,text; optional header), ``jsonl`` (one object p
 array of objects), ``text`` (plain text for unconditional language modelling) and ``parquet`` (columns
 title, keywords, text, or text alone; needs pyarrow); ``.gz`` for all but Parquet. ``read_rows`` reads a
 file whole; ``iter_rows`` streams the same rows, through the same parsers, in bounded memory (for
-tools/prepare_data.py). ``builtin:NAME`` names a bundled corpus, built once into a cache directory (``stdlib_docs``).
+``data.prepare``); ``data.lines`` turns the file into lines. ``builtin:NAME`` names a bundled corpus, built once
+into a cache directory (``data.stdlib_docs``).
 """
 from __future__ import annotations
 
 import csv
 import difflib
-import gzip
 import io
 import json
 import logging
@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
-from gpt2_jax.errors import GPT2JaxError, first_line, suggest
+from gpt2_jax.data.lines import open_lines, read_text, split_lines
 from gpt2_jax.data.stdlib_docs import build_stdlib_corpus
+from gpt2_jax.errors import GPT2JaxError, first_line, suggest
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,7 @@ def read_rows(path: str | Path, format: str | None = None, *, skip_bad_rows: boo
     if format == "parquet":
         parsed = _parquet(path, with_text)
     else:
-        raw = path.read_bytes()
-        if path.suffix.lower() == ".gz":
-            raw = _gunzip(path, raw)
-        try:
-            content = raw.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a byte-order mark
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise GPT2JaxError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+        content = read_text(path)
         lines = io.StringIO(content, newline="")
         parsed = {"csv": lambda: _csv(lines, with_text, str(path)),
                   "jsonl": lambda: _json_array(content, with_text) if _is_json_array(content) else _jsonl(lines, with_text),
@@ -132,75 +126,23 @@ def corpus_format(path: Path, format: str | None) -> str:
     return format
 
 
-def iter_rows(path: str | Path, format: str | None = None) -> _Parsed:
-    """Stream a corpus file's rows as ``(location, Row or _BadRow)`` in bounded memory (``read_rows`` for
-    files of any size): lines are read lazily, from ``.gz`` too; a JSON array is the one shape read whole."""
-    path = Path(path)
-    format = corpus_format(path, format)
+def iter_rows(path: Path, format: str) -> _Parsed:
+    """Stream the rows of the corpus file ``path`` of ``format`` (as ``corpus_format`` checked them) as
+    ``(location, Row or _BadRow)`` in bounded memory (``read_rows`` for files of any size): lines are read
+    lazily, from ``.gz`` too; a JSON array is the one shape read whole."""
     if format == "parquet":
         yield from _parquet(path, True)
         return
     if format == "text":
         paragraphs = _has_paragraphs_stream(path)
-        with _open_lines(path) as lines:
+        with open_lines(path) as lines:
             yield from _text(lines, paragraphs)
         return
-    with _open_lines(path) as lines:
+    with open_lines(path) as lines:
         if format == "jsonl" and _is_json_array(lines.peek_text()):
             yield from _json_array("".join(lines), True)
         else:
             yield from (_csv(lines, True, str(path)) if format == "csv" else _jsonl(lines, True))
-
-
-class _StreamLines:
-    """A file's lines decoded as UTF-8 and split as ``newline=""`` does, with a one-line-exact error for bad
-    bytes; a context manager that closes the file."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.file = gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
-        self.number = 0  # binary lines read
-        self._lines = self._decode()
-
-    def _decode(self) -> Iterator[str]:
-        for raw in self.file:
-            self.number += 1
-            try:
-                line = raw.decode("utf-8-sig" if self.number == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise GPT2JaxError(f"{self.path}:{self.number}: not UTF-8 text ({e.reason})") from None
-            if "\r" in (line[:-2] if line.endswith("\r\n") else line[:-1]):  # old Mac line ends: split as newline="" does
-                yield from io.StringIO(line, newline="").readlines()
-            else:
-                yield line
-
-    def peek_text(self, size: int = 1 << 16) -> str:
-        """The first ``size`` bytes decoded (for sniffing the shape), without consuming lines."""
-        head = self.file.peek(size) if hasattr(self.file, "peek") else b""
-        return head[:size].decode("utf-8-sig", errors="replace")
-
-    def __iter__(self):
-        return self._lines
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-
-def _open_lines(path: Path) -> _StreamLines:
-    try:
-        return _StreamLines(path)
-    except OSError as e:
-        raise GPT2JaxError(f"cannot read the corpus {path} ({e.strerror or e})") from None
-
-
-def _gunzip(path: Path, raw: bytes) -> bytes:
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError) as e:
-        raise GPT2JaxError(f"{path}: not a valid gzip file ({e})") from None
 
 
 class _Record:
@@ -342,7 +284,7 @@ def _json_array(content: str, with_text: bool = True) -> _Parsed:
 
 
 def _jsonl(lines: Iterable[str], with_text: bool = True) -> _Parsed:
-    for n, line in enumerate(_split_lines(lines), 1):
+    for n, line in enumerate(split_lines(lines), 1):
         if line.strip():
             try:
                 obj = json.loads(line)
@@ -351,12 +293,6 @@ def _jsonl(lines: Iterable[str], with_text: bool = True) -> _Parsed:
                 yield n, _BadRow(f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
                 continue
             yield n, _json_row(obj, with_text)
-
-
-def _split_lines(lines: Iterable[str]) -> Iterator[str]:
-    """Lines as ``str.splitlines`` splits the whole text (it also splits at \\v, \\f, \\x1c-\\x1e, \\x85, U+2028/9)."""
-    for line in lines:
-        yield from line.splitlines()
 
 
 def _json_row(obj: object, with_text: bool = True) -> Row | _BadRow:
@@ -389,8 +325,8 @@ def _has_paragraphs(content: str) -> bool:
 def _has_paragraphs_stream(path: Path) -> bool:
     """``_has_paragraphs`` of a file, streamed: stops at the first blank line that has text after it."""
     seen_text, blank = False, False
-    with _open_lines(path) as lines:
-        for line in _split_lines(lines):
+    with open_lines(path) as lines:
+        for line in split_lines(lines):
             if line.strip():
                 if blank and seen_text:
                     return True
@@ -403,11 +339,11 @@ def _has_paragraphs_stream(path: Path) -> bool:
 def _text(lines: Iterable[str], paragraphs: bool) -> _Parsed:
     # Blank lines separate documents when the file has any; otherwise each line is one document.
     if not paragraphs:
-        yield from ((n, Row("", (), line.strip())) for n, line in enumerate(_split_lines(lines), 1) if line.strip())
+        yield from ((n, Row("", (), line.strip())) for n, line in enumerate(split_lines(lines), 1) if line.strip())
         return
     block: list[str] = []
     n = 0
-    for n, line in enumerate(_split_lines(lines), 1):
+    for n, line in enumerate(split_lines(lines), 1):
         if line.strip():
             block.append(line.rstrip())
         elif block:

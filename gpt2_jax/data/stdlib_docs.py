@@ -8,8 +8,8 @@ is the standard library's own, under the Python Software Foundation License
 (https://docs.python.org/3/license.html), which allows copying and derived works. The sources are
 parsed with ``ast`` and never imported (importing runs module code: ``antigravity`` opens a browser).
 
-A config names it as ``data.train: "builtin:stdlib-docs"``; ``corpus.resolve_corpus`` turns that into a
-cached JSONL file that ``corpus.read_rows`` reads.
+A config names it as ``data.train: "builtin:stdlib-docs"``; ``data.rows.resolve_corpus`` turns that into a
+cached JSONL file that ``data.rows.read_rows`` reads.
 """
 from __future__ import annotations
 

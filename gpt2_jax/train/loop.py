@@ -36,7 +36,8 @@ from gpt2_jax.train.metrics import MetricsWriter
 from gpt2_jax.model.gpt2 import grow_embedding
 from gpt2_jax.model.layout import ModelLayout
 from gpt2_jax.checkpoints.pretrained import export_run, load_run
-from gpt2_jax.data.token_store import rows_digest, tokenize_corpus
+from gpt2_jax.data.split_stats import prompt_overflow, split_indices, unigram_entropy
+from gpt2_jax.data.token_writer import rows_digest, tokenize_corpus
 from gpt2_jax.tokenizer import load_tokenizer, train_sentencepiece
 from gpt2_jax.train.config import TrainConfig
 from gpt2_jax.train.step import (Setup, TrainState, build_setup, compile_steps, count_params, init_state,
@@ -154,7 +155,7 @@ def prepare_data(cfg: TrainConfig, process_index: int, process_count: int) -> Ru
         if made_with is not None and made_with != token_cache.tokenizer_digest(tokenizer):
             raise GPT2JaxError(f"{train_path} was prepared with another tokenizer than the run's "
                                f"({cfg.tokenizer.path or cfg.model.init_from}); prepare it again with this one")
-        train_idx, val_idx = data.split_indices(len(corpus), cfg.data.val_fraction, cfg.train.seed)
+        train_idx, val_idx = split_indices(len(corpus), cfg.data.val_fraction, cfg.train.seed)
         val_rows = token_cache.DecodedRows(corpus, val_idx, tokenizer)
     else:
         rows = read_rows(train_path, cfg.data.format, skip_bad_rows=cfg.data.skip_bad_rows)
@@ -167,7 +168,7 @@ def prepare_data(cfg: TrainConfig, process_index: int, process_count: int) -> Ru
             train_idx, val_idx = np.arange(len(rows)), np.arange(len(rows), len(all_rows))
         else:
             all_rows = rows
-            train_idx, val_idx = data.split_indices(len(rows), cfg.data.val_fraction, cfg.train.seed)
+            train_idx, val_idx = split_indices(len(rows), cfg.data.val_fraction, cfg.train.seed)
         tokenizer = prepare_tokenizer(cfg, [all_rows[i] for i in train_idx])
         corpus = tokenize_corpus(all_rows, tokenizer, cache_dir)
         val_rows = [all_rows[i] for i in val_idx]
@@ -181,18 +182,17 @@ def prepare_data(cfg: TrainConfig, process_index: int, process_count: int) -> Ru
     if len(val_idx):
         val = data.Batches(corpus, val_idx, batch_size=cfg.train.batch_size, grad_accum=1, shuffle=False,
                            keyword_augment=False, repeat=False, **common)
-    _report_prompt_overflow(cfg, corpus, train_idx)
-    unigram = data.unigram_entropy(corpus, train_idx, bos_id=tokenizer.bos_id, sep_id=tokenizer.sep_id,
-                                   eos_id=tokenizer.eos_id, loss_on=cfg.data.loss_on, max_length=cfg.data.max_length)
+    _report_prompt_overflow(cfg, train)
+    unigram = unigram_entropy(train)
     return RunData(tokenizer, train, val, val_rows, len(train_idx), unigram)
 
 
-def _report_prompt_overflow(cfg: TrainConfig, corpus, train_idx) -> None:
+def _report_prompt_overflow(cfg: TrainConfig, train: data.Batches) -> None:
     """One line each for rows whose keyword lists training cuts, and rows whose titles leave no text."""
-    over, L = data.prompt_overflow(corpus, train_idx, cfg.data.max_length), cfg.data.max_length
+    over, L = prompt_overflow(train), cfg.data.max_length
     if over["cut"]:
-        _out(f"data: {over['cut']} of {len(train_idx)} training rows have a title + keywords longer than half of "
-             f"data.max_length={L} (up to {over['longest']} tokens); their last keywords are dropped to fit "
+        _out(f"data: {over['cut']} of {train.num_examples} training rows have a title + keywords longer than half "
+             f"of data.max_length={L} (up to {over['longest']} tokens); their last keywords are dropped to fit "
              f"{data.prompt_limit(L)} tokens, after keyword augmentation's shuffle")
     if over["no_text"]:
         _out(f"data: {over['no_text']} training rows have a title that leaves no room for text within "

@@ -9,10 +9,11 @@ import torch
 
 from conftest import make_hf_model
 from gpt2_jax.data.rows import Row
-from gpt2_jax.data.batches import Batches, unigram_entropy
+from gpt2_jax.data.batches import Batches
+from gpt2_jax.data.split_stats import unigram_entropy
 from gpt2_jax.checkpoints.pretrained import load_pretrained
-from gpt2_jax.data.token_store import tokenize_corpus
-from test_data import CHAR, IDS, CrossSpaceTokenizer
+from gpt2_jax.data.token_writer import tokenize_corpus
+from test_batches import CHAR, IDS, CrossSpaceTokenizer
 
 
 class SmallTokenizer(CHAR.__class__):
@@ -48,7 +49,7 @@ def mixed_rows(n: int, seed: int = 0) -> list[Row]:
 
 
 def example_sequence(tok, row: Row) -> list[int]:
-    """S as data.py defines it: [EOS] text [EOS] for a text-only row, else format_example."""
+    """S as data.batches defines it: [EOS] text [EOS] for a text-only row, else format_example."""
     if not row.title and not row.keywords:
         return [tok.eos_id, *tok.encode(row.text), tok.eos_id]
     return tok.format_example(row.title, row.keywords, row.text)
@@ -98,8 +99,7 @@ def test_packed_rows_hand_checked(tmp_path):
     assert b.real_tokens(0) == 15 and b.padding_share() == pytest.approx(1 / 16)
 
 
-@pytest.mark.parametrize("loss_on", ["all", "text"])
-@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("loss_on,augment", [("all", False), ("text", True)])
 def test_every_label_once_per_epoch_and_never_across_examples(tmp_path, loss_on, augment):
     rows = mixed_rows(40)
     b = make(rows, CHAR, tmp_path, batch_size=4, max_length=32, loss_on=loss_on, keyword_augment=augment)
@@ -139,8 +139,7 @@ def test_keywords_that_do_not_compose_keep_the_plan_exact(tmp_path):
              loss_on="text")
     labels = np.concatenate([x["labels"][x["loss_mask"] > 0] for x in map(b.local_batch, range(b.num_batches))])
     p = np.bincount(labels)[np.bincount(labels) > 0] / len(labels)
-    assert unigram_entropy(b.corpus, range(3), **IDS, loss_on="text", max_length=16) == pytest.approx(
-        -(p * np.log(p)).sum(), rel=1e-12)
+    assert unigram_entropy(b) == pytest.approx(-(p * np.log(p)).sum(), rel=1e-12)
 
 
 def test_no_repeat_covers_each_example_once_and_the_stream_is_pure(tmp_path):
@@ -205,3 +204,13 @@ def test_packed_losses_equal_each_example_alone_and_transformers(tmp_path):
     assert packed.num_batches < alone.num_batches and set(got) == set(want) and len(got) > len(rows)
     assert max(abs(got[w] - want[w]) for w in want) < 2e-3 and min(want.values()) > 0
     assert max(len(w) for s in range(packed.num_batches) for w in packed.row_windows(s)[0]) >= 2
+
+
+def test_batches_pack_by_default_as_a_run_does(tmp_path):
+    """Batches built without ``packing`` packs, as a run does with the config's default data.packing."""
+    from gpt2_jax.train.config import load_train_config
+
+    corpus = tokenize_corpus([Row("", (), "ab"), Row("", (), "cd")], CHAR, tmp_path)
+    b = Batches(corpus, range(2), **IDS, pad_id=0, max_length=16, batch_size=1)
+    assert b.packing == load_train_config(None, []).data.packing
+    assert b.num_rows(0) == 1 and sorted(b.row_windows(0)[0][0]) == [(0, 0, 0), (1, 0, 0)]  # both in one row

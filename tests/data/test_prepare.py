@@ -1,6 +1,6 @@
 """Tests for gpt2_jax/data/prepare.py and tools/prepare_data.py: streamed preparation in worker processes, round
-trips against the tokenizer, reuse, resume after a kill, a changed source refused, bad rows; and train.py's
-prepare_data on a prepared directory."""
+trips against the tokenizer, reuse, resume after a kill, a changed source refused, bad rows; and a run's
+data (gpt2_jax/train/loop.py's prepare_data) from a prepared directory."""
 from __future__ import annotations
 
 import gzip
@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 from gpt2_jax.data import prepare
-
-from gpt2_jax.data import token_store as token_cache
-from gpt2_jax.data.rows import Row, iter_rows, read_rows
-from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.data.prepare import prepare_corpus
-from gpt2_jax.data.token_store import TokenizedCorpus, tokenize_corpus
+from gpt2_jax.data.rows import Row, corpus_format, iter_rows, read_rows
+from gpt2_jax.data.token_store import ShardedTokens, TokenizedCorpus, open_corpus, tokenizer_digest
+from gpt2_jax.data.token_writer import tokenize_corpus
+from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.tokenizer import train_bpe, train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,14 +76,14 @@ def assert_rows_equal(corpus: TokenizedCorpus, rows: list[Row], tok) -> None:
             assert corpus.keywords_in_order(r, order).tolist() == tok.encode(" ".join(row.keywords[::-1]))
 
 
-@pytest.mark.parametrize("name,format", [("c.csv", "csv"), ("j.jsonl.gz", "jsonl"), ("t.txt", "text")])
+@pytest.mark.parametrize("name,format", [("c.csv", "csv"), ("t.txt", "text")])  # rows with keywords, text only
 def test_round_trip_two_workers_tiny_shards(tmp_path, rows, tok_dir, tok, name, format):
     expect = rows if format != "text" else [Row("", (), r.text) for r in rows if r.text]
     src = write_corpus(tmp_path / name, expect, format)
     s = prepare_corpus(src, tok_dir, tmp_path / "out", workers=2, shard_tokens=300)
     assert s["shards"] > 3 and s["shards_written"] == s["shards"] and s["dtype"] == "uint16"
     corpus = TokenizedCorpus.load(tmp_path / "out")
-    assert isinstance(corpus.tokens, token_cache.ShardedTokens) and corpus.text_only == (format == "text")
+    assert isinstance(corpus.tokens, ShardedTokens) and corpus.text_only == (format == "text")
     assert_rows_equal(corpus, expect, tok)
     # The same ids and offsets as train.py's small-corpus path, which writes the same format in one shard.
     small = tokenize_corpus(expect, tok, tmp_path / "cache")
@@ -92,7 +91,7 @@ def test_round_trip_two_workers_tiny_shards(tmp_path, rows, tok_dir, tok, name, 
     np.testing.assert_array_equal(corpus.piece_off, small.piece_off)
     np.testing.assert_array_equal(corpus.row_kw_off, small.row_kw_off)
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["tokenizer_digest"] == token_cache.tokenizer_digest(tok) and meta["source"]["size"] == src.stat().st_size
+    assert meta["tokenizer_digest"] == tokenizer_digest(tok) and meta["source"]["size"] == src.stat().st_size
     assert sum(sh["tokens"] for sh in meta["shards"]) == meta["tokens"] == len(corpus.tokens)
     assert not (tmp_path / "out" / prepare.PLAN).exists()
 
@@ -178,7 +177,7 @@ def test_streamed_rows_equal_read_rows(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
     whole = read_rows(path, skip_bad_rows=True)
-    streamed = list(iter_rows(path))
+    streamed = list(iter_rows(path, corpus_format(path, None)))
     assert [r for _, r in streamed if isinstance(r, Row)] == list(whole)
     assert [f"{path}:{w}: {r}" for w, r in streamed if not isinstance(r, Row)] == whole.bad
 
@@ -229,7 +228,7 @@ def test_resume_after_a_kill_keeps_finished_shards(tmp_path, rows, tok_dir, tok)
         prepare_corpus(src, tok_dir, out, workers=0, shard_tokens=300, on_shard=killed)
     assert not (out / "meta.json").exists() and (out / prepare.PLAN).exists()
     with pytest.raises(GPT2JaxError, match="not a prepared data directory .*unfinished"):
-        token_cache.open_corpus(out)
+        open_corpus(out)
     kept = sorted(p.name for p in out.glob("shard-*"))
     assert kept == ["shard-00000", "shard-00001", "shard-00002"]
     mtimes = {d: (out / d / "tokens.npy").stat().st_mtime_ns for d in kept}
@@ -241,7 +240,7 @@ def test_resume_after_a_kill_keeps_finished_shards(tmp_path, rows, tok_dir, tok)
     # A finished directory that lost meta.json and a shard: that shard alone is written again.
     (out / "meta.json").unlink()
     (out / prepare.PLAN).write_text(json.dumps(dict(source=prepare.source_identity(src),
-                                                    tokenizer_digest=token_cache.tokenizer_digest(tok),
+                                                    tokenizer_digest=tokenizer_digest(tok),
                                                     settings=dict(format="csv", shard_tokens=300, skip_bad_rows=False))))
     (out / "shard-00001" / "tokens.npy").write_bytes(b"garbage")  # a broken shard fails its checksum
     s = prepare_corpus(src, tok_dir, out, workers=0, shard_tokens=300)
@@ -311,7 +310,7 @@ def test_cli_one_line_errors_and_summary(tmp_path, rows, tok_dir):
 
 
 def test_train_prepare_data_reads_a_prepared_directory(tmp_path, rows, tok_dir, tok):
-    from gpt2_jax.train import loop as trainer
+    from gpt2_jax.train import loop
     from gpt2_jax.train.config import load_train_config
 
     src = write_corpus(tmp_path / "c.csv", rows, "csv")
@@ -319,7 +318,7 @@ def test_train_prepare_data_reads_a_prepared_directory(tmp_path, rows, tok_dir, 
     prepare_corpus(src, tok_dir, out, workers=0, shard_tokens=300)
     cfg = load_train_config(None, [f"data.train={out}", f"tokenizer.path={tok_dir}", "data.max_length=32",
                                    "train.batch_size=4", f"train.out_dir={tmp_path / 'run'}", "data.val_fraction=0.2"])
-    run = trainer.prepare_data(cfg, 0, 1)
+    run = loop.prepare_data(cfg, 0, 1)
     assert run.n_train + len(run.val_rows) == len(rows)
     held_out = run.val_rows[0]
     assert held_out in rows  # decoded back: the BPE round-trips this text
@@ -327,10 +326,10 @@ def test_train_prepare_data_reads_a_prepared_directory(tmp_path, rows, tok_dir, 
     train_sentencepiece([r.text for r in rows], sp, 400)
     cfg = load_train_config(None, [f"data.train={out}", f"tokenizer.path={sp}", f"train.out_dir={tmp_path / 'run2'}"])
     with pytest.raises(GPT2JaxError, match=r"prepared with another tokenizer than the run's"):
-        trainer.prepare_data(cfg, 0, 1)
+        loop.prepare_data(cfg, 0, 1)
     cfg = load_train_config(None, [f"data.train={out}", f"train.out_dir={tmp_path / 'run3'}"])
     with pytest.raises(GPT2JaxError, match=r"holds token ids: set tokenizer.path"):
-        trainer.prepare_data(cfg, 0, 1)
+        loop.prepare_data(cfg, 0, 1)
 
 
 def test_line_start_cuts_keep_the_ids_around_trailing_whitespace(tmp_path):

@@ -1,6 +1,7 @@
-"""Tests for gpt2_jax/data/token_store.py's on-disk format: the token dtype by vocabulary size, one-line errors for a
-broken prepared directory, and llm.c / nanoGPT .bin token files read in place (train.py's cache and the
-tokenizer round trip are tested in tests/data/test_batches.py, streamed preparation in tests/data/test_prepare.py)."""
+"""Tests for gpt2_jax/data/token_store.py's on-disk format (token_writer.py writes it): the token dtype by
+vocabulary size, one-line errors for a broken prepared directory, and llm.c / nanoGPT .bin token files read in
+place (bin_files.py). A run's cache and the tokenizer round trip are tested in tests/data/test_batches.py,
+streamed preparation in tests/data/test_prepare.py."""
 from __future__ import annotations
 
 import json
@@ -9,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2_jax.data import token_store as token_cache
+from gpt2_jax.data.bin_files import GPT2_EOT, LLMC_MAGIC
 from gpt2_jax.data.rows import Row
+from gpt2_jax.data.token_store import TokenizedCorpus, open_corpus
+from gpt2_jax.data.token_writer import token_dtype, tokenize_corpus
 from gpt2_jax.errors import GPT2JaxError
-from gpt2_jax.data.token_store import TokenizedCorpus, open_corpus, token_dtype, tokenize_corpus
 from gpt2_jax.tokenizer import Tokenizer
 
-EOT = token_cache.GPT2_EOT
+EOT = GPT2_EOT
 
 
 class CodeTokenizer(Tokenizer):
@@ -56,7 +58,8 @@ def test_shards_hold_the_smallest_dtype_and_ids_come_back(tmp_path, base, vocab,
         seq, _ = corpus.sequence(r, bos_id=1, sep_id=2, eos_id=3)
         assert seq.dtype == np.int32 and seq.tolist() == tok.format_example(row.title, row.keywords, row.text)
     assert corpus.keywords_in_order(0, [1, 0]).tolist() == tok.encode("cup leaf")
-    assert corpus.doc_lengths().tolist() == [len(r.title) + len(" ".join(r.keywords)) + len(r.text) for r in ROWS]
+    row_lengths = np.diff(corpus.piece_off[::3])  # title + keywords + text
+    assert row_lengths.tolist() == [len(r.title) + len(" ".join(r.keywords)) + len(r.text) for r in ROWS]
     assert not corpus.text_only
 
 
@@ -93,7 +96,7 @@ def test_vocabulary_mismatch_is_refused(prepared):
 DOCS = [[5, 6, 7], [8], [9, 10, 11, 12]]
 
 
-def llmc_file(path: Path, stream: list[int], magic=token_cache.LLMC_MAGIC, version=1, ntok=None) -> Path:
+def llmc_file(path: Path, stream: list[int], magic=LLMC_MAGIC, version=1, ntok=None) -> Path:
     header = np.zeros(256, np.int32)
     header[:3] = magic, version, len(stream) if ntok is None else ntok
     path.write_bytes(header.tobytes() + np.array(stream, np.uint16).tobytes())
@@ -104,7 +107,7 @@ def check_docs(corpus: TokenizedCorpus, docs) -> None:
     assert len(corpus) == len(docs) and corpus.text_only
     for r, d in enumerate(docs):
         assert corpus.text(r).tolist() == d and len(corpus.title(r)) == 0 and len(corpus.keywords(r)) == 0
-        # Plain text is trained as [EOS] doc [EOS] (data.Batches, tokenizer.format_example).
+        # Plain text is trained as [EOS] doc [EOS] (Batches, tokenizer.format_example).
         assert corpus.sequence(r, bos_id=1, sep_id=2, eos_id=3)[0].tolist() == [3, *d, 3]
     flat = [t for d in docs for t in d]
     idx = np.array([[0, len(flat) - 1], [3, 4]])

@@ -18,7 +18,7 @@ import transformers
 from gpt2_jax.data import batches as data_lib
 from gpt2_jax.checkpoints.orbax import Checkpointer
 from gpt2_jax.data.rows import read_rows
-from gpt2_jax.data.token_store import tokenize_corpus
+from gpt2_jax.data.token_writer import tokenize_corpus
 from gpt2_jax.train.config import load_train_config
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.train.loop import train

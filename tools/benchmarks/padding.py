@@ -16,7 +16,8 @@ import numpy as np
 
 from gpt2_jax.data import batches as data
 from gpt2_jax.data.rows import Row, read_rows, resolve_corpus, row_texts
-from gpt2_jax.data.token_store import tokenize_corpus
+from gpt2_jax.data.split_stats import padding_stats
+from gpt2_jax.data.token_writer import tokenize_corpus
 from gpt2_jax.tokenizer import load_tokenizer, train_sentencepiece
 
 
@@ -39,7 +40,7 @@ def bench(tokenizer_dir: str) -> None:
             corpora[name] = corpus = tokenize_corpus(rows, tok, os.path.join(tmp, "cache"))
             tokens = float(np.diff(corpus.piece_off).reshape(-1, 3).sum(1).mean())
             for L in lengths:
-                for r in data.padding_stats(corpus, range(len(rows)), max_length=L, **ids):
+                for r in padding_stats(corpus, range(len(rows)), max_length=L, **ids):
                     print(json.dumps({"bench": "padding", "corpus": name, "max_length": L,
                                       "mean_row_tokens": round(tokens, 1), **r}), flush=True)
         corpus, batch = corpora["synthetic-45k-short"], 512

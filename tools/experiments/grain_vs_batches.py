@@ -86,7 +86,7 @@ def demo_corpus(path: str | None) -> TokenizedCorpus:
     if path:
         return TokenizedCorpus.load(path)
     from gpt2_jax.data.rows import read_rows, resolve_corpus, row_texts
-    from gpt2_jax.data.token_store import tokenize_corpus
+    from gpt2_jax.data.token_writer import tokenize_corpus
     from gpt2_jax.tokenizer import load_tokenizer, train_sentencepiece
 
     docs = list(read_rows(resolve_corpus("builtin:stdlib-docs", os.path.expanduser("~/.cache/gpt2-jax/data"))))
