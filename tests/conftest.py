@@ -74,7 +74,9 @@ def hf_dir(tmp_path):
     return make
 
 
-@pytest.fixture(params=["materialised", "query-blocks", "dot_product_attention"])
+# The default path runs in the fast tier; the other two are the same checks again, so they are slow.
+@pytest.fixture(params=["materialised", pytest.param("query-blocks", marks=pytest.mark.slow),
+                        pytest.param("dot_product_attention", marks=pytest.mark.slow)])
 def attention_path(request, monkeypatch):
     """Runs a test with each CPU attention implementation: the default (materialised, one block of queries
     for these short sequences), blocks of 16 queries with a ragged last one, and dot_product_attention."""

@@ -25,6 +25,7 @@ def tiny_train():
     return cfg, report
 
 
+@pytest.mark.slow
 def test_tiny_train_step_fits_and_counts_its_flops(tiny_train):
     cfg, r = tiny_train
     assert (r["chips"], r["chip"], r["mesh"]) == (4, "v5e", {"data": 2, "fsdp": 2})
@@ -41,11 +42,13 @@ def test_tiny_train_step_fits_and_counts_its_flops(tiny_train):
     assert r["collectives"]["all-gather"]["count"] > 0 and r["collectives"]["all-gather"]["bytes"] > 0
 
 
+@pytest.mark.slow
 def test_fsdp_layout_needs_no_involuntary_full_rematerialization(tiny_train):
     _, r = tiny_train
     assert r["involuntary_remat"] == 0, r["first_remat"]
 
 
+@pytest.mark.slow
 def test_eval_and_generate_compile_on_a_data_parallel_mesh():
     cfg = load_train_config(None, TINY[:-3] + ["mesh.data=4", "mesh.fsdp=1", "sample.num=2",
                                                "sample.max_new_tokens=20"])
@@ -68,6 +71,7 @@ def test_one_chip_and_pod_topologies():
     assert aot.chip_of(one[0]).name == "v5e"
 
 
+@pytest.mark.slow
 def test_involuntary_full_rematerialization_is_caught():
     """A reshard XLA:TPU can only do by replicating ([4,1,1] tiles to [1,1,2] with the data axis replicated):
     its warning must reach the report (libtpu keeps warnings off stderr unless told)."""
@@ -81,6 +85,7 @@ def test_involuntary_full_rematerialization_is_caught():
     assert r["involuntary_remat"] == 1 and "{devices=[4,1,1]" in r["first_remat"]
 
 
+@pytest.mark.slow
 def test_a_program_too_big_for_hbm_is_a_result():
     devices = aot.topology_devices("v5e:2x2")
     mesh = sharding.make_mesh(4, 1, devices=devices)

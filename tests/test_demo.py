@@ -1,6 +1,7 @@
 """The README's main job, `python train.py --config configs/demo.yaml`, shrunk to seconds: the bundled
 corpus builds, a tokenizer trains on it, the loop runs, and the run ends with held-out generations and an
 export that transformers 4.57 and 5.x load with our ids and logits."""
+import pytest
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import gpt2_jax
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_config_runs_end_to_end_on_the_builtin_corpus(tmp_path, transformers5_python):
     shrink = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "tokenizer.sentencepiece_vocab_size=600",
               "train.steps=6", "train.eval_every=3", "train.eval_batches=2", "checkpoint.every=3",

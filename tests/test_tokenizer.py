@@ -213,6 +213,7 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,vocab_size", [("sentencepiece", 8000), ("bpe", 1000)])
 def test_cli_trains_on_sample(tmp_path, kind, vocab_size):
     out = tmp_path / kind
@@ -263,6 +264,7 @@ def test_export_loads_in_transformers_4_with_our_ids_and_text(backend, texts, tm
     assert [again.encode(t) for t in EXPORT_TEXTS] == [backend[1].encode(t) for t in EXPORT_TEXTS]
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_5_with_our_ids_and_text(paths, texts, tmp_path, transformers5_python):
     for name in BACKENDS:
         out, expected = exported((name, load_tokenizer(paths[name])), texts, tmp_path)

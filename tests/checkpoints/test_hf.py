@@ -30,6 +30,7 @@ def _params(model):
     return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+@pytest.mark.slow
 def test_three_formats_give_the_same_model(hf_dir, tmp_path):
     st_dir, ref = hf_dir("st")
     bin_dir = tmp_path / "bin"

@@ -154,6 +154,7 @@ def test_only_gpt2_style_byte_level_bpe_is_cut(tok):
         assert not prepare._cuts_at_line_starts({**spec, **change}), change
 
 
+@pytest.mark.slow
 def test_workers_skip_transformers_and_sentencepiece_workers(tmp_path, rows, tok_dir, tok):
     """Workers of a Hugging Face tokenizer get its Rust tokenizer and never import transformers (about 250 MB
     each); a SentencePiece tokenizer is loaded in each worker; both give the single-process ids."""
@@ -297,6 +298,7 @@ def test_parquet_and_streamed_rows_equal_read_rows(tmp_path, rows, tok_dir, tok)
     assert_rows_equal(TokenizedCorpus.load(tmp_path / "out"), rows, tok)
 
 
+@pytest.mark.slow
 def test_cli_one_line_errors_and_summary(tmp_path, rows, tok_dir):
     src = write_corpus(tmp_path / "c.csv", rows[:5], "csv")
     cmd = [sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--corpus", str(src), "--tokenizer", str(tok_dir),

@@ -148,6 +148,7 @@ def test_known_rows(rows):
     assert by_title["copy.copy"].keywords[0] == "Shallow"  # "Shallow copy operation on arbitrary Python objects."
 
 
+@pytest.mark.slow
 def test_deterministic(built, tmp_path):
     again = build_stdlib_corpus(tmp_path / "again.jsonl")
     assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(built.read_bytes()).digest()

@@ -66,6 +66,7 @@ def test_left_padding_and_attention_mask(hf_dir, attention_path):
     assert np.isfinite(got).all()  # fully masked (padding) query rows must not produce NaN
 
 
+@pytest.mark.slow
 def test_causality():
     """The output at position t depends on no input after t: zero gradient and no change under edits."""
     model = GPT2LMHeadModel(ModelConfig(**TINY, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
@@ -92,7 +93,8 @@ def test_causality():
     assert np.abs(a[0, t + 1:] - b[0, t + 1:]).max() > 0
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+@pytest.mark.parametrize("name", ["gpt2", *(pytest.param(n, marks=pytest.mark.slow)
+                                            for n in ("gpt2-medium", "gpt2-large", "gpt2-xl"))])
 def test_preset_parameter_counts_equal_transformers(name):
     cfg = preset(name)
     with torch.device("meta"):

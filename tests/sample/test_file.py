@@ -47,6 +47,7 @@ def test_plan_batches_groups_budgets_and_sorts_by_length():
     assert plan == [[5, 1], [3, 0], [4], [2]]
 
 
+@pytest.mark.slow
 def test_every_row_written_once_batched_equal_to_one_at_a_time(model_and_tok, tmp_path):
     """Greedy: batch 8 (left-padded, bucketed) writes exactly the texts of one row at a time; each line holds
     the row's title and keywords."""
@@ -67,6 +68,7 @@ def test_every_row_written_once_batched_equal_to_one_at_a_time(model_and_tok, tm
     assert b8[5]["text"] == one[0]
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_a_killed_run_resumes_to_the_same_file(model_and_tok, tmp_path):
     model, tok, _ = model_and_tok
     run = lambda out, seed=0: generate_file(model, tok, str(SAMPLE), str(out), batch_size=16,  # noqa: E731
@@ -110,6 +112,7 @@ def test_bad_rows_and_prompts_past_the_context_are_reported_and_skipped(model_an
     assert stats["bad_rows"] == 2 and stats["skipped_prompts"] == 1
 
 
+@pytest.mark.slow
 def test_cli_input_output(model_and_tok, tmp_path, capsys, monkeypatch):
     import gpt2_jax.runtime
 

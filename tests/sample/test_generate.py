@@ -149,6 +149,7 @@ def test_greedy_tokens_are_argmax_of_full_forward(models, attention_path):
     np.testing.assert_array_equal(seqs[:, P:], logits.argmax(-1))
 
 
+@pytest.mark.slow
 def test_sampling_seed_and_num_return_sequences(models):
     _, model = models
     ids, mask = left_padded([6, 3], pad=0, seed=2)
@@ -209,6 +210,7 @@ def occurs(seq, kw):
     return any(seq[i:i + len(kw)] == kw for i in range(len(seq) - len(kw) + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [
     dict(max_new_tokens=12, eos_token_id=[], pad_token_id=0),
     dict(max_new_tokens=12, eos_token_id=CFG_EOS, pad_token_id=0, repetition_penalty=1.5, min_new_tokens=3),

@@ -310,6 +310,7 @@ PATHS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 def test_sampling_frequencies(path):
     """20,000 draws from one fixed row: frequencies fit HF's filtered distribution (chi-square p > 1e-3,

@@ -1,4 +1,5 @@
 """tools/bench.py: its subcommands, and the train benchmark's rows (each impl in a child process)."""
+import pytest
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ def test_every_subcommand_has_its_help():
         assert proc.returncode == 0 and proc.stdout.startswith(f"usage: bench.py {name}"), proc.stderr
 
 
+@pytest.mark.slow
 def test_train_rows_against_the_full_step():
     """gpt2-jax's step and the matmul floor, each in its own process: a row each, the floor's compared with
     the full step's."""

@@ -26,6 +26,7 @@ def test_every_shipped_config_names_its_slice():
         assert topology.startswith("v5e:")
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_for_an_unknown_topology():
     pytest.importorskip("libtpu", reason='libtpu is not installed (pip install -e ".[tpu]"); CI installs it')
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "compile", "--topology",

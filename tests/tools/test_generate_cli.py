@@ -101,6 +101,7 @@ def test_keyword_boost(model_dir, capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_interactive(model_dir, capsys, monkeypatch):
     """Two rounds, then an empty title: each round prints its sample (seed + round), and nothing fails.
     A generation error would only reach stderr (the session goes on), so stderr must stay empty."""
@@ -140,6 +141,7 @@ def test_compilation_cache_on_by_default(model_dir, cache_calls, capsys):
     assert cache_calls == [None]
 
 
+@pytest.mark.slow
 def test_compilation_cache_is_written(model_dir, tmp_path):
     import subprocess
     import sys
