@@ -124,7 +124,7 @@ def _emit(s: DecodeState, tok_B, p: SamplingParams) -> DecodeState:
 @functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "num_return_sequences", "new_slots"))
 def generate_program(state, ids_BP, mask_BP, prompt_start, kw_BKL, p: SamplingParams, *, graphdef,
                      do_sample: bool, num_return_sequences: int, new_slots: int):
-    """The jitted program behind `generate` (aot.py compiles it for TPU): new tokens [B * R, N] (pad after EOS
+    """The jitted program behind `generate` (aot/programs.py compiles it for TPU): new tokens [B * R, N] (pad after EOS
     and past max_new_tokens) for left-padded prompts [B, P] and their keywords [B, K, L] (K = 0: none)."""
     model = nnx.merge(graphdef, state)
     B, P = ids_BP.shape

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpt2_jax.aot import chip_of, topology_devices
+from gpt2_jax.aot.slices import chip_of, topology_devices
 from gpt2_jax.model import attention
 from gpt2_jax.sharding import BATCH_AXES
 

@@ -1,4 +1,4 @@
-"""`tools/bench.py compile`: the run's programs compiled for a TPU slice on this machine (gpt2_jax.aot,
+"""`tools/bench.py compile`: the run's programs compiled for a TPU slice on this machine (gpt2_jax.aot.programs,
 libtpu), one JSON line per program: per-chip HBM, FLOPs against the model's, collectives, an estimated step
 time. `--shipped`: every shipped TPU config for the slice it is for (`SHIPPED`)."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 import os
 from typing import Optional, Sequence
 
-from gpt2_jax.aot import PROGRAMS, compile_programs
+from gpt2_jax.aot.programs import PROGRAMS, compile_programs
 from gpt2_jax.train.config import load_train_config
 
 # The slice each shipped config is for (as its header says), with the settings it is run with there:

@@ -1,5 +1,5 @@
-"""gpt2_jax/hlo.py: collectives and their bytes read from a compiled program's optimised HLO text."""
-from gpt2_jax import hlo
+"""gpt2_jax/aot/hlo.py: collectives and their bytes read from a compiled program's optimised HLO text."""
+from gpt2_jax.aot import hlo
 
 # A hand-written optimised module: a 3-step scan holding an all-gather, an async all-reduce pair and a
 # Pallas kernel, a data-dependent while loop holding a collective-permute, and a reduce-scatter in a

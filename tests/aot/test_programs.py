@@ -1,4 +1,4 @@
-"""gpt2_jax/aot.py: the run's programs compiled by XLA:TPU (libtpu, ahead of time, on this CPU machine)."""
+"""gpt2_jax/aot/programs.py: the run's programs compiled by XLA:TPU (libtpu, ahead of time, on this CPU machine)."""
 import math
 
 import jax
@@ -7,7 +7,7 @@ import pytest
 
 from gpt2_jax import sharding
 
-from gpt2_jax import aot
+from gpt2_jax.aot import programs, slices
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.train.config import load_train_config
 from gpt2_jax.train.step import build_setup
@@ -21,7 +21,7 @@ TINY = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_positio
 @pytest.fixture(scope="module")
 def tiny_train():
     cfg = load_train_config(None, TINY)
-    (report,) = aot.compile_programs(cfg, "v5e:2x2", ["train"], vocab_size=300)
+    (report,) = programs.compile_programs(cfg, "v5e:2x2", ["train"], vocab_size=300)
     return cfg, report
 
 
@@ -52,7 +52,7 @@ def test_fsdp_layout_needs_no_involuntary_full_rematerialization(tiny_train):
 def test_eval_and_generate_compile_on_a_data_parallel_mesh():
     cfg = load_train_config(None, TINY[:-3] + ["mesh.data=4", "mesh.fsdp=1", "sample.num=2",
                                                "sample.max_new_tokens=20"])
-    ev, gen = aot.compile_programs(cfg, "v5e:2x2", ["eval", "generate"], vocab_size=300)
+    ev, gen = programs.compile_programs(cfg, "v5e:2x2", ["eval", "generate"], vocab_size=300)
     assert ev["program"] == "eval" and ev["batch"] == [1, 8, 64] and ev["fits"]
     assert 0.5 < ev["flops_ratio"] < 4  # no loop in the forward pass: XLA's count is the whole step
     # Data parallel: the eval step reduces its loss sums; nothing needs gathering.
@@ -64,64 +64,13 @@ def test_eval_and_generate_compile_on_a_data_parallel_mesh():
     assert gen["xla_flops_per_chip"] > 0 and gen["model_flops_per_chip"] > 0
 
 
-def test_one_chip_and_pod_topologies():
-    """A one-chip slice (smaller than libtpu's default 2x2 host) and a 16-chip one, one device a chip."""
-    one, pod = aot.topology_devices("v5e:1x1"), aot.topology_devices("v5e:4x4")
-    assert (len(one), len(pod)) == (1, 16)
-    assert aot.chip_of(one[0]).name == "v5e"
-
-
-@pytest.mark.slow
-def test_involuntary_full_rematerialization_is_caught():
-    """A reshard XLA:TPU can only do by replicating ([4,1,1] tiles to [1,1,2] with the data axis replicated):
-    its warning must reach the report (libtpu keeps warnings off stderr unless told)."""
-    devices = aot.topology_devices("v5e:2x2")
-    mesh = sharding.make_mesh(2, 2, devices=devices)
-    spec = lambda *s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s))
-    f = jax.jit(lambda x: jax.lax.with_sharding_constraint(x * 2, spec(None, None, "fsdp")) + 1)
-    x = jax.ShapeDtypeStruct((8, 4, 8), jnp.float32, sharding=spec(("data", "fsdp"), None, None))
-    r = aot.compile_report(f, (x,), chip=aot.chip_of(devices[0]), chips=4,
-                                   model_flops_per_chip=None, tokens_per_chip=1)
-    assert r["involuntary_remat"] == 1 and "{devices=[4,1,1]" in r["first_remat"]
-
-
-@pytest.mark.slow
-def test_a_program_too_big_for_hbm_is_a_result():
-    devices = aot.topology_devices("v5e:2x2")
-    mesh = sharding.make_mesh(4, 1, devices=devices)
-    x = jax.ShapeDtypeStruct((1024, 1024), jnp.float32, sharding=sharding.replicated(mesh))
-    f = jax.jit(lambda x: jnp.tile(x, (5 * 1024, 1)) + 1.0, out_shardings=sharding.replicated(mesh))  # 20 GiB
-    r = aot.compile_report(f, (x,), chip=aot.chip_of(devices[0]), chips=4,
-                                   model_flops_per_chip=None, tokens_per_chip=1)
-    assert r["fits"] is False and r["needed_bytes"] == 20 * 2 ** 30 and r["hbm_share"] == 1.25
-    assert r["error"].startswith("RESOURCE_EXHAUSTED")
-
-
 def _abstract_state(cfg):
-    devices = aot.topology_devices("v5e:2x2")
+    devices = slices.topology_devices("v5e:2x2")
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices=devices)
     return build_setup(cfg.model_config(300), cfg, mesh).abstract_state
 
 
-def test_exhausted_message():
-    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
-           "(20.00G) exceeds available HBM (15.75G).")  # what XLA:TPU says for a 20 GiB output on a v5e
-    assert aot.exhausted_bytes(msg) == 20 * 2 ** 30
-
-
-def test_remat_lines_drop_libtpu_noise():
-    log = ["E0000 00:00:17.2 common_lib.cc:554] INVALID_ARGUMENT: Error: unexpected worker hostname",
-           "W1202 spmd_partitioner.cc:652] [spmd] Involuntary full rematerialization. The compiler was not able "
-           "to go from sharding {devices=[2,2]<=[4]} to {devices=[4,1]<=[4]} without doing a full "
-           "rematerialization of the tensor"]
-    assert aot.remat_lines(log) == [log[1].strip()]
-
-
 def test_one_line_errors():
-    with pytest.raises(GPT2JaxError, match="devices per chip"):
-        aot.topology_devices("v4:2x2x1")
-    with pytest.raises(GPT2JaxError, match="unknown TPU topology 'v9x:2x2'"):
-        aot.topology_devices("v9x:2x2")
     cfg = load_train_config(None, TINY[:-3] + ["mesh.data=8", "mesh.fsdp=1"])
     with pytest.raises(GPT2JaxError, match="mesh.data=8 × mesh.fsdp=1 = 8 devices, but there are 4"):
-        next(aot.compile_programs(cfg, "v5e:2x2", ["train"], vocab_size=300))
+        next(programs.compile_programs(cfg, "v5e:2x2", ["train"], vocab_size=300))
