@@ -8,7 +8,8 @@
 Prints only the generated text: no prompt, no special tokens. With --input (CSV or JSONL rows with a title
 and keywords), writes one JSON line per row to --output, in batches, and continues an existing output (of the
 same settings and input rows; a changed input is refused); then prints the whole output's keyword metrics
-(coverage, coverage against another row's keywords, distinct-1/2, repeated 4-grams) on stderr, and a last stderr line of JSON with the counts and those metrics ("metrics").
+(coverage, coverage against another row's keywords, distinct-1/2, repeated 4-grams) on stderr, and a last
+stderr line of JSON with the counts and those metrics ("metrics").
 --keyword-boost B adds B to the logit of each keyword's next token until the keyword has been written.
 Logic lives in gpt2_jax.sample.generate and gpt2_jax.sample.file.
 """
