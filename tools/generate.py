@@ -6,9 +6,10 @@
     python tools/generate.py --model PATH --input rows.csv --output out.jsonl [--batch-size 32]
 
 Prints only the generated text: no prompt, no special tokens. With --input (CSV or JSONL rows with a title
-and keywords), writes one JSON line per row to --output, in batches, and continues an existing output; then
-prints the whole output's keyword metrics (coverage, coverage against another row's keywords, distinct-1/2,
-repeated 4-grams) on stderr, and a last stderr line of JSON with the counts and those metrics ("metrics").
+and keywords), writes one JSON line per row to --output, in batches, and continues an existing output (of the
+same settings and input rows; a changed input is refused); then prints the whole output's keyword metrics
+(coverage, coverage against another row's keywords, distinct-1/2, repeated 4-grams) on stderr, and a last
+stderr line of JSON with the counts and those metrics ("metrics").
 --keyword-boost B adds B to the logit of each keyword's next token until the keyword has been written.
 Logic lives in gpt2_jax.sample.generate and gpt2_jax.sample.file.
 """
@@ -68,8 +69,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--input and --output go together")
     if args.input is not None and args.num_return_sequences != 1:
         p.error("--input writes one text per row: --num-return-sequences must be 1")
-    if not args.keyword_boost >= 0:  # also NaN
-        p.error(f"--keyword-boost must be >= 0, got {args.keyword_boost}")
     if args.keyword_boost and args.prompt is not None:
         p.error("--keyword-boost needs keywords: use it with --title/--keywords, --input or interactively")
     return args
@@ -80,28 +79,33 @@ def main(argv=None) -> None:
     if not args.no_compile_cache:
         from gpt2_jax.runtime import enable_compilation_cache
         enable_compilation_cache()
-    from gpt2_jax.sample.file import generate_file
+    from gpt2_jax.sample.file import check_file_run, generate_file
     from gpt2_jax.checkpoints.pretrained import load_pretrained
-    from gpt2_jax.sample.generate import generate_text
+    from gpt2_jax.sample.generate import check_sampling, generate_text
     from gpt2_jax.tokenizer import load_tokenizer
 
-    model = load_pretrained(args.model, dtype=args.dtype)
-    tok = load_tokenizer(args.tokenizer or args.model)
-    vocab = model.config.vocab_size
-    # A stock GPT-2 with our tokenizer: the added special tokens lie past its vocabulary, so EOS is the model's.
-    eos = tok.eos_id if tok.eos_id < vocab else model.config.eos_token_id
-    pad = tok.pad_id if tok.pad_id < vocab else eos
     seed = args.seed
     if seed is None and args.input is not None:
         seed = 0  # a file's run is reproducible and resumable by default
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-        print(f"seed: {seed}", file=sys.stderr)
     kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                   do_sample=not args.greedy, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                   repetition_penalty=args.repetition_penalty, num_return_sequences=args.num_return_sequences,
-                  eos_token_id=eos, pad_token_id=pad, keyword_boost=args.keyword_boost,
-                  penalize_prompt=args.penalize_prompt)
+                  keyword_boost=args.keyword_boost, penalize_prompt=args.penalize_prompt)
+    # Every setting is checked before the model loads (and, with --input, before a file is written).
+    if args.input is not None:
+        check_file_run(args.input, args.output, batch_size=args.batch_size, seed=seed, **kwargs)
+    else:
+        check_sampling(seed=0 if seed is None else seed, **kwargs)
+
+    model = load_pretrained(args.model, dtype=args.dtype)
+    tok = load_tokenizer(args.tokenizer or args.model)
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+        print(f"seed: {seed}", file=sys.stderr)
+    vocab = model.config.vocab_size
+    # A stock GPT-2 with our tokenizer: the added special tokens lie past its vocabulary, so EOS is the model's.
+    eos = tok.eos_id if tok.eos_id < vocab else model.config.eos_token_id
+    kwargs.update(eos_token_id=eos, pad_token_id=tok.pad_id if tok.pad_id < vocab else eos)
 
     def titled(title: str, keywords: str) -> list[int]:
         if tok.bos_id >= vocab or tok.sep_id >= vocab:

@@ -5,14 +5,17 @@ and by prompt length (so a batch pads little and nearby lengths share a compiled
 every `batch_size` rows. Batch b samples with a seed derived from (seed, b). The plan and the seeds do
 not depend on what was done before, so a resumed run writes exactly what an uninterrupted one would:
 a batch with rows already in the output is generated again whole, and only its missing rows are written.
+An output is continued only with the same settings and the same input rows (their digest is in its settings file).
 Output lines are JSON objects `{"index", "title", "keywords", "text"}` in the order batches finish;
 `index` is the row's position among the input's good rows. When done, the keyword metrics of the whole
 output (sample.keywords.summarise) are logged and returned under "metrics".
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -21,10 +24,10 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax.data.rows import read_rows
+from gpt2_jax.data.rows import Row, read_rows
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.sample.keywords import summarise
-from gpt2_jax.sample.generate import generate_tokens
+from gpt2_jax.sample.generate import check_sampling, generate_tokens, special_ids
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,13 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
     Bad rows and prompts that do not fit the model's context are logged as warnings, one line each, and
     skipped; a prompt that leaves less room than `max_new_tokens` gets fewer new tokens (one summary line).
     `prompt_limit` cuts keyword lists as training did (data.batches.prompt_limit); `sampling`: generate's settings.
-    With `keyword_boost` > 0 in them, each row's keywords (all of them) are boosted.
+    With `keyword_boost` > 0 in them, each row's keywords (all of them) are boosted. Every setting is checked
+    (check_file_run, and the token ids against the model) before a file is written.
     """
-    if batch_size < 1:
-        raise GPT2JaxError(f"batch size must be at least 1, got {batch_size}")
+    check_file_run(input_path, output_path, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
+                   **sampling)
+    special_ids(model.config, sampling.get("eos_token_id", tokenizer.eos_id),
+                sampling.get("pad_token_id", tokenizer.pad_id))
     rows = read_rows(input_path, skip_bad_rows=True, with_text=False)
     for line in rows.bad:
         log.warning(f"skipped {line}")
@@ -74,8 +80,9 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
     usable = [i for i, b in enumerate(budget) if b >= 1]
     plan = [[usable[j] for j in b] for b in plan_batches([len(prompts[i]) for i in usable],
                                                          [budget[i] for i in usable], batch_size)]
-    settings = {"input": os.path.abspath(input_path), "rows": len(rows), "batch_size": batch_size,
-                "max_new_tokens": max_new_tokens, "seed": seed, "prompt_limit": prompt_limit, **sampling}
+    settings = {"input": os.path.abspath(input_path), "rows": len(rows), "rows_sha256": rows_digest(rows),
+                "batch_size": batch_size, "max_new_tokens": max_new_tokens, "seed": seed,
+                "prompt_limit": prompt_limit, **sampling}
     if not settings.get("keyword_boost", 1):
         del settings["keyword_boost"]  # off: outputs written before the option existed continue as they were
     done = _open_output(Path(output_path), settings)
@@ -114,6 +121,39 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
     return stats
 
 
+def check_file_run(input_path: str, output_path: str, *, batch_size: int = 32, max_new_tokens: int = 100,
+                   seed: int = 0, **sampling) -> None:
+    """generate_file's checks that need no model, for a caller to run before it loads one: the paths' kinds
+    and every setting (generate.check_sampling's, and finite numbers, which the settings file must compare)."""
+    if Path(input_path).is_dir():
+        raise GPT2JaxError(f"input {input_path} is a directory, not a CSV or JSONL file of rows")
+    if not Path(input_path).exists():
+        raise GPT2JaxError(f"input {input_path} does not exist")
+    if Path(output_path).is_dir():
+        raise GPT2JaxError(f"output {output_path} is a directory; give the path of a JSONL file to write")
+    above = next((d for d in Path(output_path).parents if d.exists()), None)
+    if above is not None and not above.is_dir():
+        raise GPT2JaxError(f"output {output_path}: {above} is a file, not a directory")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise GPT2JaxError(f"batch size must be at least 1, got {batch_size}")
+    if sampling.get("num_return_sequences", 1) != 1:
+        raise GPT2JaxError(f"generate_file writes one text per row: num_return_sequences must be 1, got "
+                           f"{sampling['num_return_sequences']}")
+    check_sampling(max_new_tokens=max_new_tokens, seed=seed,
+                   **{k: v for k, v in sampling.items() if k not in ("eos_token_id", "pad_token_id")})
+    for k, v in sampling.items():  # greedy decoding ignores the temperature, but NaN != NaN on a rerun
+        if isinstance(v, float) and not math.isfinite(v):
+            raise GPT2JaxError(f"{k} must be a finite number, got {v}")
+
+
+def rows_digest(rows: list[Row]) -> str:
+    """sha256 of the rows as read (title, keywords, text): what says a resumed output continues the same input."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.title, list(r.keywords), r.text], ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
+
+
 def output_metrics(output_path: str) -> Optional[dict]:
     """sample.keywords.summarise over every line of an output (resumed parts too), in index order; None when
     no row has keywords."""
@@ -129,9 +169,12 @@ def _open_output(path: Path, settings: dict) -> set[int]:
     that a killed run left half written; a new output gets its settings file."""
     meta = path.with_name(path.name + ".settings.json")
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-        path.write_text("")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            meta.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            path.write_text("")
+        except OSError as e:
+            raise GPT2JaxError(f"cannot write the output {path} ({e.strerror or e})") from None
         return set()
     try:
         saved = json.loads(meta.read_text())
@@ -139,6 +182,11 @@ def _open_output(path: Path, settings: dict) -> set[int]:
         raise GPT2JaxError(f"{path} exists without a readable {meta.name}: not an output of this tool, or "
                            f"damaged; give another --output") from None
     changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if "input" not in changed and ("rows" in changed or "rows_sha256" in changed and "rows_sha256" in saved):
+        what = (f"{saved.get('rows')} -> {settings['rows']} rows" if saved.get("rows") != settings["rows"] else
+                f"the content of its {settings['rows']} rows differs")
+        raise GPT2JaxError(f"{settings['input']} changed since {path} was written from it ({what}); continue with "
+                           f"the input as it was, or delete {path} and {meta.name} to start over")
     if changed:
         raise GPT2JaxError(f"{path} was written with other settings ({', '.join(changed)}); continue it with "
                            f"the same ones, or give another --output")

@@ -289,6 +289,35 @@ def _keyword_array(keywords, batch: int, vocab_size: int) -> np.ndarray:
     return kw_BKL
 
 
+def check_sampling(*, max_new_tokens: int, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
+                   repetition_penalty=1.0, min_new_tokens=0, num_return_sequences=1, seed=0, keyword_boost=0.0,
+                   penalize_prompt=True) -> None:
+    """`generate`'s checks of its settings (with its defaults), for callers to run before they load or write."""
+    for n, v, least in (("max_new_tokens", max_new_tokens, 1), ("top_k", top_k, 0), ("seed", seed, 0),
+                        ("min_new_tokens", min_new_tokens, 0), ("num_return_sequences", num_return_sequences, 1)):
+        _check_int(n, v, least)
+    _check_number("top_p", top_p, lambda x: 0 < x <= 1, "in (0, 1]")
+    _check_number("repetition_penalty", repetition_penalty, lambda x: x > 0, "> 0")
+    _check_number("keyword_boost", keyword_boost, lambda x: x >= 0, ">= 0")
+    if do_sample:
+        _check_number("temperature", temperature, lambda x: x > 0,
+                      "> 0 when sampling (for greedy decoding use do_sample=False)")
+    elif num_return_sequences > 1:
+        raise GPT2JaxError(f"num_return_sequences={num_return_sequences} needs do_sample=True: greedy decoding "
+                           f"gives the same sequence every time")
+
+
+def special_ids(config, eos_token_id=None, pad_token_id=None) -> tuple[list[int], int]:
+    """(EOS ids, pad id) as `generate` resolves them: by default the config's (pad: else the first EOS, else 0)."""
+    eos = config.eos_token_id if eos_token_id is None else eos_token_id
+    eos_ids = [] if eos is None else _token_ids("eos_token_id", eos, config.vocab_size)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    if not _is_int(pad_token_id):
+        raise GPT2JaxError(f"pad_token_id must be one token id, got {pad_token_id!r}")
+    return eos_ids, _token_ids("pad_token_id", pad_token_id, config.vocab_size)[0]
+
+
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              min_new_tokens: int = 0, num_return_sequences: int = 1, eos_token_id=None, pad_token_id=None,
@@ -312,28 +341,11 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     """
     cfg = model.config
     V = cfg.vocab_size
-    _check_int("max_new_tokens", max_new_tokens, 1)
-    _check_int("top_k", top_k, 0)
-    _check_number("top_p", top_p, lambda x: 0 < x <= 1, "in (0, 1]")
-    _check_number("repetition_penalty", repetition_penalty, lambda x: x > 0, "> 0")
-    _check_int("min_new_tokens", min_new_tokens, 0)
-    _check_int("num_return_sequences", num_return_sequences, 1)
-    _check_int("seed", seed, 0)
-    _check_number("keyword_boost", keyword_boost, lambda x: x >= 0, ">= 0")
-    if do_sample:
-        _check_number("temperature", temperature, lambda x: x > 0,
-                      "> 0 when sampling (for greedy decoding use do_sample=False)")
-    elif num_return_sequences > 1:
-        raise GPT2JaxError(f"num_return_sequences={num_return_sequences} needs do_sample=True: greedy decoding "
-                           f"gives the same sequence every time")
-    eos_ids = [] if eos_token_id is None and cfg.eos_token_id is None else _token_ids(
-        "eos_token_id", cfg.eos_token_id if eos_token_id is None else eos_token_id, V)
-    if pad_token_id is None:
-        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    pad_id = _token_ids("pad_token_id", pad_token_id, V)[0] if _is_int(pad_token_id) else None
-    if pad_id is None:
-        raise GPT2JaxError(f"pad_token_id must be one token id, got {pad_token_id!r}")
-
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                    top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens, seed=seed,
+                    keyword_boost=keyword_boost, penalize_prompt=bool(penalize_prompt))
+    check_sampling(num_return_sequences=num_return_sequences, **settings)
+    eos_ids, pad_id = special_ids(cfg, eos_token_id, pad_token_id)
     ids, mask = _prompt_arrays(input_ids, attention_mask, pad_id, infer_mask=pad_id not in eos_ids)
     if ids.min() < 0 or ids.max() >= V:
         bad = int(ids[(ids < 0) | (ids >= V)][0])
@@ -351,10 +363,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     mask_b = np.zeros((B, P_b), np.int32)
     ids_b[:, P_b - P:], mask_b[:, P_b - P:] = ids, mask
     kw_BKL = np.full((B, 0, 1), -1, np.int32) if keywords is None else _keyword_array(keywords, B, V)
-    params = SamplingParams.of(vocab_size=V, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                               top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-                               max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_ids=eos_ids, seed=seed,
-                               keyword_boost=keyword_boost, penalize_prompt=bool(penalize_prompt))
+    params = SamplingParams.of(vocab_size=V, pad_token_id=pad_id, eos_ids=eos_ids, **settings)
     graphdef, state = nnx.split(model)
     new_BN = generate_program(state, ids_b, mask_b, np.int32(P_b - P), kw_BKL, params, graphdef=graphdef,
                            do_sample=bool(do_sample), num_return_sequences=num_return_sequences, new_slots=N_b)
@@ -371,8 +380,7 @@ def generate_tokens(model, tokenizer, prompts: Sequence[Sequence[int]], *,
     default to the tokenizer's ids. `keywords`: per prompt, keyword strings; they reach `generate` only with a
     `keyword_boost` (and some keyword), so that without one the program and the tokens are plain sampling's.
     """
-    kwargs.setdefault("eos_token_id", tokenizer.eos_id)
-    kwargs.setdefault("pad_token_id", tokenizer.pad_id)
+    kwargs = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, **kwargs}
     prompts = [list(p) for p in prompts]
     ids = [keyword_token_ids(tokenizer, k) for k in keywords] if keywords is not None and keyword_boost else None
     out = generate(model, prompts, keywords=ids if ids and any(ids) else None, keyword_boost=keyword_boost, **kwargs)
@@ -388,7 +396,4 @@ def generate_text(model, tokenizer, prompts: Sequence[Sequence[int]], **kwargs) 
 def new_tokens(new_BN: np.ndarray, eos_token_id) -> list[list[int]]:
     """Each row's generated tokens up to (not including) its first EOS."""
     eos = {eos_token_id} if _is_int(eos_token_id) else set(eos_token_id or ())
-    rows = []
-    for row in np.asarray(new_BN).tolist():
-        rows.append(row[:next((i for i, t in enumerate(row) if t in eos), len(row))])
-    return rows
+    return [row[:next((i for i, t in enumerate(row) if t in eos), len(row))] for row in np.asarray(new_BN).tolist()]

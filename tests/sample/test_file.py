@@ -161,3 +161,68 @@ def test_keyword_metrics_and_boost(model_and_tok, tmp_path, caplog):
     with pytest.raises(GPT2JaxError, match=r"other settings \(keyword_boost\)"):
         generate_file(model, tok, str(src), str(tmp_path / "boost.jsonl"), max_new_tokens=40, progress=False,
                       keyword_boost=5.0, **greedy)
+
+
+def small_input(path: Path, rows, title=lambda i, t: t) -> Path:
+    path.write_text("".join(json.dumps({"title": title(i, r.title), "keywords": list(r.keywords)}) + "\n"
+                            for i, r in enumerate(rows)))
+    return path
+
+
+def test_an_edited_input_is_refused_and_the_output_kept(model_and_tok, tmp_path):
+    """A killed output continued onto an input with other titles (same row count) mixed the two inputs' rows
+    with exit status 0: the settings held the input's path and row count only."""
+    model, tok, _ = model_and_tok
+    rows = read_rows(SAMPLE)[:6]
+    src, out = small_input(tmp_path / "rows.jsonl", rows), tmp_path / "o.jsonl"
+    run = lambda: generate_file(model, tok, str(src), str(out), max_new_tokens=4, progress=False,  # noqa: E731
+                                do_sample=False)
+    run()
+    killed = "".join(out.read_text(encoding="utf-8").splitlines(keepends=True)[:2])
+    out.write_text(killed, encoding="utf-8")
+    small_input(src, rows, title=lambda i, t: f"{t} (edited)")
+    with pytest.raises(GPT2JaxError) as e:
+        run()
+    assert str(e.value) == (f"{src} changed since {out} was written from it (the content of its 6 rows differs); "
+                            f"continue with the input as it was, or delete {out} and o.jsonl.settings.json "
+                            f"to start over")
+    small_input(src, rows[:5])
+    with pytest.raises(GPT2JaxError, match=r"changed since .* \(6 -> 5 rows\)"):
+        run()
+    assert out.read_text(encoding="utf-8") == killed
+    small_input(src, rows)  # as it was: the run continues
+    assert run()["already_done"] == 2
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(keyword_boost=float("inf")), "keyword_boost must be >= 0, got inf"),
+    (dict(keyword_boost=float("nan")), "keyword_boost must be >= 0, got nan"),
+    (dict(temperature=float("inf")), "temperature must be > 0 when sampling"),
+    (dict(temperature=float("nan"), do_sample=False), "temperature must be a finite number, got nan"),
+    (dict(top_p=float("nan")), "top_p must be in (0, 1], got nan"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be > 0, got inf"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+    (dict(seed=-1), "seed must be >= 0, got -1"),
+    (dict(batch_size=0), "batch size must be at least 1, got 0"),
+    (dict(num_return_sequences=2), "one text per row: num_return_sequences must be 1, got 2"),
+    (dict(eos_token_id=10**6), "eos_token_id 1000000 is outside the vocabulary"),
+])
+def test_a_bad_setting_is_refused_before_any_file_is_written(model_and_tok, tmp_path, bad, message):
+    model, tok, _ = model_and_tok
+    settings = {**SAMPLING, "max_new_tokens": 4, **bad}
+    with pytest.raises(GPT2JaxError) as e:
+        generate_file(model, tok, str(SAMPLE), str(tmp_path / "o.jsonl"), progress=False, **settings)
+    assert message in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_as_input_or_output(model_and_tok, tmp_path):
+    model, tok, _ = model_and_tok
+    (tmp_path / "d").mkdir()
+    with pytest.raises(GPT2JaxError) as e:
+        generate_file(model, tok, str(tmp_path / "d"), str(tmp_path / "o.jsonl"), progress=False)
+    assert str(e.value) == f"input {tmp_path / 'd'} is a directory, not a CSV or JSONL file of rows"
+    with pytest.raises(GPT2JaxError) as e:
+        generate_file(model, tok, str(SAMPLE), str(tmp_path / "d"), progress=False)
+    assert str(e.value) == f"output {tmp_path / 'd'} is a directory; give the path of a JSONL file to write"
+    assert list(tmp_path.iterdir()) == [tmp_path / "d"] and not any((tmp_path / "d").iterdir())

@@ -82,3 +82,50 @@ def test_train_tokenizer_stray_quote_names_the_line(tmp_path, monkeypatch, capsy
                               f"(skip_bad_rows skips such rows)\n")
     code, out, _ = run_tool("train_tokenizer", [*args, "--skip-bad-rows"], monkeypatch, capsys)
     assert code == 0 and out.rstrip().endswith("trained on 19 rows")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--keyword-boost", "inf"], "keyword_boost must be >= 0, got inf"),
+    (["--keyword-boost", "-1"], "keyword_boost must be >= 0, got -1.0"),
+    (["--temperature", "nan"], "temperature must be > 0 when sampling (for greedy decoding use do_sample=False), "
+                               "got nan"),
+    (["--temperature", "nan", "--greedy"], "temperature must be a finite number, got nan"),
+    (["--top-p", "inf"], "top_p must be in (0, 1], got inf"),
+    (["--repetition-penalty", "nan"], "repetition_penalty must be > 0, got nan"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
+    (["--seed", "-1"], "seed must be >= 0, got -1"),
+    (["--batch-size", "0"], "batch size must be at least 1, got 0"),
+])
+def test_generate_bad_setting_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, flags, message):
+    """`--keyword-boost inf` was refused only after the model had loaded, and with --input after an empty output
+    and its settings file were written, so that a rerun with a finite boost was refused as "other settings"."""
+    out = tmp_path / "o.jsonl"
+    args = ["--model", tmp_path / "no-model", "--input", SAMPLE, "--output", out, *flags]
+    code, _, err = run_tool("generate", args, monkeypatch, capsys)
+    assert (code, err) == (2, f"error: {message}\n")
+    assert list(tmp_path.iterdir()) == []
+    if "--batch-size" not in flags and "--greedy" not in flags:  # the same check without --input (greedy decoding
+        # ignores the temperature; a file's run refuses NaN, which would never equal itself in the settings file)
+        code, _, err = run_tool("generate", ["--model", tmp_path / "no-model", "--title", "t", *flags], monkeypatch,
+                                capsys)
+        assert (code, err) == (2, f"error: {message}\n")
+
+
+@pytest.mark.parametrize("which", ["--input", "--output"])
+def test_generate_directory_as_input_or_output(tmp_path, monkeypatch, capsys, which):
+    d = tmp_path / "d"
+    d.mkdir()
+    paths = {"--input": SAMPLE, "--output": tmp_path / "o.jsonl", which: d}
+    args = ["--model", tmp_path / "no-model", "--input", paths["--input"], "--output", paths["--output"]]
+    code, _, err = run_tool("generate", args, monkeypatch, capsys)
+    expected = (f"input {d} is a directory, not a CSV or JSONL file of rows" if which == "--input" else
+                f"output {d} is a directory; give the path of a JSONL file to write")
+    assert (code, err) == (2, f"error: {expected}\n")
+    assert list(tmp_path.iterdir()) == [d] and not any(d.iterdir())
+
+
+def test_generate_output_under_a_file(tmp_path, a_file, monkeypatch, capsys):
+    out = a_file / "o.jsonl"
+    code, _, err = run_tool("generate", ["--model", tmp_path / "no-model", "--input", SAMPLE, "--output", out],
+                            monkeypatch, capsys)
+    assert (code, err) == (2, f"error: output {out}: {a_file} is a file, not a directory\n")
