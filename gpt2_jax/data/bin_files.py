@@ -15,6 +15,7 @@ from gpt2_jax.errors import GPT2JaxError, first_line
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256
 GPT2_EOT = 50256  # <|endoftext|>: separates the documents
 _SCAN = 1 << 24  # ids scanned at once for separators: one pass, bounded memory
+_INT32_MIN_WORDS = 64  # a headerless file this long whose odd uint16 words are all 0 holds int32 ids
 
 
 class DocTokens:
@@ -58,11 +59,16 @@ def map_bin_file(path: Path, vocab_size: int | None) -> tuple[dict, dict]:
     every id must be below."""
     tokens, kind = _map_tokens(path)
     n = len(tokens)
-    eot, top = [], -1
-    for a in range(0, n, _SCAN):
+    eot, top, odd_words = [], -1, False
+    for a in range(0, n, _SCAN):  # _SCAN is even: chunk[1::2] are the file's odd words
         chunk = np.asarray(tokens[a:a + _SCAN])
         eot.append(np.flatnonzero(chunk == GPT2_EOT) + a)
         top = max(top, int(chunk.max()))
+        odd_words = odd_words or bool(chunk[1::2].any())
+    if kind == "nanogpt" and n >= _INT32_MIN_WORDS and not odd_words:
+        # Little-endian int32 ids below 65,536 read as uint16: every other id 0, which would train silently.
+        raise GPT2JaxError(f"{path}: every other uint16 word is 0: it looks like int32 token ids without llm.c's "
+                           f"header, not uint16 ones (nanoGPT's train.bin)")
     if vocab_size is not None and top >= vocab_size:
         raise GPT2JaxError(f"{path}: token id {top} is not below the model's vocabulary of {vocab_size}")
     eot = np.concatenate(eot or [np.zeros(0, np.int64)]).astype(np.int64)
@@ -101,6 +107,8 @@ def _map_tokens(path: Path) -> tuple[np.memmap, str]:
                 raise GPT2JaxError(f"{path}: truncated or padded: its header says {ntok} tokens "
                                    f"({4 * LLMC_HEADER_INTS + 2 * ntok} bytes), the file has {size} bytes")
             return np.memmap(path, np.uint16, "r", offset=4 * LLMC_HEADER_INTS, shape=(ntok,)), "llm.c"
+        if size == 0:
+            raise GPT2JaxError(f"{path}: an empty file: no tokens")
         if size % 2:
             raise GPT2JaxError(f"{path}: {size} bytes, an odd count: not a headerless uint16 token file "
                                f"(nanoGPT's train.bin)")

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.errors import GPT2JaxError, first_line
+
+# What reading a damaged .gz raises: a bad header (BadGzipFile, an OSError), a truncated stream, bad deflate data.
+_GZIP_ERRORS = (OSError, EOFError, zlib.error)
 
 
 def read_text(path: Path) -> str:
@@ -27,8 +31,8 @@ def read_text(path: Path) -> str:
 def _gunzip(path: Path, raw: bytes) -> bytes:
     try:
         return gzip.decompress(raw)
-    except (OSError, EOFError) as e:
-        raise GPT2JaxError(f"{path}: not a valid gzip file ({e})") from None
+    except _GZIP_ERRORS as e:
+        raise GPT2JaxError(f"{path}: not a valid gzip file ({first_line(e)})") from None
 
 
 class StreamLines:
@@ -41,8 +45,19 @@ class StreamLines:
         self.number = 0  # binary lines read
         self._lines = self._decode()
 
+    def _read_error(self, e: Exception) -> GPT2JaxError:
+        if self.path.suffix.lower() == ".gz":
+            return GPT2JaxError(f"{self.path}: not a valid gzip file ({first_line(e)})")
+        return GPT2JaxError(f"cannot read the corpus {self.path} ({first_line(e)})")
+
+    def _raw_lines(self) -> Iterator[bytes]:
+        try:
+            yield from self.file
+        except _GZIP_ERRORS as e:
+            raise self._read_error(e) from None
+
     def _decode(self) -> Iterator[str]:
-        for raw in self.file:
+        for raw in self._raw_lines():
             self.number += 1
             try:
                 line = raw.decode("utf-8-sig" if self.number == 1 else "utf-8")
@@ -55,7 +70,10 @@ class StreamLines:
 
     def peek_text(self, size: int = 1 << 16) -> str:
         """The first ``size`` bytes decoded (for sniffing the shape), without consuming lines."""
-        head = self.file.peek(size) if hasattr(self.file, "peek") else b""
+        try:
+            head = self.file.peek(size) if hasattr(self.file, "peek") else b""
+        except _GZIP_ERRORS as e:
+            raise self._read_error(e) from None
         return head[:size].decode("utf-8-sig", errors="replace")
 
     def __iter__(self):

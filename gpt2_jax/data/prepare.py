@@ -3,7 +3,8 @@ in worker processes, each chunk one shard of ``data.token_store``'s format; resu
 
 The directory is usable once ``meta.json`` is written (last). Before that, ``prepare.json`` records what is
 being prepared (source identity, tokenizer digest, settings), so that a re-run after a kill keeps the
-finished shards (verified against their checksums) and refuses a source that changed meanwhile.
+finished shards (verified against their checksums) and refuses a source that changed meanwhile (a plan that
+finished no shard is dropped: nothing of it to keep). The workers die with the process that started them.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 PLAN = "prepare.json"  # what an unfinished directory is being prepared from
 DEFAULT_SHARD_TOKENS = 1 << 22  # 8 MB uint16 shards; the reader holds about 6 chunks of 4 bytes of text a token
 _BYTES_PER_TOKEN = 4  # a chunk of rows holds about shard_tokens * this many characters
-_HEAD_TAIL = 1 << 20  # bytes of the source's head and tail hashed into its identity
+_HASH_BLOCK = 1 << 24  # bytes of the source hashed at once
 # Where GPT-2's byte-level pre-tokenizer always ends a pre-token: after a newline that follows a non-space and
 # that a printable ASCII character follows. Such a newline is a whitespace run of its own in the whole text and
 # at the end of a piece alike; after a space it is not (" " + "\n" inside a text, " \n" at a piece's end, which
@@ -41,15 +43,17 @@ _LINE_START = re.compile(r"(?<=\S\n)(?=[!-~])")
 
 
 def source_identity(path: Path) -> dict:
-    """What says the source file is unchanged, cheaply: path, size, mtime and a hash of its head and tail."""
-    st = path.stat()
+    """What says the source file is unchanged: path, size, mtime and the sha256 of every byte (about 1 s a GB,
+    against minutes to tokenize it), so that no edit, however small, reuses stale tokens."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(_HEAD_TAIL))
-        if st.st_size > _HEAD_TAIL:
-            f.seek(max(_HEAD_TAIL, st.st_size - _HEAD_TAIL))
-            h.update(f.read())
-    return dict(path=str(path.resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns, head_tail_sha256=h.hexdigest())
+    try:
+        st = path.stat()
+        with open(path, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                h.update(block)
+    except OSError as e:
+        raise GPT2JaxError(f"cannot read the corpus {path} ({first_line(e)})") from None
+    return dict(path=str(path.resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=h.hexdigest())
 
 
 def prepare_corpus(corpus: str | Path, tokenizer_dir: str | Path, out: str | Path, *, format: Optional[str] = None,
@@ -94,7 +98,8 @@ def prepare_corpus(corpus: str | Path, tokenizer_dir: str | Path, out: str | Pat
     records = [r if isinstance(r, dict) else r.result() for r in records]
     if not records:
         raise GPT2JaxError(f"{path}: empty corpus" + (f" (all {len(tail_bad)} rows were bad)" if tail_bad else ""))
-    now = source_identity(path)
+    st = path.stat()  # not hashed again: an edit during the run that keeps both is not looked for
+    now = dict(source, size=st.st_size, mtime_ns=st.st_mtime_ns)
     if now != source:
         raise GPT2JaxError(f"{path} changed while it was being prepared ({_what_changed(source, now)}); run again")
     for stale in out.glob("shard-*"):  # from an earlier, longer attempt with the same plan: none expected
@@ -126,6 +131,9 @@ def _existing(out: Path, plan: dict) -> Optional[dict]:
                       settings=meta.get("settings"))
         what = "was prepared"
     elif plan_file.is_file():
+        if not any((d / token_writer.SHARD_DONE).is_file() for d in out.glob("shard-*")):
+            plan_file.unlink()  # a failed or killed start: nothing to keep, whatever the plan was
+            return None
         meta, theirs, what = None, _read_json(plan_file), "is being prepared"
     elif any(out.iterdir()):
         raise GPT2JaxError(f"{out} is not empty and holds no prepared data; give an empty or new --out")
@@ -148,7 +156,9 @@ def _existing(out: Path, plan: dict) -> Optional[dict]:
 def _what_changed(old: dict, new: dict) -> str:
     if old.get("size") != new["size"]:
         return f"size {old.get('size')} -> {new['size']} bytes"
-    if old.get("head_tail_sha256") != new["head_tail_sha256"]:
+    if "sha256" not in old:
+        return "recorded without the whole file's sha256, by an older prepare"
+    if old["sha256"] != new["sha256"]:
         return "its content differs"
     return "its modification time differs"
 
@@ -235,8 +245,12 @@ class _Pool:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload([__name__, "tokenizers"])
             spec = _RustEncoder(tokenizer) if tokenizer.kind == "hf" else tokenizer_dir
+            # A pipe that only this process writes: its end (EOF) tells the workers that this process is gone,
+            # however it died. Their parent is the forkserver, which outlives this process (each worker holds its
+            # liveness pipe open, waiting on this process's queue forever), so a parent-death signal is no use.
+            self.alive_r, self.alive_w = ctx.Pipe(duplex=False)
             self.executor = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                                   initargs=(spec,))
+                                                   initargs=(spec, self.alive_r))
             self.executor.submit(int)  # start the workers now: they load the tokenizer while the first chunk is read
 
     def submit(self, out: Path, i: int, rows: list[Row], bad: list[str]):
@@ -274,14 +288,18 @@ class _Pool:
     def __exit__(self, *exc):
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
+            self.alive_w.close()
+            self.alive_r.close()
 
 
 _worker_tokenizer = None
 
 
-def _init_worker(spec: _RustEncoder | str) -> None:
-    """``spec``: a Hugging Face tokenizer's encoder, or the directory of another tokenizer to load."""
+def _init_worker(spec: _RustEncoder | str, parent_alive) -> None:
+    """``spec``: a Hugging Face tokenizer's encoder, or the directory of another tokenizer to load;
+    ``parent_alive``: the read end of a pipe that the preparing process alone holds open."""
     global _worker_tokenizer
+    threading.Thread(target=_exit_with_parent, args=(parent_alive,), daemon=True).start()
     # One thread per worker: the processes are the parallelism (Rust's pool would oversubscribe the cores).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if isinstance(spec, _RustEncoder):
@@ -290,6 +308,15 @@ def _init_worker(spec: _RustEncoder | str) -> None:
         from gpt2_jax.tokenizer import load_tokenizer
 
         _worker_tokenizer = load_tokenizer(spec)
+
+
+def _exit_with_parent(parent_alive) -> None:
+    """End this worker, at once, when the preparing process is gone: no orphan tokenizes on, writing shards."""
+    try:
+        parent_alive.recv_bytes()  # nothing is ever sent: this returns at the pipe's end
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
 
 
 def _write(out: Path, i: int, rows: list[Row], bad: list[str]) -> dict:

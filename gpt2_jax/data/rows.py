@@ -89,7 +89,6 @@ def read_rows(path: str | Path, format: str | None = None, *, skip_bad_rows: boo
         parsed = {"csv": lambda: _csv(lines, with_text, str(path)),
                   "jsonl": lambda: _json_array(content, with_text) if _is_json_array(content) else _jsonl(lines, with_text),
                   "text": lambda: _text(lines, _has_paragraphs(content))}[format]()
-
     rows: list[Row] = []
     bad: list[str] = []
     for where, row in parsed:
@@ -112,10 +111,8 @@ def corpus_format(path: Path, format: str | None) -> str:
         suffix = Path(path.stem).suffix if path.suffix.lower() == ".gz" else path.suffix
         format = _EXTENSIONS.get(suffix.lower())
         if format is None:
-            raise GPT2JaxError(
-                f"{path}: cannot infer the corpus format from the extension {path.suffix or '(none)'!r}; "
-                f"give the format, one of: {', '.join(ROW_FORMATS)}"
-            )
+            raise GPT2JaxError(f"{path}: cannot infer the corpus format from the extension "
+                               f"{path.suffix or '(none)'!r}; give the format, one of: {', '.join(ROW_FORMATS)}")
     elif format not in ROW_FORMATS:
         raise GPT2JaxError(f"unknown corpus format {format!r}{suggest(format, ROW_FORMATS)}; known: "
                            f"{', '.join(ROW_FORMATS)}")
@@ -381,6 +378,8 @@ def _parquet(path: Path, with_text: bool = True) -> _Parsed:
 def resolve_corpus(spec: str, cache_dir: str | Path) -> Path:
     """``builtin:NAME`` -> the built corpus file (built once, cached in ``cache_dir``); anything else -> ``Path(spec)``."""
     if not spec.startswith(BUILTIN_PREFIX):
+        if Path(spec).is_dir() and corpus_dir_problem(Path(spec)):  # not taken for token data, nor read as rows
+            raise GPT2JaxError(corpus_dir_problem(Path(spec)))
         return Path(spec)
     name = spec[len(BUILTIN_PREFIX):]
     if name not in BUILTIN_CORPORA:
@@ -389,3 +388,13 @@ def resolve_corpus(spec: str, cache_dir: str | Path) -> Path:
     # The content depends on the installed standard library, so the file name carries the Python version.
     version = f"{sys.implementation.name}{'.'.join(map(str, sys.version_info[:3]))}"
     return BUILTIN_CORPORA[name](Path(cache_dir) / f"{name}-{version}.jsonl")
+
+
+def corpus_dir_problem(path: Path) -> str:
+    """Why the directory ``path`` holds no prepared corpus ("" when it has one: its ``meta.json``, written last)."""
+    if (path / "meta.json").is_file():
+        return ""
+    if any(path.iterdir()):
+        return f"{path}: not a prepared data directory (no meta.json: unfinished? re-run tools/prepare_data.py)"
+    return (f"{path} is an empty directory: it holds no corpus (give a corpus file, an llm.c / nanoGPT .bin token "
+            f"file or a directory that tools/prepare_data.py prepared)")

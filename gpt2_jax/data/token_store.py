@@ -10,16 +10,24 @@ shard in a cache keyed by rows + tokenizer; ``data.prepare``: any size, streamed
 A directory::
 
     meta.json                    written last: the directory is complete once it exists
+    verified.json                the shards whose sha256 a load verified, by size, mtime and inode (not hashed again)
     piece_off.npy kw_tokens.npy kw_off.npy row_kw.npy row_kw_off.npy   the index, global offsets
     shard-00000/tokens.npy ...   each shard: its tokens and its own (local) index, shard.json last
 
 N rows, K keywords (a keyword repeated in two shards counts twice; within a shard each is stored once).
+
+Loading verifies the shards: every id below the tokenizer's vocabulary (on each load: about 0.2 s a GB), and each
+shard's sha256 against meta.json's (once, while its size, mtime and inode stay those verified.json records: about
+0.9 s a GB), so that damaged data is one line naming the shard, never a silently different corpus.
 """
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import hashlib
 import json
+import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -27,12 +35,16 @@ from typing import Sequence
 import numpy as np
 
 from gpt2_jax.data.bin_files import map_bin_file
-from gpt2_jax.data.rows import Row
+from gpt2_jax.data.rows import Row, corpus_dir_problem
 from gpt2_jax.errors import GPT2JaxError, first_line
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 ARRAYS = ("tokens", "piece_off", "kw_tokens", "kw_off", "row_kw", "row_kw_off")  # each shard's
 INDEX_ARRAYS = ARRAYS[1:]  # the global index at the top of a directory
+VERIFIED = "verified.json"
+_SCAN_BYTES = 1 << 25  # of a shard, checked or hashed at once: one pass, bounded memory
 
 
 class ShardedTokens:
@@ -117,13 +129,14 @@ class TokenizedCorpus:
             if meta.get("version") != FORMAT_VERSION:
                 raise ValueError(f"version {meta.get('version')}, expected {FORMAT_VERSION}")
             arrays = {k: np.load(directory / f"{k}.npy", mmap_mode="r") for k in INDEX_ARRAYS}
-            shards = [_open_shard(directory / s["name"] / "tokens.npy", np.dtype(meta["dtype"]), s["tokens"])
-                      for s in meta["shards"]]
+            shards = [_open_shard(directory / s["name"] / "tokens.npy", np.dtype(meta["dtype"]), s["tokens"],
+                                  meta["vocab_size"]) for s in meta["shards"]]
             arrays["tokens"] = shards[0] if len(shards) == 1 else ShardedTokens(shards)
             n, k = meta["rows"], meta["keywords"]
             if (len(arrays["piece_off"]) != 3 * n + 1 or len(arrays["row_kw_off"]) != n + 1
                     or len(arrays["kw_off"]) != 2 * k + 1 or len(arrays["tokens"]) != arrays["piece_off"][-1]):
                 raise ValueError("array sizes disagree")
+            _verify_checksums(directory, meta["shards"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise GPT2JaxError(f"{directory}: a broken tokenized-corpus cache ({first_line(e)}); delete it and it "
                                f"will be rebuilt (by tools/prepare_data.py for a prepared directory)") from None
@@ -202,20 +215,67 @@ def open_corpus(path: str | Path, vocab_size: int | None = None) -> TokenizedCor
     """A prepared directory or an llm.c / nanoGPT ``.bin`` file."""
     path = Path(path)
     if path.is_dir():
-        if not (path / "meta.json").is_file():
-            raise GPT2JaxError(f"{path}: not a prepared data directory (no meta.json: unfinished? re-run "
-                               f"tools/prepare_data.py to finish it)")
+        if corpus_dir_problem(path):
+            raise GPT2JaxError(corpus_dir_problem(path))
         return TokenizedCorpus.load(path, vocab_size)
     if not path.is_file():
         raise GPT2JaxError(f"token file {path} does not exist")
     return TokenizedCorpus.from_bin(path, vocab_size)
 
 
-def _open_shard(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+def _open_shard(path: Path, dtype: np.dtype, count: int, vocab_size: int) -> np.ndarray:
+    """The shard's ids, mapped, each checked to be below ``vocab_size`` (the tokenizer's)."""
     a = np.load(path, mmap_mode="r")  # a truncated file fails here ("mmap length is greater than file size")
+    name = f"{path.parent.name}/{path.name}"
     if a.dtype != dtype or a.shape != (count,):
-        raise ValueError(f"{path.parent.name}/{path.name} holds {a.dtype} {a.shape}, expected {dtype} ({count},)")
+        raise ValueError(f"{name} holds {a.dtype} {a.shape}, expected {dtype} ({count},)")
+    step = _SCAN_BYTES // dtype.itemsize
+    for at in range(0, count, step):  # max() of a mapped chunk reads it in place: no copy
+        chunk = a[at:at + step]
+        if chunk.max() >= vocab_size:
+            i = at + int(np.argmax(chunk >= vocab_size))
+            raise ValueError(f"{name}: token id {int(a[i])} at position {i} is not below the vocabulary of "
+                             f"{vocab_size} ids")
     return a.view(np.int32) if dtype == np.uint32 else a
+
+
+def tokens_sha256(path: Path) -> str:
+    """The sha256 of a shard's ids (its ``tokens.npy`` less the header), as ``write_shard`` records it."""
+    a = np.load(path, mmap_mode="r")
+    raw = a.reshape(-1).view(np.uint8) if a.size else np.zeros(0, np.uint8)
+    h = hashlib.sha256()
+    for at in range(0, len(raw), _SCAN_BYTES):
+        h.update(raw[at:at + _SCAN_BYTES])
+    return h.hexdigest()
+
+
+def _verify_checksums(directory: Path, shards: Sequence[dict]) -> None:
+    """Hash each shard not verified before as it is now (size, mtime, inode and meta.json's sha256, as
+    ``VERIFIED`` lists them) and compare it with meta.json's sha256; then record them all as verified."""
+    stamp_file = directory / VERIFIED
+    try:
+        before = json.loads(stamp_file.read_text())
+    except (OSError, ValueError):
+        before = None
+    before = before if isinstance(before, dict) else {}
+    now = {}
+    for s in shards:
+        path = directory / s["name"] / "tokens.npy"
+        st = path.stat()
+        now[s["name"]] = [st.st_size, st.st_mtime_ns, st.st_ino, s["sha256"]]
+        if before.get(s["name"]) != now[s["name"]]:
+            if tokens_sha256(path) != s["sha256"]:
+                raise ValueError(f"{s['name']}/tokens.npy does not match the sha256 that meta.json records")
+    if now != before:
+        tmp = directory / f".{VERIFIED}.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(now) + "\n")
+            os.replace(tmp, stamp_file)
+        except OSError as e:  # a read-only directory: verified on each load
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            log.info("%s: cannot record its verified shards (%s); they are hashed on each load", directory,
+                     first_line(e))
 
 
 def tokenizer_digest(tokenizer) -> str:

@@ -19,7 +19,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from gpt2_jax.data.rows import Row
-from gpt2_jax.data.token_store import ARRAYS, FORMAT_VERSION, TokenizedCorpus, flat_ranges, tokenizer_digest
+from gpt2_jax.data.token_store import (ARRAYS, FORMAT_VERSION, TokenizedCorpus, flat_ranges, tokenizer_digest,
+                                       tokens_sha256)
 from gpt2_jax.errors import GPT2JaxError, first_line
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def check_shard(out: Path, record: dict) -> str:
         if (d / "tokens.npy").stat().st_size != record["bytes"]:
             return f"{record['name']}/tokens.npy has {(d / 'tokens.npy').stat().st_size} bytes, expected {record['bytes']}"
         tokens = np.load(d / "tokens.npy", mmap_mode="r")
-        if len(tokens) != record["tokens"] or hashlib.sha256(np.ascontiguousarray(tokens).data).hexdigest() != record["sha256"]:
+        if len(tokens) != record["tokens"] or tokens_sha256(d / "tokens.npy") != record["sha256"]:
             return f"{record['name']}/tokens.npy does not match its checksum"
     except (OSError, ValueError) as e:
         return f"{record['name']}: {first_line(e)}"

@@ -346,3 +346,59 @@ def test_line_start_cuts_keep_the_ids_around_trailing_whitespace(tmp_path):
     full = [e.ids for e in t.hf.backend_tokenizer.encode_batch(probe, add_special_tokens=False)]
     encoder = prepare._RustEncoder(t)
     assert encoder.cut and encoder.encode_batch(probe) == full
+
+
+def test_a_flipped_id_in_a_prepared_shard_is_refused(tmp_path, rows, tok_dir):
+    src = write_corpus(tmp_path / "c.csv", rows, "csv")
+    out = tmp_path / "out"
+    prepare_corpus(src, tok_dir, out, workers=0, shard_tokens=300)
+    shard = out / "shard-00001" / "tokens.npy"
+    a = np.load(shard)
+    a[100] ^= 0x8000
+    np.save(shard, a)
+    with pytest.raises(GPT2JaxError, match=r"shard-00001/tokens\.npy: token id \d+ at position 100 is not below the "
+                                           r"vocabulary of \d+ ids"):
+        open_corpus(out, vocab_size=400)
+
+
+def test_a_failed_prepare_does_not_block_the_retry(tmp_path, rows, tok_dir):
+    src = tmp_path / "c.csv"
+    src.write_text("")
+    out = tmp_path / "out"
+    with pytest.raises(GPT2JaxError, match=r"c\.csv: empty corpus"):
+        prepare_corpus(src, tok_dir, out, workers=0)
+    write_corpus(src, rows[:5], "csv")
+    assert prepare_corpus(src, tok_dir, out, workers=0)["rows"] == 5
+
+
+def test_a_same_size_edit_with_its_mtime_restored_is_seen(tmp_path, tok_dir):
+    """The source's identity covers every byte, not only its head and tail."""
+    src = tmp_path / "t.txt"
+    pad = "\n" * (3 << 20)  # blank lines: read, not tokenized
+    src.write_text(f"first document\n{pad}middle one\n{pad}last document\n")
+    out = tmp_path / "out"
+    prepare_corpus(src, tok_dir, out, workers=0)
+    st = src.stat()
+    src.write_text(f"first document\n{pad}middle two\n{pad}last document\n")
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert src.stat().st_size == st.st_size and src.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(GPT2JaxError, match=r"changed since .*out was prepared from it \(its content differs\)"):
+        prepare_corpus(src, tok_dir, out, workers=0)
+
+
+def test_a_truncated_gzip_corpus_is_one_line(tmp_path, rows, tok_dir):
+    src = write_corpus(tmp_path / "c.csv.gz", rows, "csv")
+    src.write_bytes(src.read_bytes()[:-100])
+    with pytest.raises(GPT2JaxError, match=r"c\.csv\.gz: not a valid gzip file \(.*\)$") as e:
+        prepare_corpus(src, tok_dir, tmp_path / "out", workers=0)
+    assert "\n" not in str(e.value)
+
+
+def test_an_empty_directory_is_not_taken_for_token_data(tmp_path):
+    from gpt2_jax.train import loop
+    from gpt2_jax.train.config import load_train_config
+
+    (tmp_path / "empty").mkdir()
+    cfg = load_train_config(None, [f"data.train={tmp_path / 'empty'}", f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(GPT2JaxError, match=r"empty is an empty directory: it holds no corpus"):
+        loop.prepare_data(cfg, 0, 1)

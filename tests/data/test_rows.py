@@ -260,3 +260,14 @@ def test_jsonl_unterminated_string_message_reads_once(tmp_path):
         read_rows(path)
     assert str(e.value) == (f"{path}:1: invalid JSON (Unterminated string starting at column 28) "
                             f"(skip_bad_rows skips such rows)")
+
+
+def test_resolve_corpus_refuses_a_directory_without_a_corpus(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(GPT2JaxError, match=r"d is an empty directory: it holds no corpus \(give a corpus file"):
+        resolve_corpus(str(tmp_path / "d"), tmp_path)
+    (tmp_path / "d" / "notes.txt").write_text("x")
+    with pytest.raises(GPT2JaxError, match=r"d: not a prepared data directory \(no meta\.json"):
+        resolve_corpus(str(tmp_path / "d"), tmp_path)
+    (tmp_path / "d" / "meta.json").write_text("{}")
+    assert resolve_corpus(str(tmp_path / "d"), tmp_path) == tmp_path / "d"

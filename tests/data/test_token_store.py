@@ -136,6 +136,9 @@ def test_llmc_and_nanogpt_files_read_in_place(tmp_path):
     (lambda p: np.array([5, 50300, EOT], np.uint16).tofile(p), r"token id 50300 is not below the model's vocabulary "
                                                                r"of 50257"),
     (lambda p: np.array([EOT, EOT], np.uint16).tofile(p), r"no tokens besides <\|endoftext\|>"),
+    (lambda p: p.write_bytes(b""), r"an empty file: no tokens"),
+    (lambda p: np.array([5, 6, EOT] * 30, np.int32).tofile(p), r"every other uint16 word is 0: it looks like int32 "
+                                                              r"token ids without llm.c's header"),
 ])
 def test_bin_errors_are_one_line(tmp_path, make, message):
     path = tmp_path / "bad.bin"
@@ -143,3 +146,47 @@ def test_bin_errors_are_one_line(tmp_path, make, message):
     with pytest.raises(GPT2JaxError, match=message) as e:
         open_corpus(path, vocab_size=50257)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def flip(shard: Path, position: int, mask: int) -> None:
+    a = np.load(shard)
+    a[position] ^= mask
+    np.save(shard, a)
+
+
+@pytest.mark.parametrize("mask,message", [
+    (0x8000, r"shard-00000/tokens\.npy: token id \d+ at position 4 is not below the vocabulary of 400 ids"),
+    (0x1, r"shard-00000/tokens\.npy does not match the sha256 that meta\.json records"),  # an id still in range
+])
+def test_a_damaged_shard_is_refused_on_open(tmp_path, mask, message):
+    """A run's cache (tokenize_corpus) and a prepared directory are the same format: either, once damaged, is
+    one line naming the shard, loaded again or not."""
+    tok = CodeTokenizer(100, 400)
+    corpus = tokenize_corpus(ROWS, tok, tmp_path)
+    flip(corpus.directory / "shard-00000" / "tokens.npy", 4, mask)
+    with pytest.raises(GPT2JaxError, match=message) as e:
+        tokenize_corpus(ROWS, tok, tmp_path)
+    assert "\n" not in str(e.value) and str(corpus.directory) in str(e.value)
+    with pytest.raises(GPT2JaxError, match=message):
+        open_corpus(corpus.directory, vocab_size=400)
+
+
+def test_shards_are_hashed_once_while_unchanged(prepared, monkeypatch):
+    from gpt2_jax.data import token_store
+
+    hashed = []
+    real = token_store.tokens_sha256
+    monkeypatch.setattr(token_store, "tokens_sha256", lambda path, **kw: hashed.append(path) or real(path, **kw))
+    TokenizedCorpus.load(prepared)  # the fixture's load recorded the verified shard
+    assert hashed == []
+    shard = prepared / "shard-00000" / "tokens.npy"
+    shard.write_bytes(shard.read_bytes())  # same bytes, a new modification time: hashed again, once
+    TokenizedCorpus.load(prepared)
+    TokenizedCorpus.load(prepared)
+    assert hashed == [shard]
+    stamp = prepared / token_store.VERIFIED
+    stamp.unlink()
+    stamp.mkdir()  # unwritable (a read-only directory, which root could still write): verified on each open
+    TokenizedCorpus.load(prepared)
+    TokenizedCorpus.load(prepared)
+    assert len(hashed) == 3
