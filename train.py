@@ -5,8 +5,8 @@ On a TPU pod, run the same command on every host.
 """
 import argparse
 
+from gpt2_jax.runtime import enable_compilation_cache, run_cli
 from gpt2_jax.train.config import load_train_config
-from gpt2_jax.runtime import run_cli
 
 
 def main() -> None:
@@ -16,7 +16,8 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_train_config(args.config, args.overrides)
 
-    from gpt2_jax.runtime import enable_compilation_cache
+    # Imported once the config is read: the loop's imports (Orbax, Hugging Face I/O) take seconds that --help
+    # and a config error need not wait for.
     from gpt2_jax.train.loop import train
 
     enable_compilation_cache()

@@ -73,6 +73,9 @@ def configure_logging(level: int = logging.INFO) -> None:
         handler.setFormatter(_Lines("%(message)s"))
         handler._gpt2_jax = True
         logger.addHandler(handler)
+    # Shown here only: a root handler (absl adds one with logging.basicConfig on Orbax's first log line) would
+    # print each line again.
+    logger.propagate = False
 
 
 def run_cli(main: Callable[[], object]) -> None:

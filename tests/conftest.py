@@ -1,6 +1,8 @@
-"""Shared test helpers: tiny random Hugging Face GPT-2 models built and saved locally."""
+"""Shared test helpers: tiny random Hugging Face GPT-2 models built and saved locally; damaged checkpoint steps."""
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -59,6 +61,29 @@ def torch_logits(model, input_ids, attention_mask=None, position_ids=None) -> np
     with torch.no_grad():
         out = model(as_t(input_ids), attention_mask=as_t(attention_mask), position_ids=as_t(position_ids))
     return out.logits.float().numpy()
+
+
+def damage(step_dir: Path, how: str) -> None:
+    """Damage a saved step as disks and copies do: a bit flipped in 37 places of each data file (as the issue
+    did; one flip may land in bytes no array uses), the largest data file cut in half, the step directory
+    emptied, or its meta JSON garbled."""
+    if how == "empty":
+        shutil.rmtree(step_dir)
+        step_dir.mkdir()
+        return
+    if how == "meta":
+        meta = next(p for p in (step_dir / "meta").rglob("*") if p.is_file())
+        meta.write_text('{"step": 2, "checksums": {')
+        return
+    files = sorted((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    if how == "bitflip":
+        for data in (p for p in files if p.stat().st_size >= 1024):
+            raw = bytearray(data.read_bytes())
+            for at in np.linspace(len(raw) // 8, len(raw) - 1, 37).astype(int):
+                raw[at] ^= 0x04
+            data.write_bytes(bytes(raw))
+    else:
+        files[-1].write_bytes(files[-1].read_bytes()[: files[-1].stat().st_size // 2])
 
 
 @pytest.fixture

@@ -22,9 +22,8 @@ def test_demo_config_runs_end_to_end_on_the_builtin_corpus(tmp_path, transformer
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
                           *shrink], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    out = res.stdout
-    assert "unigram baseline loss" in out and "step 3: validation loss" in out
-    assert out.count("[held-out] title: ") == 3
+    assert "unigram baseline loss" in res.stderr and "step 3: validation loss" in res.stdout
+    assert res.stderr.count("[held-out] title: ") == 3
     corpus = list((tmp_path / "cache").glob("stdlib-docs-*.jsonl"))
     assert len(corpus) == 1 and corpus[0].stat().st_size > 1_000_000
     run = tmp_path / "run"

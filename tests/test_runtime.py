@@ -66,3 +66,15 @@ def test_cli_log_lines_reach_stderr():
             "run_cli(main)\n")
     got = _python(code)
     assert got.stderr.splitlines() == ["tokens cached", "warning: step 4 skipped"]
+
+
+def test_cli_log_lines_are_shown_once_after_absl_configures_the_root_logger():
+    """Orbax logs through absl, which gives the root logger a handler (logging.basicConfig) on its first line:
+    the library's lines then reached stderr twice, once as "INFO:gpt2_jax...:"."""
+    code = ("import logging\nfrom gpt2_jax.runtime import run_cli\n"
+            "def main():\n    from absl import logging as absl_logging\n    absl_logging.vlog(1, 'orbax-like')\n"
+            "    logging.getLogger('gpt2_jax.train.loop').info('resumed')\n"
+            "    logging.getLogger('gpt2_jax.y').warning('step 4 skipped')\n"
+            "run_cli(main)\n")
+    got = _python(code)
+    assert got.stderr.splitlines() == ["resumed", "warning: step 4 skipped"]

@@ -1,10 +1,11 @@
 """Orbax checkpoints of a training run, and nothing else: `RUN_DIR/checkpoints/<step>/{state, meta}`.
 
 `state` is the whole TrainState (step, trainable and frozen parameters, optimiser state, dropout RNG);
-`meta` is JSON: the resolved training config, the model config and the data position (the step: batches
-are a pure function of the step, data.py). Orbax writes each checkpoint into a temporary directory and
-renames it when complete, so a process killed mid-save leaves nothing that `latest_step` picks up.
-Restoring targets the current mesh's shardings, whatever mesh wrote the checkpoint.
+`meta` is JSON: the resolved training config, the model config, the tokenizer, the data position (the step:
+batches are a pure function of the step, data/batches.py) and a checksum of every array. Orbax writes each
+checkpoint into a temporary directory and renames it when complete, so a process killed mid-save leaves
+nothing that `latest_step` picks up. Restoring targets the current mesh's shardings, whatever mesh wrote the
+checkpoint. What a resumed run may change, and the step it resumes from, are checkpoints/resume.py's.
 """
 from __future__ import annotations
 
@@ -23,14 +24,10 @@ from gpt2_jax import sharding
 from gpt2_jax.errors import GPT2JaxError, first_line
 
 CHECKPOINT_DIR = "checkpoints"
-# Config keys that may change between a run and its resumption: they do not touch the state's layout,
-# the tokenizer or the order of the data. Any other change is refused.
-RESUMABLE_CHANGES = ("train.steps", "train.eval_every", "train.eval_batches", "train.log_every",
-                     "train.peak_flops", "train.out_dir", "checkpoint.", "sample.", "mesh.", "data.cache_dir",
-                     "model.dropout", "model.dtype", "model.remat", "model.loss_chunk", "optim.")
 
 
 def checkpoint_dir(run_dir: str) -> str:
+    """Where a run directory's checkpoints are: RUN_DIR/checkpoints/ (absolute)."""
     return os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR)
 
 
@@ -233,25 +230,3 @@ def _verify(got: dict[str, int], want: dict[str, int]) -> None:
         if want.get(name) != value:
             raise CorruptCheckpoint(f"{name} fails its checksum ({value} != {want.get(name)})")
 
-
-def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(changes that break resumption, harmless changes) between two TrainConfig.to_dict()s, as dotted keys."""
-    breaking, harmless = [], []
-    for section in sorted(set(saved) | set(current)):
-        a, b = saved.get(section, {}), current.get(section, {})
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                dotted = f"{section}.{key}"
-                (harmless if dotted.startswith(RESUMABLE_CHANGES) else breaking).append(
-                    f"{dotted}: {a.get(key)!r} -> {b.get(key)!r}")
-    return breaking, harmless
-
-
-def check_resumable(saved: dict, current: dict, run_dir: str) -> list[str]:
-    """Raise if the config changed in a way the checkpoint cannot continue from; return the harmless changes."""
-    breaking, harmless = config_changes(saved, current)
-    if breaking:
-        raise GPT2JaxError(f"cannot resume {run_dir}: the config changed in a way its checkpoint cannot continue "
-                           f"from ({'; '.join(breaking)}); use another train.out_dir, or checkpoint.resume=false "
-                           f"to start over")
-    return harmless

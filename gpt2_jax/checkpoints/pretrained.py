@@ -1,24 +1,25 @@
 """A model source: a Hugging Face directory or a training run's directory, read or exported.
 
-This module sits above `hf.py` (Hugging Face files) and `checkpoint.py` (Orbax), so neither knows the
-other: a run directory is `model_config.json`, `tokenizer/` and `checkpoints/` (train.out_dir).
+This module sits above `checkpoints.hf` (Hugging Face files) and `checkpoints.orbax` (Orbax), so neither
+knows the other: a run directory is `model_config.json`, `tokenizer/` and `checkpoints/` (train.out_dir).
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from typing import Callable, Optional, TypeVar
 
 import yaml
 
-from gpt2_jax.checkpoints.orbax import Checkpointer, CorruptCheckpoint, checkpoint_dir
-from gpt2_jax.model.config import ModelConfig
-from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.checkpoints.hf import load_hf_config, params_from_state_dict, read_hf_state_dict, write_pretrained
+from gpt2_jax.checkpoints.orbax import Checkpointer, CorruptCheckpoint, checkpoint_dir
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import GPT2LMHeadModel
 from gpt2_jax.model.layout import model_from_params, param_shapes
 from gpt2_jax.tokenizer import load_tokenizer
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -53,7 +54,7 @@ def open_run(run_dir: str) -> tuple[ModelConfig, Checkpointer]:
 
 def newest_good(run_dir: str, ckpt: Checkpointer, step: Optional[int], use: Callable[[int], T]) -> T:
     """`use(step)`, or without `step`, `use` of the newest step it succeeds on: a step that raises
-    CorruptCheckpoint is skipped with one line on stderr. Only when none succeeds does it raise, one line."""
+    CorruptCheckpoint is skipped with one warning. Only when none succeeds does it raise, one line."""
     steps = sorted(ckpt.all_steps(), reverse=True)
     if step is not None:
         if step not in steps:
@@ -67,7 +68,7 @@ def newest_good(run_dir: str, ckpt: Checkpointer, step: Optional[int], use: Call
         try:
             return use(s)
         except CorruptCheckpoint as e:
-            print(f"warning: {run_dir}: checkpoint step {s} skipped: {e}", file=sys.stderr, flush=True)
+            log.warning(f"{run_dir}: checkpoint step {s} skipped: {e}")
             reasons.append(f"step {s}: {e}")
     raise GPT2JaxError(f"{run_dir}: no checkpoint verifies ({'; '.join(reasons)})")
 

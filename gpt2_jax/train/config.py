@@ -179,7 +179,7 @@ class SampleSection:
     # (HF's RepetitionPenaltyLogitsProcessor with prompt_ignore_length). Counting the prompt penalises the very
     # keywords the text should use (at 2.0 it halves their scores), so the task's default is false.
     penalize_prompt: bool = False
-    # Added to the logit of each keyword's next token until the keyword has been written (sampling.generate's
+    # Added to the logit of each keyword's next token until the keyword has been written (sample.generate's
     # keyword_boost; >= 0, 0: off, e.g. 2-5 to nudge, 100 to force every keyword in).
     keyword_boost: float = 0.0
     # Validation rows written for at every evaluation and at the end, for the keyword coverage, swapped

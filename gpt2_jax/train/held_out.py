@@ -1,16 +1,16 @@
-"""Text written for held-out rows: the samples printed at the end of a run, and the keyword metrics (coverage,
+"""Text written for held-out rows: the samples logged at the end of a run, and the keyword metrics (coverage,
 swapped coverage, distinct-n, repeated 4-grams) logged at every evaluation.
 
 Prompts are formatted as training formats them: ``[BOS] title [SEP] keywords [SEP]`` with the keyword list cut
-to data.prompt_limit, and a lone ``[EOS]`` for rows without a title or keywords (plain language modelling,
+to batches.prompt_limit, and a lone ``[EOS]`` for rows without a title or keywords (plain language modelling,
 whose documents start after an EOS). A prompt that leaves less room than sample.max_new_tokens in the context
-gets fewer new tokens, and one with no room is skipped, each with a warning line.
+gets fewer new tokens, and one with no room is skipped, each with a line to the caller's `warn`.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from gpt2_jax.data import batches as data
+from gpt2_jax.data import batches
 from gpt2_jax.sample.keywords import summarise
 from gpt2_jax.sample.generate import generate_text
 from gpt2_jax.train.config import TrainConfig
@@ -18,7 +18,7 @@ from gpt2_jax.train.config import TrainConfig
 
 def prompt_ids(tokenizer, row, max_length: int) -> list[int]:
     """The prompt training teaches the model to continue for `row`."""
-    return tokenizer.format_prompt(row.title, row.keywords, max_tokens=data.prompt_limit(max_length))
+    return tokenizer.format_prompt(row.title, row.keywords, max_tokens=batches.prompt_limit(max_length))
 
 
 def write_texts(model, tokenizer, rows: Sequence, cfg: TrainConfig, warn: Callable[[str], None]) -> list[tuple]:
@@ -30,11 +30,11 @@ def write_texts(model, tokenizer, rows: Sequence, cfg: TrainConfig, warn: Callab
         prompt = prompt_ids(tokenizer, r, cfg.data.max_length)
         room = n_ctx - len(prompt)
         if room < 1:
-            warn(f"warning: held-out sample {r.title!r} skipped: its prompt of {len(prompt)} tokens fills the "
+            warn(f"held-out sample {r.title!r} skipped: its prompt of {len(prompt)} tokens fills the "
                  f"context of {n_ctx}")
             continue
         if room < s.max_new_tokens:
-            warn(f"warning: held-out sample {r.title!r} gets {room} new tokens, not sample.max_new_tokens="
+            warn(f"held-out sample {r.title!r} gets {room} new tokens, not sample.max_new_tokens="
                  f"{s.max_new_tokens}: its prompt of {len(prompt)} tokens leaves no more of the context of {n_ctx}")
         groups.setdefault(min(room, s.max_new_tokens), []).append((r, prompt))
     out = []

@@ -2,7 +2,7 @@
 
 Shape letters: B examples, T positions, D width, V vocabulary, N chunks, C positions per chunk.
 
-`lm_head_cross_entropy` equals `train_step.masked_cross_entropy(h @ E.T, labels, mask)` with the logits in
+`lm_head_cross_entropy` equals `train.step.masked_cross_entropy(h @ E.T, labels, mask)` with the logits in
 the compute dtype and the log-sum-exp in float32, but scans over chunks of C positions: each step holds one
 [B, C, V] block of logits. The chunks cut the T axis, not the flattened B*T tokens, so the batch dimension
 stays whole and a batch split over "data" and "fsdp" stays split in every step. Its backward
@@ -20,11 +20,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from gpt2_jax.errors import GPT2JaxError
-from gpt2_jax.sharding import BATCH_AXES, spec_for
+from gpt2_jax.sharding import BATCH_AXES, data_parallel_size, spec_for
 
 
 def lm_head_cross_entropy(h_BTD, embedding_VD, labels_BT, mask_BT, *, positions_per_chunk: int, dtype,
@@ -39,22 +38,23 @@ def lm_head_cross_entropy(h_BTD, embedding_VD, labels_BT, mask_BT, *, positions_
     The embedding's gradient flows to the caller, so passing the tied `wte.embedding` adds the head's share
     to the input embedding's.
     """
+    # The train step calls this with model.loss_chunk > 0: the errors name that key.
     if not isinstance(positions_per_chunk, int) or isinstance(positions_per_chunk, bool):
-        raise GPT2JaxError(f"loss.py: positions_per_chunk must be an int, got {positions_per_chunk!r}")
+        raise GPT2JaxError(f"model.loss_chunk must be an int (positions per chunk), got {positions_per_chunk!r}")
     if h_BTD.ndim != 3 or embedding_VD.ndim != 2 or h_BTD.shape[-1] != embedding_VD.shape[-1]:
-        raise GPT2JaxError(f"loss.py: hidden states {h_BTD.shape} and embedding {embedding_VD.shape} "
-                           "must be [B, T, D] and [V, D]")
+        raise GPT2JaxError(f"model.loss_chunk: the LM head's cross-entropy takes hidden states [B, T, D] and an "
+                           f"embedding [V, D], got {h_BTD.shape} and {embedding_VD.shape}")
     if labels_BT.shape != h_BTD.shape[:2] or mask_BT.shape != h_BTD.shape[:2]:
-        raise GPT2JaxError(f"loss.py: labels {labels_BT.shape} and mask {mask_BT.shape} must be "
+        raise GPT2JaxError(f"model.loss_chunk: the labels {labels_BT.shape} and loss mask {mask_BT.shape} must be "
                            f"{h_BTD.shape[:2]}, the [B, T] of the hidden states")
     B, T = h_BTD.shape[:2]
     C = T if positions_per_chunk <= 0 else min(positions_per_chunk, T)
     if mesh is not None and mesh.size == 1:
         mesh = None
-    if mesh is not None:
-        shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-        if B % shards:
-            raise GPT2JaxError(f"loss.py: a batch of {B} does not split over the mesh's {shards} batch shards")
+    if mesh is not None and B % data_parallel_size(mesh):
+        axes = " × ".join(f"{a}={mesh.shape[a]}" for a in BATCH_AXES)
+        raise GPT2JaxError(f"model.loss_chunk: a micro-batch of {B} sequences does not split over the data-parallel "
+                           f"size {data_parallel_size(mesh)} (mesh {axes})")
     loss = _chunked_loss(C, jnp.dtype(dtype), mesh, h_BTD, embedding_VD, labels_BT.astype(jnp.int32),
                          mask_BT.astype(jnp.float32))
     return loss, jnp.sum(mask_BT)

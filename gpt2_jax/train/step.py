@@ -3,7 +3,7 @@ shardings, derived from abstract shapes before anything is allocated.
 
 Shape letters: A micro-batches per step, B examples, T positions, D width, V vocabulary.
 
-The model travels as flat `{key: array}` dicts (model.ModelLayout): `params` (what trains), `frozen` (what
+The model travels as flat `{key: array}` dicts (model.gpt2.ModelLayout): `params` (what trains), `frozen` (what
 does not) and `rng` (dropout key state). The train step differentiates with respect to `params` only, so
 frozen parameters get no weight gradients and no optimiser state, and pass through the step untouched
 (bit-identical). Abstract first (nanodo): `jax.eval_shape` gives the state's shapes, the logical axes give

@@ -1,6 +1,6 @@
 """Tests for gpt2_jax/data/prepare.py and tools/prepare_data.py: streamed preparation in worker processes, round
 trips against the tokenizer, reuse, resume after a kill, a changed source refused, bad rows; and a run's
-data (gpt2_jax/train/loop.py's prepare_data) from a prepared directory."""
+data (gpt2_jax/train/run_data.py's prepare_data) from a prepared directory."""
 from __future__ import annotations
 
 import gzip
@@ -312,7 +312,7 @@ def test_cli_one_line_errors_and_summary(tmp_path, rows, tok_dir):
 
 
 def test_train_prepare_data_reads_a_prepared_directory(tmp_path, rows, tok_dir, tok):
-    from gpt2_jax.train import loop
+    from gpt2_jax.train.run_data import prepare_data
     from gpt2_jax.train.config import load_train_config
 
     src = write_corpus(tmp_path / "c.csv", rows, "csv")
@@ -320,7 +320,7 @@ def test_train_prepare_data_reads_a_prepared_directory(tmp_path, rows, tok_dir, 
     prepare_corpus(src, tok_dir, out, workers=0, shard_tokens=300)
     cfg = load_train_config(None, [f"data.train={out}", f"tokenizer.path={tok_dir}", "data.max_length=32",
                                    "train.batch_size=4", f"train.out_dir={tmp_path / 'run'}", "data.val_fraction=0.2"])
-    run = loop.prepare_data(cfg, 0, 1)
+    run = prepare_data(cfg, 0, 1)
     assert run.n_train + len(run.val_rows) == len(rows)
     held_out = run.val_rows[0]
     assert held_out in rows  # decoded back: the BPE round-trips this text
@@ -328,10 +328,10 @@ def test_train_prepare_data_reads_a_prepared_directory(tmp_path, rows, tok_dir, 
     train_sentencepiece([r.text for r in rows], sp, 400)
     cfg = load_train_config(None, [f"data.train={out}", f"tokenizer.path={sp}", f"train.out_dir={tmp_path / 'run2'}"])
     with pytest.raises(GPT2JaxError, match=r"prepared with another tokenizer than the run's"):
-        loop.prepare_data(cfg, 0, 1)
+        prepare_data(cfg, 0, 1)
     cfg = load_train_config(None, [f"data.train={out}", f"train.out_dir={tmp_path / 'run3'}"])
     with pytest.raises(GPT2JaxError, match=r"holds token ids: set tokenizer.path"):
-        loop.prepare_data(cfg, 0, 1)
+        prepare_data(cfg, 0, 1)
 
 
 def test_line_start_cuts_keep_the_ids_around_trailing_whitespace(tmp_path):
@@ -395,10 +395,10 @@ def test_a_truncated_gzip_corpus_is_one_line(tmp_path, rows, tok_dir):
 
 
 def test_an_empty_directory_is_not_taken_for_token_data(tmp_path):
-    from gpt2_jax.train import loop
+    from gpt2_jax.train.run_data import prepare_data
     from gpt2_jax.train.config import load_train_config
 
     (tmp_path / "empty").mkdir()
     cfg = load_train_config(None, [f"data.train={tmp_path / 'empty'}", f"train.out_dir={tmp_path / 'run'}"])
     with pytest.raises(GPT2JaxError, match=r"empty is an empty directory: it holds no corpus"):
-        loop.prepare_data(cfg, 0, 1)
+        prepare_data(cfg, 0, 1)

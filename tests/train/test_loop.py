@@ -1,7 +1,8 @@
 """Whole training runs on data/sample.csv with a tiny model: resume, preemption, faults, export, errors."""
 import json
-import re
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from gpt2_jax.data import batches as data_lib
+from gpt2_jax.data import batches
 from gpt2_jax.checkpoints.orbax import Checkpointer
 from gpt2_jax.data.rows import read_rows
 from gpt2_jax.data.token_writer import tokenize_corpus
@@ -57,6 +58,11 @@ def cli(tmp: Path, *args, devices: int = 8, env_extra=None, **extra) -> subproce
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env_extra or {})}
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides(tmp, **extra), *args], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def log_lines(caplog, level: int = logging.INFO, logger: str = "gpt2_jax") -> list[str]:
+    """The messages caplog holds from `level` up, of `logger` and its children ("": every logger)."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= level and r.name.startswith(logger)]
 
 
 def latest_state(run_dir: Path) -> dict:
@@ -130,8 +136,22 @@ def test_resume_refuses_a_breaking_change_and_allows_a_harmless_one(tmp_path):
     assert fresh["steps"] == 2 and Checkpointer(str(tmp_path / "run"), read_only=True).latest_step() == 2
 
 
+def test_resume_accepts_the_changes_it_declares_harmless(tmp_path, caplog):
+    """model.dropout and model.dtype may change on resume (the model's dropout rates and compute dtype, saved
+    with each checkpoint, change with them); the model's shape may not, and the refusal names the key."""
+    caplog.set_level(logging.INFO, logger="gpt2_jax")
+    run(tmp_path, train__steps=3)  # model.dropout=0.1
+    caplog.clear()
+    assert run(tmp_path, train__steps=4, model__dropout=0.0)["steps"] == 4
+    assert f"resumed from step 3 of {tmp_path / 'run'} (changed: model.dropout: 0.1 -> 0.0; train.steps: 3 -> 4)" \
+        in log_lines(caplog)
+    assert run(tmp_path, train__steps=5, model__dropout=0.0, model__dtype="bfloat16")["steps"] == 5
+    with pytest.raises(GPT2JaxError, match=r"cannot resume .*model\.n_layer: 2 -> 3"):
+        run(tmp_path, train__steps=6, model__n_layer=3)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    original = data_lib.Batches.local_batch
+    original = batches.Batches.local_batch
 
     def poisoned(self, step):
         batch = original(self, step)
@@ -139,7 +159,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
             batch["loss_mask"] = batch["loss_mask"] * np.float32("nan")
         return batch
 
-    monkeypatch.setattr(data_lib.Batches, "local_batch", poisoned)
+    monkeypatch.setattr(batches.Batches, "local_batch", poisoned)
     with pytest.raises(GPT2JaxError, match="training loss is nan .* at step 5: stopped; the latest good "
                                            "checkpoint is step 4"):
         run(tmp_path, checkpoint__every=1)
@@ -153,10 +173,10 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path):
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     saved = Checkpointer(str(tmp_path / "run"), read_only=True).latest_step()
-    assert saved is not None and saved >= 3 and f"saved a checkpoint at step {saved}" in stdout
+    assert saved is not None and saved >= 3 and f"SIGTERM: saved a checkpoint at step {saved}" in stderr
     out = run(tmp_path, train__steps=saved + 2, checkpoint__every=0)
     assert out["steps"] == saved + 2
 
@@ -317,14 +337,14 @@ def test_loss_on_text_gives_no_gradient_from_title_and_keywords(tmp_path, loss_o
     tok = train_sentencepiece([s for r in read_rows(SAMPLE) for s in (r.title, " ".join(r.keywords), r.text)],
                               tmp_path / "tok", 400)
     corpus = tokenize_corpus(rows, tok, tmp_path / "cache")
-    batches = data_lib.Batches(corpus, np.arange(8), bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id,
-                               pad_id=tok.pad_id, max_length=64, batch_size=8, shuffle=False, keyword_augment=False,
-                               loss_on=loss_on)
-    b = {k: v[0] for k, v in batches.local_batch(0).items()}
+    eight = batches.Batches(corpus, np.arange(8), bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id,
+                            pad_id=tok.pad_id, max_length=64, batch_size=8, shuffle=False, keyword_augment=False,
+                            loss_on=loss_on)
+    b = {k: v[0] for k, v in eight.local_batch(0).items()}
     logits = jax.random.normal(jax.random.key(0), (*b["input_ids"].shape, len(tok)))
     grad = jax.grad(lambda l: masked_cross_entropy(l, jnp.asarray(b["labels"]), jnp.asarray(b["loss_mask"]))[0])(logits)
     per_position = np.abs(np.asarray(grad)).sum(-1)
-    windows = batches.row_windows(0)[0]
+    windows = eight.row_windows(0)[0]
     for r, ids in enumerate(b["input_ids"]):
         second_sep = np.flatnonzero(ids == tok.sep_id)[1]
         real = np.flatnonzero(ids != tok.pad_id)
@@ -427,7 +447,7 @@ def test_export_from_a_run_directory_loads_in_transformers(tmp_path):
 
 
 def test_export_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
-    from gpt2_jax.checkpoints import orbax as checkpoint
+    from gpt2_jax.checkpoints import orbax
     from gpt2_jax.checkpoints import hf
     from gpt2_jax.checkpoints import pretrained
     from gpt2_jax.model.config import ModelConfig
@@ -435,7 +455,7 @@ def test_export_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
 
     run(tmp_path, train__steps=2, checkpoint__every=0, mesh__data=2, mesh__fsdp=4)
     reads, held = [], []
-    original_reader = checkpoint.Checkpointer.param_reader
+    original_reader = orbax.Checkpointer.param_reader
 
     def spying_reader(self, step):
         shapes, read = original_reader(self, step)
@@ -472,7 +492,7 @@ def test_export_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
 
         original_write(shapes, tracked, st, mp)
 
-    monkeypatch.setattr(checkpoint.Checkpointer, "param_reader", spying_reader)
+    monkeypatch.setattr(orbax.Checkpointer, "param_reader", spying_reader)
     monkeypatch.setattr(hf, "_write_weights", spying_write)
     out = pretrained.export_run(str(tmp_path / "run"), str(tmp_path / "export"))
     n_params = len(param_shapes(ModelConfig.from_json(str(tmp_path / "run" / "model_config.json"))))
@@ -517,59 +537,61 @@ def test_fine_tune_on_seed_shaped_news_exits_0_with_its_samples(tmp_path):
                data__val=val_csv, data__max_length=128, data__loss_on="text", freeze__trainable="last_n_blocks",
                freeze__last_n_blocks=1, train__steps=4, train__batch_size=8, optim__grad_accum=1,
                checkpoint__every=0, sample__num=2, sample__max_new_tokens=80)
-    stdout, stderr = proc.communicate(timeout=600)
+    _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     assert re.search(r"data: 12 of 12 training rows have a title \+ keywords longer than half of data.max_length=128 "
-                     r"\(up to \d+ tokens\); their last keywords are dropped to fit 64 tokens", stdout), stdout
-    assert re.search(r"warning: held-out sample '.{16}' gets 6\d new tokens, not sample.max_new_tokens=80", stdout)
-    assert re.search(r"warning: held-out sample '.{140}' skipped: its prompt of 14\d tokens fills the context of 128",
-                     stdout)
-    assert stdout.count("[held-out] title: ") == 1
+                     r"\(up to \d+ tokens\); their last keywords are dropped to fit 64 tokens", stderr), stderr
+    assert re.search(r"\nwarning: held-out sample '.{16}' gets 6\d new tokens, not sample.max_new_tokens=80", stderr)
+    assert re.search(r"\nwarning: held-out sample '.{140}' skipped: its prompt of 14\d tokens fills the context of "
+                     r"128", stderr)
+    assert stderr.count("[held-out] title: ") == 1
     # Each training row keeps a prompt of at most 64 tokens and trains on the text after it.
     from gpt2_jax import load_tokenizer
 
     tok = load_tokenizer(tmp_path / "run")
     corpus = tokenize_corpus(read_rows(train_csv), tok, tmp_path / "cache")
-    batches = data_lib.Batches(corpus, np.arange(12), bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id,
-                               pad_id=tok.pad_id, max_length=128, batch_size=12, loss_on="text", seed=0)
-    b = batches.local_batch(0)
+    news = batches.Batches(corpus, np.arange(12), bos_id=tok.bos_id, sep_id=tok.sep_id, eos_id=tok.eos_id,
+                           pad_id=tok.pad_id, max_length=128, batch_size=12, loss_on="text", seed=0)
+    b = news.local_batch(0)
     first_text = b["loss_mask"][0].argmax(axis=1)
     assert (first_text < 64).all() and (b["loss_mask"][0].sum(axis=1) >= 64).all()
     assert (b["input_ids"][0] == tok.sep_id).sum(axis=1).tolist() == [2] * 12
 
 
 @pytest.mark.parametrize("how", ["bitflip", "truncated", "empty", "meta"])
-def test_a_damaged_newest_checkpoint_falls_back_on_load_and_resume(tmp_path, how, capsys):
-    """Load and resume use the newest step that is complete and verifies, each with one line naming the step
-    skipped; resume sets the damaged step aside and trains past it again."""
-    from test_checkpoint import damage
+def test_a_damaged_newest_checkpoint_falls_back_on_load_and_resume(tmp_path, how, caplog):
+    """Load and resume use the newest step that is complete and verifies, each with one warning naming the
+    step skipped; resume sets the damaged step aside and trains past it again."""
+    from conftest import damage
 
     from gpt2_jax import load_pretrained
 
+    caplog.set_level(logging.INFO, logger="gpt2_jax")
     run(tmp_path)  # checkpoints 3 and 6
     reference = latest_state(tmp_path / "run")
     shutil.copytree(tmp_path / "run", tmp_path / "copy")
     damage(tmp_path / "run" / "checkpoints" / "6", how)
-    capsys.readouterr()
+    caplog.clear()
     from gpt2_jax.checkpoints.hf import model_tensors
 
     shapes, read = model_tensors(load_pretrained(str(tmp_path / "run")))
     loaded = {k: read(k) for k in shapes}
-    err = capsys.readouterr().err.strip().splitlines()
+    warned = log_lines(caplog, logging.WARNING, logger="")  # any warning counts, as any stderr line did
     intact = Checkpointer(str(tmp_path / "copy"), read_only=True)
     # The parameters of step 6 may have escaped the damage (the optimiser state took it): then step 6 loads.
-    used = 3 if err else 6
+    used = 3 if warned else 6
     want = intact.restore_params(used)
     intact.close()
     assert all(np.array_equal(loaded[k], want[k]) for k in want)
     if how in ("empty", "meta"):
         assert used == 3
-    if err:
-        assert len(err) == 1 and err[0].startswith(f"warning: {tmp_path / 'run'}: checkpoint step 6 skipped: "), err
+    if warned:
+        assert len(warned) == 1 and warned[0].startswith(f"{tmp_path / 'run'}: checkpoint step 6 skipped: "), warned
+    caplog.clear()
     out = run(tmp_path)
-    printed = capsys.readouterr().out
-    assert re.search(rf"warning: checkpoint step 6 of {tmp_path / 'run'} skipped: .+\n", printed), printed
-    assert "resumed from step 3" in printed and out["steps"] == 6
+    warned = log_lines(caplog, logging.WARNING)
+    assert len(warned) == 1 and re.fullmatch(rf"checkpoint step 6 of {tmp_path / 'run'} skipped: .+", warned[0]), warned
+    assert any(m.startswith("resumed from step 3") for m in log_lines(caplog)) and out["steps"] == 6
     assert [p.name.split("-")[0] for p in (tmp_path / "run" / "corrupt-checkpoints").iterdir()] == ["6"]
     again = latest_state(tmp_path / "run")  # steps 4-6 retrained from 3: the same state as the first time
     for k in reference:
@@ -605,19 +627,20 @@ def same_tree(a: Path, b: Path) -> bool:
     return files(a) == files(b)
 
 
-def test_a_failed_runs_tokenizer_is_retrained_when_the_settings_differ(tmp_path, capsys):
+def test_a_failed_runs_tokenizer_is_retrained_when_the_settings_differ(tmp_path, caplog):
     """A run that failed after training its tokenizer (here: max_length past n_positions) leaves it in out_dir;
     the next run asks for another vocabulary size and gets it, not the earlier tokenizer."""
     from gpt2_jax import load_tokenizer
 
+    caplog.set_level(logging.INFO, logger="gpt2_jax")
     mine = dict(tokenizer__path="null", tokenizer__sentencepiece_vocab_size=400)
     with pytest.raises(GPT2JaxError, match="data.max_length=80 exceeds model n_positions=64"):
         run(tmp_path, data__max_length=80, **mine)
     assert len(load_tokenizer(tmp_path / "run" / "tokenizer")) <= 400
-    capsys.readouterr()
+    caplog.clear()
     run(tmp_path, train__steps=1, checkpoint__every=0, **{**mine, "tokenizer__sentencepiece_vocab_size": 600})
-    assert "tokenizer: retraining" in capsys.readouterr().out
+    assert any(m.startswith("tokenizer: retraining") for m in log_lines(caplog))
     assert 400 < len(load_tokenizer(tmp_path / "run" / "tokenizer")) <= 600
-    capsys.readouterr()
+    caplog.clear()
     run(tmp_path, train__steps=2, checkpoint__every=0, **{**mine, "tokenizer__sentencepiece_vocab_size": 600})
-    assert "tokenizer: retraining" not in capsys.readouterr().out  # resumed: the same tokenizer
+    assert not any("tokenizer: retraining" in m for m in log_lines(caplog))  # resumed: the same tokenizer

@@ -114,15 +114,16 @@ def test_tied_embedding_gets_both_gradients(dtype):
 
 @pytest.mark.parametrize("chunk", [2.0, "8", True, None])
 def test_chunk_must_be_an_int(chunk):
-    with pytest.raises(GPT2JaxError, match="positions_per_chunk must be an int"):
+    with pytest.raises(GPT2JaxError, match=r"model\.loss_chunk must be an int \(positions per chunk\), got "):
         lm_head_cross_entropy(*_inputs(), positions_per_chunk=chunk, dtype=jnp.float32)
 
 
 def test_shapes_are_checked():
     h_BTD, emb_VD, labels_BT, mask_BT = _inputs()
-    with pytest.raises(GPT2JaxError, match="labels"):
+    with pytest.raises(GPT2JaxError, match=r"model\.loss_chunk: the labels \(3, 11\) and loss mask \(3, 12\) must "
+                                           r"be \(3, 12\)"):
         lm_head_cross_entropy(h_BTD, emb_VD, labels_BT[:, :-1], mask_BT, positions_per_chunk=4, dtype=jnp.float32)
-    with pytest.raises(GPT2JaxError, match="embedding"):
+    with pytest.raises(GPT2JaxError, match=r"model\.loss_chunk: .* hidden states \[B, T, D\] and an embedding"):
         lm_head_cross_entropy(h_BTD, emb_VD[:, :-1], labels_BT, mask_BT, positions_per_chunk=4, dtype=jnp.float32)
 
 
@@ -244,5 +245,6 @@ def test_mesh_bf16_matches_one_device():
 
 def test_mesh_needs_a_batch_that_splits():
     mesh = sharding.make_mesh(data=2, fsdp=4)
-    with pytest.raises(GPT2JaxError, match="a batch of 3 does not split over the mesh's 8 batch shards"):
+    with pytest.raises(GPT2JaxError, match=r"model\.loss_chunk: a micro-batch of 3 sequences does not split over the "
+                                           r"data-parallel size 8 \(mesh data=2 × fsdp=4\)"):
         lm_head_cross_entropy(*_inputs(), positions_per_chunk=4, dtype=jnp.float32, mesh=mesh)

@@ -4,9 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-
 from gpt2_jax.train import config as train_config
-from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.train.optim import decay_mask, learning_rate, make_optimizer
 from gpt2_jax.train.config import OptimSection
 

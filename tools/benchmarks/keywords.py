@@ -27,7 +27,7 @@ from gpt2_jax.sample.keywords import mean_coverage
 from gpt2_jax.text import keyword_occurs, keyword_token_ids
 from gpt2_jax.checkpoints.pretrained import load_pretrained
 from gpt2_jax.train.config import load_train_config
-from gpt2_jax.train.loop import prepare_data
+from gpt2_jax.train.run_data import prepare_data
 
 LENGTHS = ("1", "2", "3+")  # keyword length classes, in tokens
 SETTINGS = ({"penalize_prompt": True}, {"penalize_prompt": False},
