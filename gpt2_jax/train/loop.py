@@ -25,6 +25,7 @@ from gpt2_jax.checkpoints.hf import load_hf_config
 from gpt2_jax.checkpoints.orbax import Checkpointer
 from gpt2_jax.checkpoints.pretrained import export_run, load_run
 from gpt2_jax.checkpoints.resume import drop_replaced, resume_state, set_aside_replaced
+from gpt2_jax.checkpoints.run_lock import hold_run_dir
 from gpt2_jax.errors import GPT2JaxError, first_line
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.layout import ModelLayout
@@ -84,25 +85,27 @@ def train(cfg: TrainConfig) -> dict:
     Re-running with the same out_dir continues from the latest checkpoint (checkpoint.resume).
     """
     t_start = time.time()
-    run = prepare(cfg)
-    ckpt, state, replacing = resume_or_init(run)
-    _report_start(run, state)
-    writer = MetricsWriter(run.out_dir, enabled=run.leader)
-    state, final = train_steps(run, ckpt, writer, state, replacing)
-    if final["preempted"]:
-        writer.close()
-        return final
-    end = finish(run, ckpt, writer, state, final)
-    del state  # the extras load the model from its checkpoint
-    export_and_sample(run, end, final)
+    with contextlib.ExitStack() as held:  # train.out_dir's writer lock, until the run ends
+        run = prepare(cfg, held)
+        ckpt, state, replacing = resume_or_init(run)
+        _report_start(run, state)
+        writer = MetricsWriter(run.out_dir, enabled=run.leader)
+        state, final = train_steps(run, ckpt, writer, state, replacing)
+        if final["preempted"]:
+            writer.close()
+            return final
+        end = finish(run, ckpt, writer, state, final)
+        del state  # the extras load the model from its checkpoint
+        export_and_sample(run, end, final)
     final.update(steps=end, seconds=time.time() - t_start)
     _info(f"done in {time.time() - t_start:.0f} s")
     return final
 
 
-def prepare(cfg: TrainConfig) -> Run:
+def prepare(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     """The mesh, the data and tokenizer, the model and its train and eval steps, after the config's checks
-    against the devices. Nothing in train.out_dir is removed before this succeeds."""
+    against the devices. Process 0 takes train.out_dir's writer lock into `held` before anything is written
+    there (another run holding it stops this one). Nothing in train.out_dir is removed before this succeeds."""
     sharding.initialize_distributed(cfg.mesh.num_processes, cfg.mesh.process_id, cfg.mesh.coordinator_address)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     dp = sharding.data_parallel_size(mesh)
@@ -120,6 +123,8 @@ def prepare(cfg: TrainConfig) -> Run:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise GPT2JaxError(f"train.out_dir {out_dir} is a file, not a directory")
     os.makedirs(out_dir, exist_ok=True)
+    if jax.process_index() == 0:
+        held.enter_context(hold_run_dir(out_dir))
     sharding.sync("out_dir")
     data = prepare_data(cfg, jax.process_index(), jax.process_count())
     model_config = run_model_config(cfg, data.tokenizer)

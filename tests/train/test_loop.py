@@ -644,3 +644,39 @@ def test_a_failed_runs_tokenizer_is_retrained_when_the_settings_differ(tmp_path,
     caplog.clear()
     run(tmp_path, train__steps=2, checkpoint__every=0, **{**mine, "tokenizer__sentencepiece_vocab_size": 600})
     assert not any("tokenizer: retraining" in m for m in log_lines(caplog))  # resumed: the same tokenizer
+
+
+def test_a_run_directory_has_one_writer(tmp_path):
+    """While one process holds train.out_dir, a second run there stops at once with one line naming the
+    holder, before it writes anything; a run in the holding process itself goes on (the lock is re-entrant)."""
+    import socket
+
+    from gpt2_jax.checkpoints.run_lock import hold_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with hold_run_dir(str(run_dir)):
+        proc = cli(tmp_path, train__steps=1, checkpoint__every=0)
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, stderr[-3000:]
+        assert stderr.strip() == (f"error: {run_dir} is in use by another run (pid {os.getpid()} on "
+                                  f"{socket.gethostname()}); a run directory has one writer: wait for it to end, "
+                                  f"or use another train.out_dir")
+        assert [p.name for p in run_dir.iterdir()] == [".lock"]
+        assert run(tmp_path, train__steps=1, checkpoint__every=0)["steps"] == 1
+
+
+def test_a_lock_left_by_a_killed_run_blocks_nothing(tmp_path):
+    """kill -9 leaves RUN_DIR/.lock behind, unlocked: the next run takes it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from gpt2_jax.checkpoints.run_lock import hold_run_dir\n"
+                               f"with hold_run_dir({str(run_dir)!r}):\n"
+                               "    print('held', flush=True)\n    time.sleep(300)\n"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.communicate()
+    assert (run_dir / ".lock").read_text().split()[0] == str(holder.pid)
+    assert run(tmp_path, train__steps=1, checkpoint__every=0)["steps"] == 1
