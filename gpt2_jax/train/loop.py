@@ -93,6 +93,8 @@ def train(cfg: TrainConfig) -> dict:
         state, final = train_steps(run, ckpt, writer, state, replacing)
         if final["preempted"]:
             writer.close()
+            if final["interrupted"]:  # saved; Ctrl-C still ends the caller (run_cli: exit status 130)
+                raise KeyboardInterrupt
             return final
         end = finish(run, ckpt, writer, state, final)
         del state  # the extras load the model from its checkpoint
@@ -174,8 +176,8 @@ def _report_start(run: Run, state: TrainState) -> None:
 def train_steps(run: Run, ckpt: Checkpointer, writer: MetricsWriter, state: TrainState,
                 replacing: bool) -> tuple[TrainState, dict]:
     """(state, metrics so far) after training from the state's step to train.steps: progress, evaluations,
-    checkpoints. SIGTERM stops it early, after a checkpoint of the current step; a non-finite loss raises
-    before it is saved."""
+    checkpoints. SIGTERM or SIGINT (Ctrl-C) stops it early, after a checkpoint of the current step; a
+    non-finite loss raises before it is saved."""
     cfg = run.cfg
     start = int(sharding.local_value(state.step))
     throughput = _Throughput(run, state, start)
@@ -203,8 +205,9 @@ def train_steps(run: Run, ckpt: Checkpointer, writer: MetricsWriter, state: Trai
             if preempted:
                 ckpt.wait()
                 bar.close()
-                _info(f"SIGTERM: saved a checkpoint at step {done} and stopped; re-run the same command to resume")
-                final.update(preempted=True, steps=done)
+                how = "SIGINT (Ctrl-C)" if preemption.signal == "SIGINT" else "SIGTERM"
+                _info(f"{how}: saved a checkpoint at step {done} and stopped; re-run the same command to resume")
+                final.update(preempted=True, steps=done, interrupted=preemption.signal == "SIGINT")
                 return state, final
     bar.close()
     return state, final
@@ -350,23 +353,32 @@ def export_and_sample(run: Run, end: int, final: dict) -> None:
 
 
 class _Preemption:
-    """SIGTERM (how TPU preemption and schedulers stop a job) asks the loop to checkpoint and leave."""
+    """SIGTERM (how TPU preemption and schedulers stop a job) and SIGINT (Ctrl-C) ask the loop to checkpoint
+    and leave. A second Ctrl-C interrupts at once."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signal: str | None = None  # the name of the signal that asked
+        self._previous: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job ignores Ctrl-C
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def now(self, step: int) -> bool:
         if jax.process_count() > 1:  # every process must stop at the same step

@@ -680,3 +680,23 @@ def test_a_lock_left_by_a_killed_run_blocks_nothing(tmp_path):
     holder.communicate()
     assert (run_dir / ".lock").read_text().split()[0] == str(holder.pid)
     assert run(tmp_path, train__steps=1, checkpoint__every=0)["steps"] == 1
+
+
+def test_ctrl_c_saves_the_current_step_in_one_line_and_resume_continues(tmp_path):
+    """SIGINT, with a save every step (so that it likely lands in one): exit status 130, no traceback, one
+    line naming the step saved; the run resumes from it."""
+    proc = cli(tmp_path, train__steps=10_000, checkpoint__every=1)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    saved = Checkpointer(str(tmp_path / "run"), read_only=True).latest_step()
+    lines = [l for l in re.split(r"[\r\n]", stderr) if "saved a checkpoint" in l]
+    assert lines == [f"SIGINT (Ctrl-C): saved a checkpoint at step {saved} and stopped; re-run the same command "
+                     f"to resume"], stderr[-3000:]
+    out = run(tmp_path, train__steps=saved + 2, checkpoint__every=0)
+    assert out["steps"] == saved + 2
