@@ -24,7 +24,7 @@ from gpt2_jax import sharding
 from gpt2_jax.checkpoints.hf import load_hf_config
 from gpt2_jax.checkpoints.orbax import Checkpointer
 from gpt2_jax.checkpoints.pretrained import export_run, load_run
-from gpt2_jax.checkpoints.resume import drop_replaced, resume_state, set_aside_replaced
+from gpt2_jax.checkpoints.resume import drop_replaced, restore_replaced, resume_state, set_aside_replaced
 from gpt2_jax.checkpoints.run_lock import hold_run_dir
 from gpt2_jax.errors import GPT2JaxError, first_line
 from gpt2_jax.model.config import ModelConfig
@@ -128,6 +128,8 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     if jax.process_index() == 0:
         held.enter_context(hold_run_dir(out_dir))
     sharding.sync("out_dir")
+    if cfg.checkpoint.resume:  # before the tokenizer: a resumed run keeps its checkpoints' tokenizer
+        restore_replaced(out_dir)
     data = prepare_data(cfg, jax.process_index(), jax.process_count())
     model_config = run_model_config(cfg, data.tokenizer)
     setup = build_setup(model_config, cfg, mesh)

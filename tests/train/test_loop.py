@@ -700,3 +700,25 @@ def test_ctrl_c_saves_the_current_step_in_one_line_and_resume_continues(tmp_path
                      f"to resume"], stderr[-3000:]
     out = run(tmp_path, train__steps=saved + 2, checkpoint__every=0)
     assert out["steps"] == saved + 2
+
+
+def test_checkpoints_set_aside_by_a_killed_resume_false_run_come_back(tmp_path, caplog):
+    """A checkpoint.resume=false run killed after setting the earlier checkpoints aside, before its first
+    checkpoint: the next default run moves them back (one line) and resumes; the next resume=false run
+    drops them once it has a checkpoint of its own."""
+    from gpt2_jax.checkpoints.resume import set_aside_replaced
+
+    caplog.set_level(logging.INFO, logger="gpt2_jax")
+    run(tmp_path, train__steps=3)
+    run_dir = tmp_path / "run"
+    assert set_aside_replaced(str(run_dir))  # what the killed run did
+    caplog.clear()
+    out = run(tmp_path, train__steps=4, checkpoint__every=0)
+    moved = [m for m in log_lines(caplog) if "set aside: moved" in m]
+    assert len(moved) == 1 and moved[0].startswith(f"{run_dir} had no checkpoint of its own"), log_lines(caplog)
+    assert any(m.startswith("resumed from step 3") for m in log_lines(caplog)) and out["steps"] == 4
+    assert not list(run_dir.glob("checkpoints.replaced-*"))
+    set_aside_replaced(str(run_dir))
+    out = run(tmp_path, train__steps=2, checkpoint__every=0, checkpoint__resume="false")
+    assert out["steps"] == 2 and not list(run_dir.glob("checkpoints.replaced-*"))
+    assert Checkpointer(str(run_dir), read_only=True).all_steps() == [2]
