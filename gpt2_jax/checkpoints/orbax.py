@@ -9,6 +9,8 @@ checkpoint. What a resumed run may change, and the step it resumes from, are che
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -92,8 +94,9 @@ class Checkpointer:
         verified against its checksums; a damaged step raises CorruptCheckpoint."""
         want = self.meta(step).get(CHECKSUMS, {})
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(dict(target._asdict()))))["state"]
+            with _loops_finish_their_tasks():
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(dict(target._asdict()))))["state"]
         except Exception as e:
             raise CorruptCheckpoint(f"its state is unreadable ({first_line(e)})") from None
         got = {k: int(sharding.local_value(v)) for k, v in _checksums(out).items()}
@@ -148,8 +151,9 @@ class Checkpointer:
     def _restore_to_host(self, step: int, item: dict) -> dict:
         """The part of the state of `step` that `item` names (a subtree of ShapeDtypeStructs), as numpy."""
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True)))["state"]
+        with _loops_finish_their_tasks():
+            return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True)))["state"]
 
     def set_aside(self, steps: list[int], run_dir: str) -> None:
         """Move damaged steps out of the checkpoint directory (to RUN_DIR/corrupt-checkpoints/), so that the
@@ -170,6 +174,37 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class _TidyLoop(asyncio.SelectorEventLoop):
+    """An event loop that, closed, first lets its pending tasks finish (for at most a minute)."""
+
+    def close(self) -> None:
+        if not self.is_running() and not self.is_closed():
+            pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+            if pending:
+                self.run_until_complete(asyncio.wait(pending, timeout=60))
+        super().close()
+
+
+class _TidyLoops(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _TidyLoop()
+
+
+@contextlib.contextmanager
+def _loops_finish_their_tasks():
+    """Orbax runs a restore in a new event loop that it closes as soon as the restore returns or raises
+    (asyncio_utils.run_sync, without asyncio.run's cancelling of what is left): a failed read leaves the other
+    reads' tasks pending, and TensorStore, completing them later, calls into the closed loop from its threads,
+    each printing a traceback ("RuntimeError: Event loop is closed"). In this block, a new loop finishes its
+    pending tasks before it closes."""
+    policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_TidyLoops())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(policy)
 
 
 class CorruptCheckpoint(GPT2JaxError):

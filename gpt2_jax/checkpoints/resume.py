@@ -101,23 +101,54 @@ def resume_state(ckpt: Checkpointer, run_dir: str, target, meta: dict):
 
 def set_aside_replaced(run_dir: str) -> bool:
     """checkpoint.resume=false: move the earlier run's checkpoints aside, to be deleted by `drop_replaced`
-    once this run has saved one (a run killed before then leaves them). Whether there were any."""
+    once this run has saved one (a run killed before then leaves them, and a resuming run takes them back:
+    `restore_replaced`). Whether there are earlier checkpoints (these, or some set aside before) to drop."""
     old = checkpoint_dir(run_dir)
     present = os.path.isdir(old)
+    earlier = bool(_set_asides(run_dir))
     sharding.sync("replace_checkpoints_seen")  # every process has looked before process 0 moves them
     if present and jax.process_index() == 0:
-        aside = f"{old}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside = f"{old}{_REPLACED}{time.strftime('%Y%m%d-%H%M%S')}"
         os.replace(old, aside)
         log.info(f"checkpoint.resume=false: moved the earlier checkpoints of {run_dir} aside to {aside}; they are "
                  f"deleted once this run has written its first checkpoint")
     sharding.sync("replace_checkpoints")
-    return present
+    return present or earlier
+
+
+def restore_replaced(run_dir: str) -> None:
+    """checkpoint.resume=true in a run directory with no checkpoint of its own but the earlier checkpoints an
+    interrupted checkpoint.resume=false run set aside: move them back (one line), to resume from."""
+    current = checkpoint_dir(run_dir)
+    if jax.process_index() == 0 and not _has_step(current):
+        usable = [a for a in _set_asides(run_dir) if _has_step(a)]
+        if usable:
+            shutil.rmtree(current, ignore_errors=True)  # at most the temporary directory of an unfinished save
+            os.replace(usable[0], current)
+            log.info(f"{run_dir} had no checkpoint of its own but those an interrupted checkpoint.resume=false run "
+                     f"set aside: moved {usable[0]} back to {current}, to resume from")
+    sharding.sync("restore_replaced")
 
 
 def drop_replaced(run_dir: str) -> None:
     """Delete the checkpoints that `set_aside_replaced` moved aside, now that the run has one of its own."""
     if jax.process_index() == 0:
-        parent, name = os.path.split(checkpoint_dir(run_dir))
-        for entry in os.listdir(parent):
-            if entry.startswith(name + ".replaced-"):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        for aside in _set_asides(run_dir):
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+_REPLACED = ".replaced-"  # checkpoints/ set aside: checkpoints.replaced-YYYYmmdd-HHMMSS
+
+
+def _set_asides(run_dir: str) -> list[str]:
+    """The checkpoint directories `set_aside_replaced` moved aside, newest first."""
+    parent, name = os.path.split(checkpoint_dir(run_dir))
+    if not os.path.isdir(parent):
+        return []
+    return sorted((os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(name + _REPLACED)),
+                  reverse=True)
+
+
+def _has_step(directory: str) -> bool:
+    """Whether a checkpoint directory holds a complete step (Orbax names an unfinished one <step>.orbax-...)."""
+    return os.path.isdir(directory) and any(e.isdigit() for e in os.listdir(directory))

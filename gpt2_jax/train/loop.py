@@ -24,7 +24,8 @@ from gpt2_jax import sharding
 from gpt2_jax.checkpoints.hf import load_hf_config
 from gpt2_jax.checkpoints.orbax import Checkpointer
 from gpt2_jax.checkpoints.pretrained import export_run, load_run
-from gpt2_jax.checkpoints.resume import drop_replaced, resume_state, set_aside_replaced
+from gpt2_jax.checkpoints.resume import drop_replaced, restore_replaced, resume_state, set_aside_replaced
+from gpt2_jax.checkpoints.run_lock import hold_run_dir
 from gpt2_jax.errors import GPT2JaxError, first_line
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.layout import ModelLayout
@@ -84,25 +85,29 @@ def train(cfg: TrainConfig) -> dict:
     Re-running with the same out_dir continues from the latest checkpoint (checkpoint.resume).
     """
     t_start = time.time()
-    run = prepare(cfg)
-    ckpt, state, replacing = resume_or_init(run)
-    _report_start(run, state)
-    writer = MetricsWriter(run.out_dir, enabled=run.leader)
-    state, final = train_steps(run, ckpt, writer, state, replacing)
-    if final["preempted"]:
-        writer.close()
-        return final
-    end = finish(run, ckpt, writer, state, final)
-    del state  # the extras load the model from its checkpoint
-    export_and_sample(run, end, final)
+    with contextlib.ExitStack() as held:  # train.out_dir's writer lock, until the run ends
+        run = prepare(cfg, held)
+        ckpt, state, replacing = resume_or_init(run)
+        _report_start(run, state)
+        writer = MetricsWriter(run.out_dir, enabled=run.leader)
+        state, final = train_steps(run, ckpt, writer, state, replacing)
+        if final["preempted"]:
+            writer.close()
+            if final["interrupted"]:  # saved; Ctrl-C still ends the caller (run_cli: exit status 130)
+                raise KeyboardInterrupt
+            return final
+        end = finish(run, ckpt, writer, state, final)
+        del state  # the extras load the model from its checkpoint
+        export_and_sample(run, end, final)
     final.update(steps=end, seconds=time.time() - t_start)
     _info(f"done in {time.time() - t_start:.0f} s")
     return final
 
 
-def prepare(cfg: TrainConfig) -> Run:
+def prepare(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     """The mesh, the data and tokenizer, the model and its train and eval steps, after the config's checks
-    against the devices. Nothing in train.out_dir is removed before this succeeds."""
+    against the devices. Process 0 takes train.out_dir's writer lock into `held` before anything is written
+    there (another run holding it stops this one). Nothing in train.out_dir is removed before this succeeds."""
     sharding.initialize_distributed(cfg.mesh.num_processes, cfg.mesh.process_id, cfg.mesh.coordinator_address)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     dp = sharding.data_parallel_size(mesh)
@@ -120,7 +125,11 @@ def prepare(cfg: TrainConfig) -> Run:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise GPT2JaxError(f"train.out_dir {out_dir} is a file, not a directory")
     os.makedirs(out_dir, exist_ok=True)
+    if jax.process_index() == 0:
+        held.enter_context(hold_run_dir(out_dir))
     sharding.sync("out_dir")
+    if cfg.checkpoint.resume:  # before the tokenizer: a resumed run keeps its checkpoints' tokenizer
+        restore_replaced(out_dir)
     data = prepare_data(cfg, jax.process_index(), jax.process_count())
     model_config = run_model_config(cfg, data.tokenizer)
     setup = build_setup(model_config, cfg, mesh)
@@ -169,8 +178,8 @@ def _report_start(run: Run, state: TrainState) -> None:
 def train_steps(run: Run, ckpt: Checkpointer, writer: MetricsWriter, state: TrainState,
                 replacing: bool) -> tuple[TrainState, dict]:
     """(state, metrics so far) after training from the state's step to train.steps: progress, evaluations,
-    checkpoints. SIGTERM stops it early, after a checkpoint of the current step; a non-finite loss raises
-    before it is saved."""
+    checkpoints. SIGTERM or SIGINT (Ctrl-C) stops it early, after a checkpoint of the current step; a
+    non-finite loss raises before it is saved."""
     cfg = run.cfg
     start = int(sharding.local_value(state.step))
     throughput = _Throughput(run, state, start)
@@ -198,8 +207,9 @@ def train_steps(run: Run, ckpt: Checkpointer, writer: MetricsWriter, state: Trai
             if preempted:
                 ckpt.wait()
                 bar.close()
-                _info(f"SIGTERM: saved a checkpoint at step {done} and stopped; re-run the same command to resume")
-                final.update(preempted=True, steps=done)
+                how = "SIGINT (Ctrl-C)" if preemption.signal == "SIGINT" else "SIGTERM"
+                _info(f"{how}: saved a checkpoint at step {done} and stopped; re-run the same command to resume")
+                final.update(preempted=True, steps=done, interrupted=preemption.signal == "SIGINT")
                 return state, final
     bar.close()
     return state, final
@@ -345,23 +355,32 @@ def export_and_sample(run: Run, end: int, final: dict) -> None:
 
 
 class _Preemption:
-    """SIGTERM (how TPU preemption and schedulers stop a job) asks the loop to checkpoint and leave."""
+    """SIGTERM (how TPU preemption and schedulers stop a job) and SIGINT (Ctrl-C) ask the loop to checkpoint
+    and leave. A second Ctrl-C interrupts at once."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signal: str | None = None  # the name of the signal that asked
+        self._previous: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job ignores Ctrl-C
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def now(self, step: int) -> bool:
         if jax.process_count() > 1:  # every process must stop at the same step

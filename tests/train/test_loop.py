@@ -644,3 +644,81 @@ def test_a_failed_runs_tokenizer_is_retrained_when_the_settings_differ(tmp_path,
     caplog.clear()
     run(tmp_path, train__steps=2, checkpoint__every=0, **{**mine, "tokenizer__sentencepiece_vocab_size": 600})
     assert not any("tokenizer: retraining" in m for m in log_lines(caplog))  # resumed: the same tokenizer
+
+
+def test_a_run_directory_has_one_writer(tmp_path):
+    """While one process holds train.out_dir, a second run there stops at once with one line naming the
+    holder, before it writes anything; a run in the holding process itself goes on (the lock is re-entrant)."""
+    import socket
+
+    from gpt2_jax.checkpoints.run_lock import hold_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with hold_run_dir(str(run_dir)):
+        proc = cli(tmp_path, train__steps=1, checkpoint__every=0)
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, stderr[-3000:]
+        assert stderr.strip() == (f"error: {run_dir} is in use by another run (pid {os.getpid()} on "
+                                  f"{socket.gethostname()}); a run directory has one writer: wait for it to end, "
+                                  f"or use another train.out_dir")
+        assert [p.name for p in run_dir.iterdir()] == [".lock"]
+        assert run(tmp_path, train__steps=1, checkpoint__every=0)["steps"] == 1
+
+
+def test_a_lock_left_by_a_killed_run_blocks_nothing(tmp_path):
+    """kill -9 leaves RUN_DIR/.lock behind, unlocked: the next run takes it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from gpt2_jax.checkpoints.run_lock import hold_run_dir\n"
+                               f"with hold_run_dir({str(run_dir)!r}):\n"
+                               "    print('held', flush=True)\n    time.sleep(300)\n"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.communicate()
+    assert (run_dir / ".lock").read_text().split()[0] == str(holder.pid)
+    assert run(tmp_path, train__steps=1, checkpoint__every=0)["steps"] == 1
+
+
+def test_ctrl_c_saves_the_current_step_in_one_line_and_resume_continues(tmp_path):
+    """SIGINT, with a save every step (so that it likely lands in one): exit status 130, no traceback, one
+    line naming the step saved; the run resumes from it."""
+    proc = cli(tmp_path, train__steps=10_000, checkpoint__every=1)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    saved = Checkpointer(str(tmp_path / "run"), read_only=True).latest_step()
+    lines = [l for l in re.split(r"[\r\n]", stderr) if "saved a checkpoint" in l]
+    assert lines == [f"SIGINT (Ctrl-C): saved a checkpoint at step {saved} and stopped; re-run the same command "
+                     f"to resume"], stderr[-3000:]
+    out = run(tmp_path, train__steps=saved + 2, checkpoint__every=0)
+    assert out["steps"] == saved + 2
+
+
+def test_checkpoints_set_aside_by_a_killed_resume_false_run_come_back(tmp_path, caplog):
+    """A checkpoint.resume=false run killed after setting the earlier checkpoints aside, before its first
+    checkpoint: the next default run moves them back (one line) and resumes; the next resume=false run
+    drops them once it has a checkpoint of its own."""
+    from gpt2_jax.checkpoints.resume import set_aside_replaced
+
+    caplog.set_level(logging.INFO, logger="gpt2_jax")
+    run(tmp_path, train__steps=3)
+    run_dir = tmp_path / "run"
+    assert set_aside_replaced(str(run_dir))  # what the killed run did
+    caplog.clear()
+    out = run(tmp_path, train__steps=4, checkpoint__every=0)
+    moved = [m for m in log_lines(caplog) if "set aside: moved" in m]
+    assert len(moved) == 1 and moved[0].startswith(f"{run_dir} had no checkpoint of its own"), log_lines(caplog)
+    assert any(m.startswith("resumed from step 3") for m in log_lines(caplog)) and out["steps"] == 4
+    assert not list(run_dir.glob("checkpoints.replaced-*"))
+    set_aside_replaced(str(run_dir))
+    out = run(tmp_path, train__steps=2, checkpoint__every=0, checkpoint__resume="false")
+    assert out["steps"] == 2 and not list(run_dir.glob("checkpoints.replaced-*"))
+    assert Checkpointer(str(run_dir), read_only=True).all_steps() == [2]
