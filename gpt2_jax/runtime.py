@@ -64,18 +64,39 @@ class _Lines(logging.Formatter):
         return line if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {line}"
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever `sys.stderr` is when a line is written (not the stream of the moment
+    it was made, which a test's capture may have closed since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def _shown(record: logging.LogRecord) -> bool:
+    return record.name.startswith("gpt2_jax") or record.levelno >= logging.WARNING
+
+
 def configure_logging(level: int = logging.INFO) -> None:
-    """The library's log lines (logger "gpt2_jax") on stderr, from `level` up; once per process."""
-    logger = logging.getLogger("gpt2_jax")
-    logger.setLevel(level)
-    if not any(getattr(h, "_gpt2_jax", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    """The library's log lines (loggers "gpt2_jax.*") on stderr from `level` up, and other libraries' warnings;
+    once per process.
+
+    The handler sits on the root logger, so records still propagate (pytest's caplog sees them), and the
+    root has a handler before any library logs: Python's module-level `logging.info()` (Orbax's, through
+    absl) would otherwise give the root a `basicConfig` handler that prints every line a second time.
+    """
+    logging.getLogger("gpt2_jax").setLevel(level)
+    root = logging.getLogger()
+    if not any(getattr(h, "_gpt2_jax", False) for h in root.handlers):
+        handler = _Stderr()
         handler.setFormatter(_Lines("%(message)s"))
+        handler.addFilter(_shown)
         handler._gpt2_jax = True
-        logger.addHandler(handler)
-    # Shown here only: a root handler (absl adds one with logging.basicConfig on Orbax's first log line) would
-    # print each line again.
-    logger.propagate = False
+        root.addHandler(handler)
 
 
 def run_cli(main: Callable[[], object]) -> None:

@@ -78,3 +78,27 @@ def test_cli_log_lines_are_shown_once_after_absl_configures_the_root_logger():
             "run_cli(main)\n")
     got = _python(code)
     assert got.stderr.splitlines() == ["resumed", "warning: step 4 skipped"]
+
+
+def test_cli_logging_leaves_records_propagating_and_follows_stderr(capsys, caplog):
+    """After a command line ran in this process (as tests do), the library's records still reach pytest's
+    caplog (they propagate), and the handler writes to the stderr of the moment, not a closed one."""
+    import io
+    import logging
+    import sys
+
+    from gpt2_jax.runtime import configure_logging
+
+    configure_logging()
+    configure_logging()  # once per process: no second handler
+    assert sum(getattr(h, "_gpt2_jax", False) for h in logging.getLogger().handlers) == 1
+    old, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        with caplog.at_level(logging.INFO, logger="gpt2_jax"):
+            logging.getLogger("gpt2_jax.train.loop").warning("step 6 skipped")
+            logging.getLogger("other").info("not ours")
+        written = sys.stderr.getvalue()
+    finally:
+        sys.stderr = old
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("gpt2_jax")] == ["step 6 skipped"]
+    assert written == "warning: step 6 skipped\n"
