@@ -225,6 +225,7 @@ def test_cli_trains_on_sample(tmp_path, kind, vocab_size):
     assert tok.decode(tok.format_example("Roast Potatoes", "cooking oven", TEXT)).endswith(TEXT)
 
 
+@pytest.mark.slow
 def test_cli_missing_corpus_exits_2(tmp_path):
     result = run_tool("--corpus", str(tmp_path / "none.csv"), "--kind", "bpe", "--vocab-size", "500",
                       "--out", str(tmp_path / "o"))

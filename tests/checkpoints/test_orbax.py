@@ -30,6 +30,7 @@ def flat(state) -> dict:
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state)}
 
 
+@pytest.mark.slow
 def test_a_state_saved_on_fsdp8_restores_bitwise_on_one_device_and_on_data2_fsdp4(tmp_path):
     src = setup_on(1, 8, 8)
     state = train_step.init_state(src)
@@ -85,6 +86,7 @@ def test_frozen_parameters_have_no_optimiser_state_in_the_checkpoint(tmp_path):
     assert set(tree["frozen"]).isdisjoint(moments)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["bitflip", "truncated", "empty", "meta"])
 def test_a_damaged_step_is_refused_and_the_previous_one_used(tmp_path, how, caplog):
     from gpt2_jax.checkpoints.pretrained import newest_good

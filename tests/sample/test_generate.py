@@ -64,6 +64,7 @@ def hf_generate(ref, ids, mask, **kw):
 LENGTHS = [9, 4, 13]
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers(models, attention_path):
     """Left-padded prompts of unequal length: token for token HF's greedy generate, EOS handling included."""
     ref, model = models

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "sample.csv"
 
 
+@pytest.mark.slow
 def test_a_second_run_says_once_that_the_directory_is_prepared(tmp_path):
     train_sentencepiece(row_texts(read_rows(str(SAMPLE))), tmp_path / "tok", 500)
     cmd = [sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--corpus", str(SAMPLE),

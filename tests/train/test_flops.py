@@ -25,6 +25,7 @@ def test_gpt2_124m_is_6n_plus_attention():
     assert flops_per_token(cfg, 1024, set()) == 2 * n + 4 * 12 * 12 * 64 * 1024  # nothing trains: forward only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [["freeze.trainable=all"], ["freeze.trainable=head"],
                                        ["freeze.trainable=last_n_blocks", "freeze.last_n_blocks=1"],
                                        ["freeze.trainable=patterns", "freeze.patterns=[h/2/mlp]"]])

@@ -74,6 +74,7 @@ def latest_state(run_dir: Path) -> dict:
                              jax.tree_util.tree_leaves_with_path(state)}}
 
 
+@pytest.mark.slow
 def test_demo_shaped_run_learns_and_exports(tmp_path):
     # 200 steps: long rows continue in windows whose repeated prompt is context only, so a step holds about
     # half the labels it held when rows were cut at the window (and harder ones: text, not titles).
@@ -109,6 +110,7 @@ def test_demo_shaped_run_learns_and_exports(tmp_path):
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (tok.bos_id, tok.eos_id, tok.pad_id)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [{}, {"mesh__data": 2, "mesh__fsdp": 4}], ids=["data8", "data2-fsdp4"])
 def test_resume_is_bitwise_equal_to_one_run(tmp_path, mesh):
     """6 steps in one run == 3 steps, a fresh start restoring, 3 more: with dropout, keyword augmentation and
@@ -123,6 +125,7 @@ def test_resume_is_bitwise_equal_to_one_run(tmp_path, mesh):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_breaking_change_and_allows_a_harmless_one(tmp_path):
     run(tmp_path, train__steps=3)
     with pytest.raises(GPT2JaxError, match=r"cannot resume .*model.n_embd: 32 -> 64"):
@@ -136,6 +139,7 @@ def test_resume_refuses_a_breaking_change_and_allows_a_harmless_one(tmp_path):
     assert fresh["steps"] == 2 and Checkpointer(str(tmp_path / "run"), read_only=True).latest_step() == 2
 
 
+@pytest.mark.slow
 def test_resume_accepts_the_changes_it_declares_harmless(tmp_path, caplog):
     """model.dropout and model.dtype may change on resume (the model's dropout rates and compute dtype, saved
     with each checkpoint, change with them); the model's shape may not, and the refusal names the key."""
@@ -166,6 +170,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert Checkpointer(str(tmp_path / "run"), read_only=True).latest_step() == 4
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path):
     proc = cli(tmp_path, train__steps=10_000, checkpoint__every=0)
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -181,6 +186,7 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path):
     assert out["steps"] == saved + 2
 
 
+@pytest.mark.slow
 def test_checkpoint_crosses_topologies(tmp_path):
     """Written with fsdp=8 on 8 devices, continued on 1 device: the same losses as one run on 8 devices."""
     reference = run(tmp_path / "ref", mesh__data=1, mesh__fsdp=8, checkpoint__every=0)
@@ -197,6 +203,7 @@ def test_checkpoint_crosses_topologies(tmp_path):
     assert reference["steps"] == 6
 
 
+@pytest.mark.slow
 def test_one_device_resume_is_bitwise_and_continues_on_fsdp8(tmp_path):
     """On 1 device: 6 steps == 3 + resume + 3, bitwise. The 1-device checkpoint of step 3 also continues
     with fsdp=8 on 8 devices with the same losses (the reverse of the test above)."""
@@ -235,6 +242,7 @@ def test_bad_runs_fail_with_a_clear_message(tmp_path, extra, message):
         run(tmp_path, **extra)
 
 
+@pytest.mark.slow
 def test_malformed_rows_and_empty_corpus(tmp_path):
     bad = tmp_path / "bad.csv"
     rows = SAMPLE.read_text().splitlines(keepends=True)
@@ -286,6 +294,7 @@ def gpt2_like_dir(tmp_path_factory):
     return path, model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("freeze, trainable_prefixes", [
     (["freeze.trainable=head"], ("transformer/wte/",)),
     (["freeze.trainable=last_n_blocks", "freeze.last_n_blocks=1"], ("transformer/h/2/", "transformer/ln_f/")),
@@ -372,6 +381,7 @@ def train_losses(run_dir: Path) -> dict:
             if l["split"] == "train"}
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_eight_devices(tmp_path):
     """jax.distributed over localhost, 4 CPU devices per process: the losses of one 8-device process."""
     run(tmp_path / "one", mesh__data=2, mesh__fsdp=4, checkpoint__every=0)
@@ -389,6 +399,7 @@ def test_two_processes_train_like_one_with_eight_devices(tmp_path):
     assert [p.name for p in (tmp_path / "two" / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["6"]
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     steps = dict(train__steps=12, checkpoint__every=2, checkpoint__keep=2)
     run(tmp_path / "ref", **steps)
@@ -422,6 +433,7 @@ def test_kill_9_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tmp
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_export_from_a_run_directory_loads_in_transformers(tmp_path):
     """tools/export_hf.py on an fsdp-sharded checkpoint: Flax and PyTorch GPT-2 give our logits; special tokens
     and generation defaults set."""
@@ -446,6 +458,7 @@ def test_export_from_a_run_directory_loads_in_transformers(tmp_path):
     assert (pt.config.sep_token_id, pt.config.pad_token_id) == (tok.sep_id, tok.pad_id)
 
 
+@pytest.mark.slow
 def test_export_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
     from gpt2_jax.checkpoints import orbax
     from gpt2_jax.checkpoints import hf
@@ -518,6 +531,7 @@ def seed_shaped_news(tmp: Path, rows: int, rng) -> tuple[Path, list[str]]:
     return path, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "，", "。", *chars]
 
 
+@pytest.mark.slow
 def test_fine_tune_on_seed_shaped_news_exits_0_with_its_samples(tmp_path):
     """The fine-tune of issue 12: a GPT-2 with a BERT vocabulary, 30-keyword rows far longer than the window,
     loss on text only, the top block trained. Keyword lists are cut to half the window at data time, and the
@@ -558,6 +572,7 @@ def test_fine_tune_on_seed_shaped_news_exits_0_with_its_samples(tmp_path):
     assert (b["input_ids"][0] == tok.sep_id).sum(axis=1).tolist() == [2] * 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["bitflip", "truncated", "empty", "meta"])
 def test_a_damaged_newest_checkpoint_falls_back_on_load_and_resume(tmp_path, how, caplog):
     """Load and resume use the newest step that is complete and verifies, each with one warning naming the
@@ -598,6 +613,7 @@ def test_a_damaged_newest_checkpoint_falls_back_on_load_and_resume(tmp_path, how
         np.testing.assert_array_equal(again[k], reference[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_resume_false_keeps_the_old_checkpoints_until_the_new_run_has_one(tmp_path):
     run(tmp_path, train__steps=3)
     with pytest.raises(GPT2JaxError, match="does not exist"):
@@ -627,6 +643,7 @@ def same_tree(a: Path, b: Path) -> bool:
     return files(a) == files(b)
 
 
+@pytest.mark.slow
 def test_a_failed_runs_tokenizer_is_retrained_when_the_settings_differ(tmp_path, caplog):
     """A run that failed after training its tokenizer (here: max_length past n_positions) leaves it in out_dir;
     the next run asks for another vocabulary size and gets it, not the earlier tokenizer."""
@@ -666,6 +683,7 @@ def test_a_run_directory_has_one_writer(tmp_path):
         assert run(tmp_path, train__steps=1, checkpoint__every=0)["steps"] == 1
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_run_blocks_nothing(tmp_path):
     """kill -9 leaves RUN_DIR/.lock behind, unlocked: the next run takes it."""
     run_dir = tmp_path / "run"
@@ -682,6 +700,7 @@ def test_a_lock_left_by_a_killed_run_blocks_nothing(tmp_path):
     assert run(tmp_path, train__steps=1, checkpoint__every=0)["steps"] == 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_current_step_in_one_line_and_resume_continues(tmp_path):
     """SIGINT, with a save every step (so that it likely lands in one): exit status 130, no traceback, one
     line naming the step saved; the run resumes from it."""
@@ -702,6 +721,7 @@ def test_ctrl_c_saves_the_current_step_in_one_line_and_resume_continues(tmp_path
     assert out["steps"] == saved + 2
 
 
+@pytest.mark.slow
 def test_checkpoints_set_aside_by_a_killed_resume_false_run_come_back(tmp_path, caplog):
     """A checkpoint.resume=false run killed after setting the earlier checkpoints aside, before its first
     checkpoint: the next default run moves them back (one line) and resumes; the next resume=false run

@@ -79,6 +79,7 @@ def test_equals_torch_autograd():
     np.testing.assert_allclose(de, e.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tied_embedding_gets_both_gradients(dtype):
     """Through the real model: the head's gradient adds to the input embedding's, as with model.logits."""
@@ -170,6 +171,7 @@ def no_persistent_cache():
     jax.config.update("jax_enable_compilation_cache", old)
 
 
+@pytest.mark.slow
 def test_tpu_one_chunk_keeps_logits_in_bf16(no_persistent_cache):
     """Compiled by libtpu for one v5e chip (the CPU compiler upcasts bf16 dots, so it cannot show this): in
     one chunk the bf16 loss holds the logits in bf16 only, where the float32 full-logits loss needs them whole."""
@@ -231,6 +233,7 @@ def test_sharded_batch_stays_split_and_matches(use_mesh):
     assert (in_loops == []) if use_mesh else ("all-reduce" in in_loops or "reduce-scatter" in in_loops)
 
 
+@pytest.mark.slow
 def test_mesh_bf16_matches_one_device():
     mesh = sharding.make_mesh(data=2, fsdp=4)
     args = _inputs(B=8, T=10, D=8, V=53, seed=3)

@@ -60,6 +60,7 @@ def single():
     return run()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data, fsdp", [(2, 4), (8, 1), (1, 8)])
 def test_same_losses_on_8_devices(single, data, fsdp):
     losses, _, end, state = run(data=data, fsdp=fsdp, n_devices=8)
@@ -71,6 +72,7 @@ def test_same_losses_on_8_devices(single, data, fsdp):
         assert kernel.addressable_shards[0].data.shape == (MC.n_embd // fsdp, 4 * MC.n_embd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["block", "dots_with_no_batch_dims_saveable", "nothing_saveable"])
 def test_remat_changes_nothing_but_memory(single, remat):
     losses, _, end, _ = run([f"model.remat={remat}"])
@@ -78,6 +80,7 @@ def test_remat_changes_nothing_but_memory(single, remat):
     assert_close_params(end, single[2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data, fsdp", [(1, 1), (2, 4)])
 def test_chunked_loss_trains_the_same(single, data, fsdp):
     losses, _, end, _ = run(["model.loss_chunk=5"], data=data, fsdp=fsdp, n_devices=data * fsdp)
@@ -85,18 +88,21 @@ def test_chunked_loss_trains_the_same(single, data, fsdp):
     assert_close_params(end, single[2])
 
 
+@pytest.mark.slow
 def test_unpacked_batches_train_the_same(single):
     losses, _, end, _ = run(["data.packing=false"])
     np.testing.assert_allclose(losses, single[0], rtol=1e-6)
     assert_close_params(end, single[2])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_is_one_big_batch(single):
     losses, _, end, _ = run(accum=4)
     np.testing.assert_allclose(losses, single[0], rtol=1e-5)
     assert_close_params(end, single[2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, trainable", [
     (["freeze.trainable=head"], {"transformer/wte/embedding"}),
     (["freeze.trainable=last_n_blocks", "freeze.last_n_blocks=2"], None),
@@ -158,6 +164,7 @@ def test_loss_and_adamw_step_equal_transformers_and_torch(hf_dir):
         np.testing.assert_allclose(v, want, rtol=1e-4, atol=2e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_gradients_equal_torch(hf_dir):
     """Every parameter's gradient of the mean token loss equals PyTorch autograd's through GPT2LMHeadModel
     (LayerNorm has a hand-written backward; the tied head sums both uses)."""
