@@ -170,13 +170,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert Checkpointer(str(tmp_path / "run"), read_only=True).latest_step() == 4
 
 
+def _wait_for_records(metrics, n: int, *, poll: float, timeout: float = 120):
+    """`metrics` (a run's metrics.jsonl) once it holds `n` records, or after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
+        time.sleep(poll)
+    return metrics
+
+
 @pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path):
     proc = cli(tmp_path, train__steps=10_000, checkpoint__every=0)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
+    metrics = _wait_for_records(tmp_path / "run" / "metrics.jsonl", 3, poll=0.2)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
@@ -705,10 +710,7 @@ def test_ctrl_c_saves_the_current_step_in_one_line_and_resume_continues(tmp_path
     """SIGINT, with a save every step (so that it likely lands in one): exit status 130, no traceback, one
     line naming the step saved; the run resumes from it."""
     proc = cli(tmp_path, train__steps=10_000, checkpoint__every=1)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
+    metrics = _wait_for_records(tmp_path / "run" / "metrics.jsonl", 3, poll=0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
