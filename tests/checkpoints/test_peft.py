@@ -2,6 +2,8 @@
 no missing-key warning and give our logits; adapters made by torch PEFT load into our model with torch's."""
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -12,13 +14,14 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from conftest import TINY, torch_logits
-from gpt2_jax.checkpoints.hf import load_hf_config
+from gpt2_jax.checkpoints.hf import load_hf_config, save_pretrained
 from gpt2_jax.checkpoints.peft import read_adapter, write_adapter
 from gpt2_jax.checkpoints.pretrained import load_pretrained
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.model.lora import LoraConfig, adapter_shapes
 
 TOL = 1e-4
+CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "peft_check.py")
 IDS = np.random.default_rng(1).integers(0, TINY["vocab_size"], size=(2, 24))
 
 
@@ -216,3 +219,49 @@ def test_pytorch_bin_adapter(hf_dir, tmp_path):
     assert os.path.isfile(tmp_path / "ad" / "adapter_model.bin")
     model = load_pretrained(base_dir, adapter=str(tmp_path / "ad"))
     np.testing.assert_allclose(np.asarray(model(IDS)), torch_logits(pm, IDS), atol=TOL, rtol=0)
+
+
+def test_merged_export_equals_merge_and_unload(hf_dir, tmp_path):
+    """A base with an adapter merged (`load_pretrained(base, adapter=)`, then saved) is a plain GPT-2 whose
+    weights are PEFT's merge_and_unload()'s."""
+    base_dir, _ = hf_dir()
+    config = load_hf_config(base_dir)
+    lora = LoraConfig(rank=4, alpha=8.0)
+    adapter = write_adapter(str(tmp_path / "adapter"), config, lora, random_adapters(config, lora))
+    model = load_pretrained(base_dir, adapter=adapter)
+    merged_dir = save_pretrained(model, str(tmp_path / "merged"))
+    plain = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, attn_implementation="eager").eval()
+    assert type(plain) is transformers.GPT2LMHeadModel
+    ref = peft_model(base_dir, adapter).merge_and_unload().state_dict()
+    ours = plain.state_dict()
+    for name, value in ref.items():
+        torch.testing.assert_close(ours[name], value, atol=1e-6, rtol=0, msg=name)
+    np.testing.assert_allclose(torch_logits(plain, IDS), np.asarray(model(IDS)), atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["4", "5"])
+def test_round_trip_in_both_transformers_versions(hf_dir, tmp_path, version, request):
+    """Our export loads in PeftModel (no key warning, our logits) and merges as merge_and_unload() does, and an
+    adapter PEFT makes loads into our model with its logits: under transformers 4.57 and 5 with their peft."""
+    python = sys.executable if version == "4" else request.getfixturevalue("transformers5_python")
+    base_dir, _ = hf_dir()
+    config = load_hf_config(base_dir)
+    lora = LoraConfig(rank=4, alpha=8.0, use_rslora=True)
+    adapter = write_adapter(str(tmp_path / "adapter"), config, lora, random_adapters(config, lora), base_dir)
+    model = load_pretrained(base_dir, adapter=adapter)
+    merged_dir = save_pretrained(model, str(tmp_path / "merged"))
+    (tmp_path / "expected.json").write_text(json.dumps({"ids": IDS.tolist(), "logits": np.asarray(model(IDS)).tolist()}))
+    res = subprocess.run([python, CHECK, "load", base_dir, adapter, str(tmp_path / "expected.json"), merged_dir],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.splitlines()[-1])["transformers"].startswith(version)
+
+    (tmp_path / "ids.json").write_text(json.dumps(IDS.tolist()))
+    res = subprocess.run([python, CHECK, "make", base_dir, str(tmp_path / "theirs"), str(tmp_path / "ids.json"),
+                          str(tmp_path / "theirs.json")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    want = np.asarray(json.loads((tmp_path / "theirs.json").read_text()), np.float32)
+    ours = np.asarray(load_pretrained(base_dir, adapter=str(tmp_path / "theirs"))(IDS))
+    np.testing.assert_allclose(ours, want, atol=TOL, rtol=0)
+    assert np.abs(ours - np.asarray(load_pretrained(base_dir)(IDS))).max() > 0.1
