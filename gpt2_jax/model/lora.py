@@ -147,3 +147,17 @@ def lora_rngs(seed: int) -> nnx.Rngs:
     """The adapters' own random streams (A's initialisation, adapter dropout), apart from the base's."""
     key = jax.random.fold_in(jax.random.key(seed), 0x4C6F5241)  # "LoRA"
     return nnx.Rngs(params=jax.random.fold_in(key, 0), dropout=jax.random.fold_in(key, 1))
+
+
+def merge_adapters(params: Mapping[str, jax.Array], lora: LoraConfig) -> dict:
+    """`merged` for device arrays inside or outside a jit: every adapted kernel becomes
+    `kernel + scale * A @ B` (in float32, cast back), the `lora_*` keys dropped; for sampling, which then runs
+    the base model's program at its speed."""
+    out = {k: v for k, v in params.items() if not is_adapter(k)}
+    for key in params:
+        if key.endswith("/lora_a"):
+            module = key[: -len("/lora_a")]
+            kernel = out[f"{module}/kernel"]
+            update = lora.scale * (params[key].astype(jnp.float32) @ params[f"{module}/lora_b"].astype(jnp.float32))
+            out[f"{module}/kernel"] = (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
+    return out
