@@ -4,6 +4,7 @@
     python tools/generate.py --model PATH --prompt "Once upon a time"
     python tools/generate.py --model PATH          # interactive: title, then keywords, until an empty title
     python tools/generate.py --model PATH --input rows.csv --output out.jsonl [--batch-size 32]
+    python tools/generate.py --model BASE --adapter PEFT_DIR --prompt "..."   # a LoRA adapter on its base
 
 Prints only the generated text: no prompt, no special tokens. With --input (CSV or JSONL rows with a title
 and keywords), writes one JSON line per row to --output, in batches, and continues an existing output (of the
@@ -34,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate text with a GPT-2 model (sampling unless --greedy).",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a Hugging Face model directory or a training run's directory")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter directory (adapter_config.json, "
+                   "adapter_model.safetensors) for --model: merged into its weights once, so sampling runs at "
+                   "the base's speed")
     p.add_argument("--tokenizer", help="tokenizer path (default: the model directory)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--title", help="the title to write about (with --keywords)")
@@ -97,7 +101,7 @@ def main(argv=None) -> None:
     else:
         check_sampling(seed=0 if seed is None else seed, **kwargs)
 
-    model = load_pretrained(args.model, dtype=args.dtype)
+    model = load_pretrained(args.model, adapter=args.adapter, dtype=args.dtype)
     tok = load_tokenizer(args.tokenizer or args.model)
     if seed is None:
         seed = secrets.randbelow(2**31)

@@ -13,28 +13,45 @@ import yaml
 
 from gpt2_jax.checkpoints.hf import load_hf_config, params_from_state_dict, read_hf_state_dict, write_pretrained
 from gpt2_jax.checkpoints.orbax import Checkpointer, CorruptCheckpoint, checkpoint_dir
+from gpt2_jax.checkpoints.peft import read_adapter
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import GPT2LMHeadModel
 from gpt2_jax.model.layout import model_from_params, param_shapes
+from gpt2_jax.model.lora import merged
 from gpt2_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def load_pretrained(path: str, *, dtype: Optional[str] = None, seed: int = 0) -> GPT2LMHeadModel:
+def load_pretrained(path: str, *, adapter: Optional[str] = None, dtype: Optional[str] = None,
+                    seed: int = 0) -> GPT2LMHeadModel:
     """Load a Hugging Face GPT-2 directory (safetensors, Flax msgpack or pytorch_model.bin, sharded or not),
     or a training run's directory (its latest complete checkpoint).
 
+    `adapter`: a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) for this base,
+    merged into the weights once (`kernel + scale * A @ B`): the model then runs at the base's speed.
     `dtype` ("float32", "bfloat16", "float16") sets both the compute and the parameter dtype.
     The model comes back in evaluation mode (dropout off).
     """
     if is_run_dir(path):
-        return load_run(path, dtype=dtype, seed=seed)
-    config = _with_dtype(load_hf_config(path), dtype)
-    fmt, state = read_hf_state_dict(path)
-    return model_from_params(config, params_from_state_dict(config, state, os.path.join(path, fmt)), seed=seed)
+        config, flat = run_params(path)
+    else:
+        config = load_hf_config(path)
+        fmt, state = read_hf_state_dict(path)
+        flat = params_from_state_dict(config, state, os.path.join(path, fmt))
+    if adapter is not None:
+        flat = merge_adapter(config, flat, adapter)
+    return model_from_params(_with_dtype(config, dtype), flat, seed=seed)
+
+
+def merge_adapter(config: ModelConfig, flat: dict, adapter_dir: str) -> dict:
+    """The base's flat parameters with a PEFT adapter directory's LoRA folded in (checked against `config`)."""
+    lora, adapters = read_adapter(adapter_dir, config)
+    log.info(f"adapter {adapter_dir}: LoRA rank {lora.rank} on {', '.join(lora.targets)}, scale {lora.scale:g}, "
+             f"merged into the base")
+    return merged(flat, adapters, lora)
 
 
 def is_run_dir(path: str) -> bool:
@@ -73,11 +90,10 @@ def newest_good(run_dir: str, ckpt: Checkpointer, step: Optional[int], use: Call
     raise GPT2JaxError(f"{run_dir}: no checkpoint verifies ({'; '.join(reasons)})")
 
 
-def load_run(run_dir: str, *, step: Optional[int] = None, dtype: Optional[str] = None,
-             seed: int = 0) -> GPT2LMHeadModel:
-    """The model of a run directory's checkpoint (`step`, default the newest that verifies), in eval mode."""
+def run_params(run_dir: str, *, step: Optional[int] = None) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, flat parameters on the host) of a run directory's checkpoint (`step`, default the newest
+    that verifies)."""
     config, ckpt = open_run(run_dir)
-    config = _with_dtype(config, dtype)
     try:
         flat = newest_good(run_dir, ckpt, step, ckpt.restore_params)
     finally:
@@ -85,7 +101,14 @@ def load_run(run_dir: str, *, step: Optional[int] = None, dtype: Optional[str] =
     missing = sorted(set(param_shapes(config)) - set(flat))
     if missing:
         raise GPT2JaxError(f"{run_dir}: its checkpoint lacks {missing[0]} (model_config.json mismatch?)")
-    return model_from_params(config, flat, seed=seed)
+    return config, flat
+
+
+def load_run(run_dir: str, *, step: Optional[int] = None, dtype: Optional[str] = None,
+             seed: int = 0) -> GPT2LMHeadModel:
+    """The model of a run directory's checkpoint (`step`, default the newest that verifies), in eval mode."""
+    config, flat = run_params(run_dir, step=step)
+    return model_from_params(_with_dtype(config, dtype), flat, seed=seed)
 
 
 def export_run(run_dir: str, out_dir: str, *, step: Optional[int] = None) -> str:
