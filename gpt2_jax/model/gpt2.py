@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gpt2_jax.model import attention
 from gpt2_jax.model.kv_cache import KVCache
+from gpt2_jax.model.lora import LoraConfig, LoraLinear, lora_rngs
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.sharding import BATCH_AXES, RULES
@@ -60,9 +61,25 @@ def _zeros(axes: tuple):
     return _named(nnx.initializers.zeros_init(), axes)
 
 
-def _linear(cfg: ModelConfig, din: int, dout: int, axes: tuple, std: float, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                      kernel_init=_normal(std, axes), bias_init=_zeros(axes[1:]), rngs=rngs)
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """The LoRA adapters a model is built with (model/lora.py) and the random streams that draw them."""
+
+    config: LoraConfig
+    rngs: Any  # nnx.Rngs
+
+    def on(self, target: str) -> Optional["Adapters"]:
+        """These adapters if the projection `target` (c_attn, c_proj, c_fc) carries one, else None."""
+        return self if self.config.rank and target in self.config.targets else None
+
+
+def _linear(cfg: ModelConfig, din: int, dout: int, axes: tuple, std: float, rngs: nnx.Rngs,
+            adapters: Optional[Adapters] = None) -> nnx.Linear:
+    kwargs = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                  kernel_init=_normal(std, axes), bias_init=_zeros(axes[1:]), rngs=rngs)
+    if adapters is None:
+        return nnx.Linear(din, dout, **kwargs)
+    return LoraLinear(din, dout, lora=adapters.config, axes=axes, lora_rngs=adapters.rngs, **kwargs)
 
 
 class LayerNorm(nnx.Module):
@@ -175,13 +192,16 @@ class Execution:
 class Attention(nnx.Module):
     """Causal multi-head self-attention with an optional KV cache."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs, execution: Execution = Execution()):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs, execution: Execution = Execution(),
+                 adapters: Optional[Adapters] = None):
         self.cfg = cfg
         self.execution = execution
         self.layer_idx = layer_idx
         proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
-        self.c_attn = _linear(cfg, cfg.n_embd, 3 * cfg.n_embd, ("embed", "heads"), cfg.initializer_range, rngs)
-        self.c_proj = _linear(cfg, cfg.n_embd, cfg.n_embd, ("heads", "embed"), proj_std, rngs)
+        on = (lambda t: adapters.on(t)) if adapters is not None else (lambda t: None)
+        self.c_attn = _linear(cfg, cfg.n_embd, 3 * cfg.n_embd, ("embed", "heads"), cfg.initializer_range, rngs,
+                              on("c_attn"))
+        self.c_proj = _linear(cfg, cfg.n_embd, cfg.n_embd, ("heads", "embed"), proj_std, rngs, on("c_proj"))
         self.attn_dropout = nnx.Dropout(cfg.attn_pdrop, deterministic=True, rngs=rngs)
         self.resid_dropout = nnx.Dropout(cfg.resid_pdrop, deterministic=True, rngs=rngs)
 
@@ -224,10 +244,11 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, adapters: Optional[Adapters] = None):
         proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
-        self.c_fc = _linear(cfg, cfg.n_embd, cfg.inner_dim, ("embed", "mlp"), cfg.initializer_range, rngs)
-        self.c_proj = _linear(cfg, cfg.inner_dim, cfg.n_embd, ("mlp", "embed"), proj_std, rngs)
+        on = (lambda t: adapters.on(t)) if adapters is not None else (lambda t: None)
+        self.c_fc = _linear(cfg, cfg.n_embd, cfg.inner_dim, ("embed", "mlp"), cfg.initializer_range, rngs, on("c_fc"))
+        self.c_proj = _linear(cfg, cfg.inner_dim, cfg.n_embd, ("mlp", "embed"), proj_std, rngs, on("c_proj"))
         self.act = ACT_FNS[cfg.activation_function]
         self.dropout = nnx.Dropout(cfg.resid_pdrop, deterministic=True, rngs=rngs)
 
@@ -236,11 +257,12 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs, execution: Execution = Execution()):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs, execution: Execution = Execution(),
+                 adapters: Optional[Adapters] = None):
         self.ln_1 = LayerNorm(cfg, rngs)
-        self.attn = Attention(cfg, layer_idx, rngs, execution)
+        self.attn = Attention(cfg, layer_idx, rngs, execution, adapters)
         self.ln_2 = LayerNorm(cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MLP(cfg, rngs, adapters)
 
     def __call__(self, x_BTD, mask_BTS, kv=None, index=None, segment_ids_BT=None):
         a_BTD, kv = self.attn(self.ln_1(x_BTD), mask_BTS, kv, index, segment_ids_BT)
@@ -256,7 +278,8 @@ def _block_call(block, x_BTD, mask_BTS, kv, index, segment_ids_BT):
 class GPT2Model(nnx.Module):
     """Embeddings, blocks and the final LayerNorm: Hugging Face's `transformer`."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, execution: Execution = Execution()):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, execution: Execution = Execution(),
+                 adapters: Optional[Adapters] = None):
         std = cfg.initializer_range
         self.execution = execution
         self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
@@ -264,7 +287,7 @@ class GPT2Model(nnx.Module):
         self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                              embedding_init=_normal(std, (None, "embed")), rngs=rngs)
         self.drop = nnx.Dropout(cfg.embd_pdrop, deterministic=True, rngs=rngs)
-        self.h = nnx.List([Block(cfg, i, rngs, execution) for i in range(cfg.n_layer)])
+        self.h = nnx.List([Block(cfg, i, rngs, execution, adapters) for i in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg, rngs)
 
     def __call__(self, input_ids_BT, attention_mask_BT=None, position_ids_BT=None, cache: Optional[KVCache] = None,
@@ -313,14 +336,17 @@ class GPT2LMHeadModel(nnx.Module):
     `model(input_ids, attention_mask, position_ids)` gives the logits of `transformers.GPT2LMHeadModel`.
     With `cache=`, the tokens are written into the cache at `cache.index` and `(logits, cache)` comes back;
     `attention_mask` then marks which of the new tokens are real, and earlier slots keep their marks.
-    Built in evaluation mode: `model.train()` turns dropout on.
+    Built in evaluation mode: `model.train()` turns dropout on. `lora` (rank > 0) adds LoRA adapters
+    (model/lora.py) to its target projections, drawn from their own streams of `seed`: the base's
+    parameters are those of the model without them.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: Optional[nnx.Rngs] = None, seed: int = 0,
-                 execution: Execution = Execution()):
+                 execution: Execution = Execution(), lora: LoraConfig = LoraConfig()):
         rngs = rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1)
         self.config = config
-        self.transformer = GPT2Model(config, rngs, execution)
+        adapters = Adapters(lora, lora_rngs(seed)) if lora.rank else None
+        self.transformer = GPT2Model(config, rngs, execution, adapters)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None, segment_ids=None):
         """The final-LayerNorm output [B, T, D] (and the cache), before the LM head.

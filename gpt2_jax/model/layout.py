@@ -16,11 +16,13 @@ from flax import nnx
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import Execution, GPT2LMHeadModel
+from gpt2_jax.model.lora import LoraConfig
 
 
-def abstract_model(config: ModelConfig, execution: Execution = Execution()) -> GPT2LMHeadModel:
+def abstract_model(config: ModelConfig, execution: Execution = Execution(),
+                   lora: LoraConfig = LoraConfig()) -> GPT2LMHeadModel:
     """The model with ShapeDtypeStructs for parameters: shapes and counts without allocating."""
-    return nnx.eval_shape(lambda: GPT2LMHeadModel(config, execution=execution))
+    return nnx.eval_shape(lambda: GPT2LMHeadModel(config, execution=execution, lora=lora))
 
 
 def path_key(path) -> str:
@@ -31,22 +33,22 @@ def path_key(path) -> str:
     return "/".join(map(str, path))
 
 
-def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """{key: shape} of every parameter, computed abstractly."""
-    flat = nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))
+def param_shapes(config: ModelConfig, lora: LoraConfig = LoraConfig()) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of every parameter (adapters included with `lora`), computed abstractly."""
+    flat = nnx.to_flat_state(nnx.state(abstract_model(config, lora=lora), nnx.Param))
     return {path_key(path): tuple(var.shape) for path, var in flat}
 
 
-def model_from_params(config: ModelConfig, params: dict[str, jax.Array], *, seed: int = 0) -> GPT2LMHeadModel:
-    """A model holding `params` ({key: array} for every key of `param_shapes(config)`), without
+def model_from_params(config: ModelConfig, params: dict[str, jax.Array], *, seed: int = 0,
+                      lora: LoraConfig = LoraConfig()) -> GPT2LMHeadModel:
+    """A model holding `params` ({key: array} for every key of `param_shapes(config, lora)`), without
     random-initialising them."""
-    layout = ModelLayout.of(config)
+    layout = ModelLayout.of(config, lora=lora)
     # Only the non-parameter state (dropout RNG keys) is built for real; XLA drops the unused initialisers.
-    rng = jax.jit(lambda: rng_arrays(nnx.split(GPT2LMHeadModel(config, seed=seed), nnx.Param, ...)[2]))()
-    dtype = jnp.dtype(config.param_dtype)
+    rng = jax.jit(lambda: rng_arrays(nnx.split(GPT2LMHeadModel(config, seed=seed, lora=lora), nnx.Param, ...)[2]))()
     flat = {}
     for k, want in layout.shapes.items():
-        flat[k] = jnp.asarray(params[k], dtype=dtype)
+        flat[k] = jnp.asarray(params[k], dtype=want.dtype)  # the base's param_dtype; adapters float32
         if flat[k].shape != want.shape:
             raise GPT2JaxError(f"parameter {k} has shape {flat[k].shape}, expected {want.shape}")
     return layout.model(flat, rng, train=False)
@@ -60,6 +62,7 @@ class ModelLayout:
 
     config: ModelConfig
     execution: Execution
+    lora: LoraConfig  # the adapters (rank 0: none)
     graphdef_train: Any  # dropout on
     graphdef_eval: Any  # dropout off
     abstract_params: Any  # nnx.State of ShapeDtypeStruct Params: the template that flat dicts fill
@@ -68,8 +71,9 @@ class ModelLayout:
     shapes: dict[str, jax.ShapeDtypeStruct]
 
     @classmethod
-    def of(cls, config: ModelConfig, execution: Execution = Execution()) -> "ModelLayout":
-        model = abstract_model(config, execution)
+    def of(cls, config: ModelConfig, execution: Execution = Execution(),
+           lora: LoraConfig = LoraConfig()) -> "ModelLayout":
+        model = abstract_model(config, execution, lora)
         graphdef_eval, abstract_params, abstract_rng = nnx.split(model, nnx.Param, ...)
         model.train()
         graphdef_train = nnx.split(model, nnx.Param, ...)[0]
@@ -78,7 +82,7 @@ class ModelLayout:
             k = path_key(path)
             logical[k] = var.get_metadata().get("out_sharding")
             shapes[k] = jax.ShapeDtypeStruct(var.shape, var.dtype)
-        return cls(config, execution, graphdef_train, graphdef_eval, abstract_params, abstract_rng, logical, shapes)
+        return cls(config, execution, lora, graphdef_train, graphdef_eval, abstract_params, abstract_rng, logical, shapes)
 
     def state(self, flat: dict) -> nnx.State:
         """The nnx.State of parameters holding the arrays of `flat` (every key)."""

@@ -7,6 +7,12 @@ with `A = .../c_attn/lora_a` [I, R] and `B = .../c_attn/lora_b` [R, O]: the kern
 PEFT's `lora_A.weight` [R, I] and `lora_B.weight` [O, R] are their transposes (checkpoints/peft.py).
 `scale` is `alpha / rank` as PEFT's, or `alpha / sqrt(rank)` with `use_rslora`. `B` starts at zero, so an
 untrained adapter leaves the base model's numbers exactly.
+
+`LoraLinear` is that projection as an NNX module. It is ours, not `nnx.LoRALinear`, because that one nests
+its factors one level down (`c_attn/lora/lora_a`, not the flat keys beside `kernel` that checkpoints and PEFT
+export read), has no `alpha / rank` scaling and no dropout on the adapter's input, and initialises `A` with
+He-uniform where PEFT uses torch's Kaiming-uniform(a=sqrt(5)). The factors are `nnx.LoRAParam`s (a subclass
+of `nnx.Param`: flat dicts and the optimiser see them as parameters, `nnx.LoRAParam` filters pick them out).
 """
 from __future__ import annotations
 
@@ -14,7 +20,10 @@ import dataclasses
 import math
 from typing import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.model.config import ModelConfig
@@ -88,4 +97,67 @@ def merged(params: Mapping[str, np.ndarray], adapters: Mapping[str, np.ndarray],
             a = np.asarray(adapters[key], np.float32)
             b = np.asarray(adapters[f"{module}/lora_b"], np.float32)
             out[f"{module}/kernel"] = (kernel.astype(np.float32) + lora.scale * (a @ b)).astype(kernel.dtype)
+    return out
+
+
+ADAPTER_SUFFIXES = ("/lora_a", "/lora_b")
+
+
+def is_adapter(key: str) -> bool:
+    """Whether a flat parameter key is an adapter factor (`.../lora_a`, `.../lora_b`)."""
+    return key.endswith(ADAPTER_SUFFIXES)
+
+
+# PEFT's reset_lora_parameters with init_lora_weights=True: nn.init.kaiming_uniform_(lora_A.weight, a=sqrt(5)),
+# i.e. U(-1/sqrt(I), 1/sqrt(I)) over lora_A.weight [R, I] (fan-in I). For our A [I, R] that is the variance
+# scaling 1/3 over fan-in (bound sqrt(3 * (1/3) / I)).
+a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=0, out_axis=1)
+
+# The adapters' parameter dtype: float32 whatever the base's (a bfloat16 base trains float32 adapters, as
+# PEFT's autocast_adapter_dtype does).
+ADAPTER_DTYPE = jnp.float32
+
+
+class LoraLinear(nnx.Linear):
+    """`nnx.Linear` ([in, out] kernel, bias) plus `scale * dropout(x) @ lora_a @ lora_b`.
+
+    `axes` are the kernel's logical axis names: `lora_a` shards like the kernel's input dimension and
+    `lora_b` like its output dimension (the rank dimension stays whole). `lora_rngs` draws `A` and the
+    adapter dropout's keys, so that the base's parameters and dropout keys are those of the model
+    without adapters (its `rngs` draws them in the same order)."""
+
+    def __init__(self, din: int, dout: int, *, lora: LoraConfig, axes: tuple, lora_rngs: nnx.Rngs, **kwargs):
+        super().__init__(din, dout, **kwargs)
+        named = lambda init, a: nnx.with_partitioning(init, a, eager_sharding=False)
+        self.lora_a = nnx.LoRAParam(named(a_init, (axes[0], None))(lora_rngs.params(), (din, lora.rank),
+                                                                      ADAPTER_DTYPE))
+        self.lora_b = nnx.LoRAParam(named(nnx.initializers.zeros_init(), (None, axes[1]))(
+            lora_rngs.params(), (lora.rank, dout), ADAPTER_DTYPE))
+        self.lora_scale = lora.scale
+        self.lora_dropout = nnx.Dropout(lora.dropout, deterministic=True, rngs=lora_rngs)
+
+    def __call__(self, x):
+        y = super().__call__(x)
+        dtype = y.dtype
+        h = self.lora_dropout(x) @ self.lora_a[...].astype(dtype)
+        return y + (self.lora_scale * (h @ self.lora_b[...].astype(dtype))).astype(dtype)
+
+
+def lora_rngs(seed: int) -> nnx.Rngs:
+    """The adapters' own random streams (A's initialisation, adapter dropout), apart from the base's."""
+    key = jax.random.fold_in(jax.random.key(seed), 0x4C6F5241)  # "LoRA"
+    return nnx.Rngs(params=jax.random.fold_in(key, 0), dropout=jax.random.fold_in(key, 1))
+
+
+def merge_adapters(params: Mapping[str, jax.Array], lora: LoraConfig) -> dict:
+    """`merged` for device arrays inside or outside a jit: every adapted kernel becomes
+    `kernel + scale * A @ B` (in float32, cast back), the `lora_*` keys dropped; for sampling, which then runs
+    the base model's program at its speed."""
+    out = {k: v for k, v in params.items() if not is_adapter(k)}
+    for key in params:
+        if key.endswith("/lora_a"):
+            module = key[: -len("/lora_a")]
+            kernel = out[f"{module}/kernel"]
+            update = lora.scale * (params[key].astype(jnp.float32) @ params[f"{module}/lora_b"].astype(jnp.float32))
+            out[f"{module}/kernel"] = (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
     return out

@@ -15,6 +15,7 @@ from gpt2_jax.data.rows import FORMATS
 from gpt2_jax.errors import GPT2JaxError, first_line, suggest
 from gpt2_jax.model.config import DTYPES, PRESETS, ModelConfig, preset
 from gpt2_jax.model.gpt2 import REMAT
+from gpt2_jax.model.lora import TARGETS, LoraConfig
 from gpt2_jax.train.freeze import TRAINABLE
 from gpt2_jax.train.optim import SCHEDULES
 
@@ -100,6 +101,30 @@ class FreezeSection:
     # With trainable=patterns: regular expressions; a parameter trains if one matches its path
     # (e.g. "transformer/h/1[01]/.*", "transformer/ln_f/.*").
     patterns: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    # LoRA adapters' rank; > 0 trains adapters on the targets while the base stays frozen (freeze.trainable
+    # then names base parameters that train beside them: head, last_n_blocks, patterns; all, the default,
+    # adds none). 0: no adapters.
+    rank: int = 0
+    # The adapters' update is scaled by alpha / rank (alpha / sqrt(rank) with use_rslora), as PEFT's.
+    alpha: float = 16.0
+    # Projections that carry adapters: c_attn, c_proj (attention's and the MLP's), c_fc.
+    targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
+    # Dropout on each adapter's input while training (PEFT's lora_dropout).
+    dropout: float = 0.0
+    # A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to continue training
+    # (over model.init_from, its base); null starts the adapters afresh (A Kaiming-uniform, B zero).
+    init_from: Optional[str] = None
+    # Rank-stabilised scaling alpha / sqrt(rank) (PEFT's use_rslora).
+    use_rslora: bool = False
+
+    def adapters(self) -> LoraConfig:
+        """The model's LoraConfig (rank 0: no adapters)."""
+        return LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout,
+                          use_rslora=self.use_rslora)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +220,7 @@ class TrainConfig:
     tokenizer: TokenizerSection = TokenizerSection()
     data: DataSection = DataSection()
     freeze: FreezeSection = FreezeSection()
+    lora: LoraSection = LoraSection()
     optim: OptimSection = OptimSection()
     mesh: MeshSection = MeshSection()
     train: TrainSection = TrainSection()
@@ -369,3 +395,21 @@ def _validate(cfg: TrainConfig) -> None:
     check(not (cfg.mesh.data == -1 and cfg.mesh.fsdp == -1), "mesh.data and mesh.fsdp cannot both be -1")
     if cfg.freeze.trainable == "patterns":
         check(bool(cfg.freeze.patterns), "freeze.trainable is patterns but freeze.patterns is empty")
+    _validate_lora(cfg.lora)
+
+
+def _validate_lora(lora: LoraSection) -> None:
+    check(lora.rank >= 0, f"config key lora.rank must not be negative (0: no adapters), got {lora.rank}")
+    for target in lora.targets:
+        check_choice("lora.targets", target, TARGETS)
+    check(len(set(lora.targets)) == len(lora.targets), f"config key lora.targets names a module twice: "
+                                                       f"{list(lora.targets)}")
+    check(lora.alpha > 0, f"config key lora.alpha must be positive, got {lora.alpha}")
+    check(0 <= lora.dropout < 1, f"config key lora.dropout must be in [0, 1), got {lora.dropout}")
+    check(lora.init_from is None or lora.rank > 0, "lora.init_from needs lora.rank > 0 (the adapter's rank)")
+    lora.adapters()  # LoraConfig's own checks
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        raise GPT2JaxError(message)

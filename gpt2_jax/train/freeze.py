@@ -8,6 +8,9 @@ Presets:
 - `last_n_blocks`: the top N blocks and the final LayerNorm `ln_f` (which only they feed). The tied head /
   embedding stays frozen, so the backward pass stops at block L-N: both time and memory shrink.
 - `patterns`: regular expressions searched in each path (`h/1[01]/`, `ln_f`, `attn/c_attn/bias$`).
+
+With LoRA adapters (`lora.rank > 0`) the adapters train and the base is frozen; the preset then names the
+base parameters that train beside them (`head`: LoRA plus a trainable head), and `all`, the default, none.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import re
 from typing import Iterable
 
 from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.model.lora import is_adapter
 
 TRAINABLE = ("all", "head", "last_n_blocks", "patterns")  # freeze.trainable
 
@@ -24,8 +28,20 @@ _BLOCK = re.compile(r"transformer/h/(\d+)/")
 
 def trainable_paths(paths: Iterable[str], trainable: str, *, n_layer: int, last_n_blocks: int = 6,
                     patterns: Iterable[str] = ()) -> set[str]:
-    """The subset of `paths` that trains under the freeze preset `trainable`."""
+    """The subset of `paths` that trains under the freeze preset `trainable`: with adapter keys among the
+    paths (`.../lora_a`, `.../lora_b`), every adapter and the base parameters the preset names (none for
+    `all`)."""
     paths = list(paths)
+    adapters = {p for p in paths if is_adapter(p)}
+    if adapters:
+        base = [p for p in paths if p not in adapters]
+        return adapters | (set() if trainable == "all" else
+                           _base_paths(base, trainable, n_layer, last_n_blocks, patterns))
+    return _base_paths(paths, trainable, n_layer, last_n_blocks, patterns)
+
+
+def _base_paths(paths: list[str], trainable: str, n_layer: int, last_n_blocks: int,
+                patterns: Iterable[str]) -> set[str]:
     if trainable == "all":
         chosen = set(paths)
     elif trainable == "head":

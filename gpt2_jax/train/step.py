@@ -29,6 +29,7 @@ from gpt2_jax.train.freeze import trainable_paths
 from gpt2_jax.train.loss import lm_head_cross_entropy
 from gpt2_jax.model.gpt2 import Execution, GPT2LMHeadModel
 from gpt2_jax.model.layout import ModelLayout, path_key, rng_arrays
+from gpt2_jax.model.lora import LoraConfig, is_adapter
 from gpt2_jax.train.optim import learning_rate, make_optimizer
 from gpt2_jax.train.config import TrainConfig
 
@@ -141,7 +142,7 @@ class Setup:
 def build_setup(model_config: ModelConfig, cfg: TrainConfig, mesh) -> Setup:
     """The layout, optimiser and the sharded abstract state of a run on `mesh` (whose devices may be a
     TPU topology's, for compiling ahead of time)."""
-    layout = ModelLayout.of(model_config, Execution.on(mesh, cfg.model.remat))
+    layout = ModelLayout.of(model_config, Execution.on(mesh, cfg.model.remat), cfg.lora.adapters())
     trainable = frozenset(trainable_paths(layout.shapes, cfg.freeze.trainable, n_layer=model_config.n_layer,
                                           last_n_blocks=cfg.freeze.last_n_blocks, patterns=cfg.freeze.patterns))
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
@@ -149,7 +150,7 @@ def build_setup(model_config: ModelConfig, cfg: TrainConfig, mesh) -> Setup:
     repl = sharding.replicated(mesh)
     params, frozen = _split(layout.shapes, trainable)
     opt_state = jax.eval_shape(optimizer.init, params)
-    rng = jax.eval_shape(lambda: _random_init(layout.config, cfg.train.seed)[1])
+    rng = jax.eval_shape(lambda: _random_init(layout.config, cfg.train.seed, layout.lora)[1])
 
     def place(tree, shardings):
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -168,9 +169,9 @@ def _split(flat: dict, trainable: frozenset[str]) -> tuple[dict, dict]:
     return ({k: v for k, v in flat.items() if k in trainable}, {k: v for k, v in flat.items() if k not in trainable})
 
 
-def _random_init(config: ModelConfig, seed: int) -> tuple[dict, dict]:
-    """({key: parameter}, {key: rng array}) of a freshly initialised model."""
-    _, p, rng = nnx.split(GPT2LMHeadModel(config, seed=seed), nnx.Param, ...)
+def _random_init(config: ModelConfig, seed: int, lora: LoraConfig = LoraConfig()) -> tuple[dict, dict]:
+    """({key: parameter}, {key: rng array}) of a freshly initialised model (with `lora`'s adapters)."""
+    _, p, rng = nnx.split(GPT2LMHeadModel(config, seed=seed, lora=lora), nnx.Param, ...)
     return {path_key(path): var[...] for path, var in nnx.to_flat_state(p)}, rng_arrays(rng)
 
 
@@ -188,18 +189,22 @@ def _opt_shardings(abstract_opt_state, layout: ModelLayout, param_shardings: dic
 
 def init_state(setup: Setup, params: Optional[dict] = None) -> TrainState:
     """The initial state in `setup.abstract_state`'s layout: random (`params=None`) or from host arrays
-    `{key: array}`. Random initialisation runs inside a jit whose out_shardings are the parameters'
-    shardings, so no device ever holds a whole large model."""
+    `{key: array}` (LoRA adapters they lack start afresh). Random initialisation runs inside a jit whose
+    out_shardings are the parameters' shardings, so no device ever holds a whole large model."""
     layout = setup.layout
     shardings = setup.state_shardings
     flat_shardings = {**shardings.params, **shardings.frozen}
+    init = partial(_random_init, layout.config, setup.seed, layout.lora)
     if params is None:
-        flat, rng = jax.jit(partial(_random_init, layout.config, setup.seed),
-                            out_shardings=(flat_shardings, shardings.rng))()
+        flat, rng = jax.jit(init, out_shardings=(flat_shardings, shardings.rng))()
     else:
+        fresh = [k for k in layout.shapes if k not in params and is_adapter(k)]
         flat = {k: jax.device_put(np.asarray(params[k], dtype=layout.shapes[k].dtype), flat_shardings[k])
-                for k in layout.shapes}
-        rng = jax.jit(lambda: _random_init(layout.config, setup.seed)[1], out_shardings=shardings.rng)()
+                for k in layout.shapes if k not in fresh}
+        # Only the adapters (and the RNG state) are computed; XLA drops the base's unused initialisers.
+        adapters, rng = jax.jit(lambda: ({k: v for k, v in init()[0].items() if k in fresh}, init()[1]),
+                                out_shardings=({k: flat_shardings[k] for k in fresh}, shardings.rng))()
+        flat.update(adapters)
     train, frozen = _split(flat, setup.trainable)
     opt_state = jax.jit(setup.optimizer.init, out_shardings=shardings.opt_state)(train)
     return TrainState(jax.device_put(jnp.int32(0), shardings.step), train, frozen, opt_state, rng)
