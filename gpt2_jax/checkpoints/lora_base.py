@@ -24,7 +24,8 @@ from gpt2_jax.checkpoints.orbax import array_checksum, host_checksum
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import GPT2LMHeadModel, grow_embedding
-from gpt2_jax.model.layout import path_key
+from gpt2_jax.model.layout import param_shapes, path_key
+from gpt2_jax.model.lora import LoraConfig, is_adapter, merged
 
 BASE = "lora_base"  # meta key: {"init_from": path or None, "seed": int, "checksum": hex}
 
@@ -94,3 +95,25 @@ def verified_base(saved: Optional[dict], config: ModelConfig, frozen_keys: Itera
     params = base_params(saved.get("init_from"), config, int(saved.get("seed") or 0))
     check(saved, host_digest(params, frozen_keys), where)
     return params
+
+
+def run_lora(meta: dict) -> LoraConfig:
+    """The adapters of the run that wrote a checkpoint (its meta's `config.lora`; none before LoRA existed)."""
+    section = (meta.get("config") or {}).get("lora") or {}
+    if not section.get("rank"):
+        return LoraConfig()
+    return LoraConfig(rank=int(section["rank"]), alpha=float(section["alpha"]), targets=tuple(section["targets"]),
+                      dropout=float(section["dropout"]), use_rslora=bool(section.get("use_rslora")))
+
+
+def merged_run_params(flat: dict[str, np.ndarray], meta: dict, config: ModelConfig,
+                      where: str) -> dict[str, np.ndarray]:
+    """A checkpoint's parameters `flat` as the plain GPT-2 they stand for: unchanged without LoRA; with it,
+    the verified base (meta's BASE record) under what trained, the adapters merged in (`merged`)."""
+    lora = run_lora(meta)
+    if not lora.rank:
+        return flat
+    frozen = [k for k in param_shapes(config) if k not in flat]
+    base = verified_base(meta.get(BASE), config, frozen, where)
+    trained = {k: v for k, v in flat.items() if not is_adapter(k)}
+    return merged({**base, **trained}, {k: v for k, v in flat.items() if is_adapter(k)}, lora)

@@ -123,7 +123,7 @@ class Checkpointer:
         want = self.meta(step).get(CHECKSUMS, {})
         try:
             tree = self.manager.item_metadata(step)["state"]
-            where = {k: part for part in ("params", "frozen") for k in tree[part]}
+            where = {k: part for part in ("params", "frozen") for k in (tree[part] or {})}  # LoRA: no frozen
         except Exception as e:
             raise CorruptCheckpoint(f"its state is unreadable ({first_line(e)})") from None
         shapes = {k: (tuple(tree[part][k].shape), np.dtype(tree[part][k].dtype)) for k, part in where.items()}

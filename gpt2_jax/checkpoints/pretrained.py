@@ -12,13 +12,14 @@ from typing import Callable, Optional, TypeVar
 import yaml
 
 from gpt2_jax.checkpoints.hf import load_hf_config, params_from_state_dict, read_hf_state_dict, write_pretrained
+from gpt2_jax.checkpoints.lora_base import merged_run_params
 from gpt2_jax.checkpoints.orbax import Checkpointer, CorruptCheckpoint, checkpoint_dir
 from gpt2_jax.checkpoints.peft import read_adapter
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import GPT2LMHeadModel
 from gpt2_jax.model.layout import model_from_params, param_shapes
-from gpt2_jax.model.lora import merged
+from gpt2_jax.model.lora import is_adapter, merged
 from gpt2_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,9 @@ def run_params(run_dir: str, *, step: Optional[int] = None) -> tuple[ModelConfig
     """(ModelConfig, flat parameters on the host) of a run directory's checkpoint (`step`, default the newest
     that verifies)."""
     config, ckpt = open_run(run_dir)
-    try:
-        flat = newest_good(run_dir, ckpt, step, ckpt.restore_params)
+    try:  # a LoRA run's checkpoint: its base, verified, with the adapters merged in
+        flat = newest_good(run_dir, ckpt, step,
+                           lambda s: merged_run_params(ckpt.restore_params(s), ckpt.meta(s), config, run_dir))
     finally:
         ckpt.close()
     missing = sorted(set(param_shapes(config)) - set(flat))
@@ -122,6 +124,9 @@ def export_run(run_dir: str, out_dir: str, *, step: Optional[int] = None) -> str
 
     def export(s: int) -> str:
         shapes, read = ckpt.param_reader(s)
+        if any(is_adapter(k) for k in shapes):  # LoRA: the base (verified) with the adapters merged in
+            flat = merged_run_params(ckpt.restore_params(s), ckpt.meta(s), config, run_dir)
+            shapes, read = {k: (v.shape, v.dtype) for k, v in flat.items()}, flat.__getitem__
         if expected != set(shapes):
             odd = sorted(expected ^ set(shapes))[0]
             raise GPT2JaxError(f"{run_dir}: checkpoint of step {s} and model_config.json disagree on {odd}")
