@@ -4,6 +4,7 @@ measures and its fields.
     python tools/bench.py generate [--preset tiny gpt2] [--batch 1 8] [--impl jax torch flax]
     python tools/bench.py train [--shapes tiny,gpt2] [--batch 4] [--seq 128] [--steps 5] [--dtype float32]
                                 [--impls jax,jax-last6,jax-head,flax,gemm] [--interleave]
+    python tools/bench.py lora-generate [--preset gpt2] [--batch 1 8] [--rank 8]
     python tools/bench.py generate-file [--model runs/demo] [--input data/sample.csv] [--batch-sizes 1 32]
     python tools/bench.py compile --topology v5e:4x4 [--config configs/X.yaml] [section.key=value ...]
     python tools/bench.py compile --shipped
@@ -23,7 +24,7 @@ import argparse
 import os
 import sys
 
-from benchmarks import generate, train
+from benchmarks import generate, lora_generate, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,6 +69,16 @@ def _add_generate(sub) -> None:
     f.add_argument("--min-new-tokens", type=int, default=0,
                    help="EOS blocked before this many (= --max-new-tokens: every row decodes the same length)")
     f.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up one")
+    lg = sub.add_parser("lora-generate", help="sampling with a LoRA adapter merged once against applied in the "
+                                              "loop, and the base alone; the adapter's size against the merged "
+                                              "export", description=lora_generate.__doc__, formatter_class=raw)
+    lg.add_argument("--preset", default="gpt2", choices=sorted(generate.PRESETS))
+    lg.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    lg.add_argument("--rank", type=int, default=8)
+    lg.add_argument("--prompt", type=int, default=32)
+    lg.add_argument("--new-tokens", type=int, default=64)
+    lg.add_argument("--repeats", type=int, default=3)
+    lg.add_argument("--cache-dir", help="where the random weights are written (default: a temporary directory)")
 
 
 def _add_train(sub) -> None:
@@ -137,6 +148,8 @@ def main() -> None:
     elif args.bench == "generate-file":
         from benchmarks.generate_file import bench
         bench(args.model, args.input, args.batch_sizes, args.max_new_tokens, args.min_new_tokens, args.rounds)
+    elif args.bench == "lora-generate":
+        lora_generate.bench(args)
     elif args.bench == "train":
         args.shapes, args.impls = sum(args.shapes, []), sum(args.impls, [])  # --shapes tiny,gpt2 or tiny gpt2
         longest = min(train.TRAIN_SHAPES[s]["n_positions"] for s in args.shapes)

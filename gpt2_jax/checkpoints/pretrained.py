@@ -14,7 +14,8 @@ import yaml
 from gpt2_jax.checkpoints.hf import load_hf_config, params_from_state_dict, read_hf_state_dict, write_pretrained
 from gpt2_jax.checkpoints.lora_base import merged_run_params
 from gpt2_jax.checkpoints.orbax import Checkpointer, CorruptCheckpoint, checkpoint_dir
-from gpt2_jax.checkpoints.peft import read_adapter
+from gpt2_jax.checkpoints import lora_base
+from gpt2_jax.checkpoints.peft import read_adapter, write_adapter
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import GPT2LMHeadModel
@@ -131,6 +132,39 @@ def export_run(run_dir: str, out_dir: str, *, step: Optional[int] = None) -> str
             odd = sorted(expected ^ set(shapes))[0]
             raise GPT2JaxError(f"{run_dir}: checkpoint of step {s} and model_config.json disagree on {odd}")
         return write_pretrained(config, shapes, read, out_dir, tokenizer, generation=_sampling_defaults(run_dir))
+
+    try:
+        return newest_good(run_dir, ckpt, step, export)
+    finally:
+        ckpt.close()
+
+
+def export_adapter(run_dir: str, out_dir: str, *, step: Optional[int] = None) -> str:
+    """Write a LoRA run's adapters (checkpoint `step`, default the newest that verifies) as a PEFT adapter
+    directory for its base, model.init_from (adapter_config.json names it). A run whose checkpoint trains
+    more than adapters (freeze.trainable), or whose base is a random initialisation, is refused in one line:
+    the adapter alone would not be the model."""
+    config, ckpt = open_run(run_dir)
+
+    def export(s: int) -> str:
+        meta = ckpt.meta(s)
+        lora = lora_base.run_lora(meta)
+        if not lora.rank:
+            raise GPT2JaxError(f"{run_dir}: not a LoRA run (lora.rank is 0): there is no adapter to export; "
+                               f"export the model without --adapter-only")
+        shapes, read = ckpt.param_reader(s)
+        others = sorted(k for k in shapes if not is_adapter(k))
+        if others:
+            raise GPT2JaxError(f"{run_dir}: the run trained {others[0]} beside the adapters (freeze.trainable): "
+                               f"an adapter alone would lose it; export the merged model without --adapter-only")
+        base = (meta.get(lora_base.BASE) or {}).get("init_from")
+        if base is None:
+            raise GPT2JaxError(f"{run_dir}: its base is a random initialisation (model.init_from was null), which "
+                               f"PEFT cannot load an adapter onto; export the merged model without --adapter-only")
+        if os.path.isdir(base) and load_hf_config(base).vocab_size < config.vocab_size:
+            log.warning(f"the run grew {base}'s vocabulary to {config.vocab_size} tokens (its tokenizer's special "
+                        f"tokens): with PEFT, resize the base's embeddings to match before loading the adapter")
+        return write_adapter(out_dir, config, lora, {k: read(k) for k in shapes}, base_name=base)
 
     try:
         return newest_good(run_dir, ckpt, step, export)

@@ -24,7 +24,8 @@ from gpt2_jax import sharding
 from gpt2_jax.checkpoints import lora_base
 from gpt2_jax.checkpoints.hf import load_hf_config
 from gpt2_jax.checkpoints.orbax import Checkpointer
-from gpt2_jax.checkpoints.pretrained import export_run, load_run
+from gpt2_jax.checkpoints.peft import continued_adapters, read_adapter_config
+from gpt2_jax.checkpoints.pretrained import export_adapter, export_run, load_run
 from gpt2_jax.checkpoints.resume import drop_replaced, restore_replaced, resume_state, set_aside_replaced
 from gpt2_jax.checkpoints.run_lock import hold_run_dir
 from gpt2_jax.errors import GPT2JaxError, first_line
@@ -135,6 +136,10 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
             load_hf_config(cfg.model.init_from)
         except GPT2JaxError as e:
             raise GPT2JaxError(f"model.init_from: {e}") from None
+    if cfg.lora.init_from is not None:  # checked before the data is prepared; its tensors once the model is known
+        if cfg.model.init_from is None:
+            raise GPT2JaxError("lora.init_from needs model.init_from: the base model its adapter was trained on")
+        read_adapter_config(cfg.lora.init_from)
     out_dir = cfg.train.out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise GPT2JaxError(f"train.out_dir {out_dir} is a file, not a directory")
@@ -168,6 +173,8 @@ def resume_or_init(run: Run) -> tuple[Checkpointer, TrainState, bool]:
                                f"nothing to train; raise train.steps, or export that step with tools/export_hf.py")
     else:
         params = init_from_params(cfg.model.init_from, len(run.data.tokenizer)) if cfg.model.init_from else None
+        if cfg.lora.init_from is not None:  # a PEFT adapter continued: its A and B instead of fresh ones
+            params.update(continued_adapters(cfg.lora.init_from, run.model_config, cfg.lora.adapters()))
         state = init_state(run.setup, params)
         del params
         if run.lora:
@@ -370,6 +377,14 @@ def export_and_sample(run: Run, end: int, final: dict) -> None:
     except Exception as e:
         log.warning(f"the Hugging Face export failed ({first_line(e)}); the checkpoint of step {end} is "
                     f"saved: python tools/export_hf.py --checkpoint {out_dir} --out DIR")
+    if run.lora:  # the adapter alone too, as PEFT saves one, where it is the whole change to its base
+        try:
+            log.info(f"saved the PEFT adapter to {export_adapter(out_dir, os.path.join(out_dir, 'adapter'), step=end)}")
+        except GPT2JaxError as e:  # a run that trains more than adapters, or over a random base
+            log.info(f"no PEFT adapter export: {first_line(e)}")
+        except Exception as e:
+            log.warning(f"the PEFT adapter export failed ({first_line(e)}): python tools/export_hf.py "
+                        f"--checkpoint {out_dir} --adapter-only --out DIR")
     cfg, tokenizer, val_rows = run.cfg, run.data.tokenizer, run.data.val_rows
     metric_rows = val_rows[:cfg.sample.metric_rows]
     if not (cfg.sample.num or metric_rows) or not val_rows:
