@@ -75,6 +75,13 @@ def test_adapter_only_export_loads_in_peft_with_the_runs_logits(tmp_path, gpt2_l
     # The end of the run wrote the same adapter.
     end = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     assert end == (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    # The run's default export (RUN/hf, a plain GPT-2) holds merge_and_unload()'s weights.
+    base = transformers.GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager")
+    ref = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload().state_dict()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf").state_dict()
+    for name, value in ref.items():
+        rows = value.shape[0] if name in ("transformer.wte.weight", "lm_head.weight") else None  # grown by 4
+        torch.testing.assert_close(merged[name][:rows], value, atol=1e-6, rtol=0, msg=name)
 
 
 @pytest.mark.slow
