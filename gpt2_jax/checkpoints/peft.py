@@ -47,6 +47,10 @@ _UNSUPPORTED = {"use_dora": (False, None), "modules_to_save": (None, []), "rank_
                 "target_parameters": (None, []), "lora_bias": (False, None), "use_qalora": (False, None),
                 "alora_invocation_tokens": (None, []), "use_bdlora": (None, False), "megatron_config": (None,)}
 
+# init_lora_weights that rewrite the base's weights when PEFT builds the adapter (PiSSA, OLoRA, CorDA, LoftQ,
+# LoRA-GA): our merge onto the unchanged base would compute something else.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
 
 def peft_name(key: str) -> str:
     """'transformer/h/0/attn/c_attn/lora_a' -> 'base_model.model.transformer.h.0.attn.c_attn.lora_A.weight'."""
@@ -128,6 +132,11 @@ def read_adapter_config(adapter_dir: str) -> tuple[LoraConfig, dict]:
     for key, defaults in _UNSUPPORTED.items():
         if key in raw and not any(raw[key] == d for d in defaults):
             raise bad(key, f"{raw[key]!r} is not supported")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+        raise bad("init_lora_weights", f"{init!r} changes the base's weights where PEFT loads the adapter, which "
+                                       f"is not supported: convert it to a plain LoRA adapter (PEFT's "
+                                       f"path_initial_model_for_weight_conversion)")
     targets = _targets(raw.get("target_modules"), lambda why: bad("target_modules", why))
     if not raw.get("fan_in_fan_out", False):
         # PEFT itself sets it to True on Conv1D targets (all of GPT-2's) and reads the tensors the same way.

@@ -159,6 +159,8 @@ BAD = [
     ("modules_to_save", dict(modules_to_save=["lm_head"]), None, "modules_to_save: ['lm_head'] is not supported"),
     ("rank_pattern", dict(rank_pattern={"c_fc": 2}), None, "rank_pattern: {'c_fc': 2} is not supported"),
     ("layers_to_transform", dict(layers_to_transform=[0]), None, "layers_to_transform: [0] is not supported"),
+    ("pissa", dict(init_lora_weights="pissa_niter_4"), None, "init_lora_weights: 'pissa_niter_4' changes the base's "
+                                                              "weights where PEFT loads the adapter"),
     ("not lora", dict(peft_type="IA3"), None, "peft_type: 'IA3' is not supported, only 'LORA'"),
     ("extra tensor", None, lambda t: t.update({"base_model.model.lm_head.weight": np.zeros((97, 32), np.float32)}),
      "unexpected tensor base_model.model.lm_head.weight"),
