@@ -102,10 +102,6 @@ def write_adapter(out_dir: str, config: ModelConfig, lora: LoraConfig, adapters:
     return out_dir
 
 
-def is_adapter_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG_FILE))
-
-
 def read_adapter_config(adapter_dir: str) -> tuple[LoraConfig, dict]:
     """(LoraConfig, the raw adapter_config.json) of a PEFT directory, refusing what our adapters cannot
     express, in one line naming the directory and the key."""

@@ -7,8 +7,9 @@ c_proj and c_fc), in one process, rounds interleaved so that a noisy machine slo
   tools/generate.py --adapter runs);
 - `in-loop`: the base with `LoraLinear` layers, `scale * (x @ A) @ B` computed at every step of the jitted loop.
 Fields: impl, preset, batch, prompt, new_tokens, rank, load_s (load with the adapter, merge included),
-compile_s (first call minus a steady call), steady_s (median of --repeats rounds), tokens_per_s,
-vs_base (steady_s / base's). Then one line of sizes on disk: the adapter directory against the merged
+compile_s (first call minus a steady call), steady_s (median of --repeats rounds), min_s (the fastest
+round: on a shared machine the least disturbed), tokens_per_s (from steady_s), vs_base and min_vs_base
+(steady_s and min_s over base's). Then one line of sizes on disk: the adapter directory against the merged
 export (the Hugging Face directory hf.save_pretrained writes, and its model.safetensors alone).
 """
 from __future__ import annotations
@@ -84,14 +85,16 @@ def bench(args) -> None:
                 t0 = time.perf_counter()
                 run(model)
                 times[impl].append(time.perf_counter() - t0)
-        base = statistics.median(times["base"])
+        base, base_min = statistics.median(times["base"]), min(times["base"])
         for impl, (_, load_s) in models.items():
             steady = statistics.median(times[impl])
             print(json.dumps(dict(impl=impl, preset=args.preset, batch=batch, prompt=args.prompt,
                                   new_tokens=args.new_tokens, rank=args.rank, load_s=round(load_s, 2),
                                   compile_s=round(max(first[impl] - steady, 0.0), 2), steady_s=round(steady, 4),
+                                  min_s=round(min(times[impl]), 4),
                                   tokens_per_s=round(batch * args.new_tokens / steady, 1),
-                                  vs_base=round(steady / base, 3))), flush=True)
+                                  vs_base=round(steady / base, 3),
+                                  min_vs_base=round(min(times[impl]) / base_min, 3))), flush=True)
     merged_dir = save_pretrained(models["merged"][0], os.path.join(root, f"merged-{args.preset}-r{args.rank}"))
     print(json.dumps(dict(sizes=args.preset, rank=args.rank, targets=list(lora.targets),
                           adapter_bytes=_dir_bytes(adapter),
