@@ -224,16 +224,3 @@ def read_adapter(adapter_dir: str, config: ModelConfig) -> tuple[LoraConfig, dic
                            f"missing): an adapter for another base, or fewer layers than its {config.n_layer}")
     return lora, out
 
-
-def continued_adapters(adapter_dir: str, config: ModelConfig, lora: LoraConfig) -> dict[str, np.ndarray]:
-    """The adapters of a PEFT directory to continue training (`lora.init_from`) as the run's `lora` section
-    says: its rank, targets and scale must be the directory's (dropout may differ: it only acts in training)."""
-    theirs, adapters = read_adapter(adapter_dir, config)
-    for name, ours_value, their_value in (("rank", lora.rank, theirs.rank), ("targets", lora.targets, theirs.targets),
-                                          ("alpha", lora.alpha, theirs.alpha),
-                                          ("use_rslora", lora.use_rslora, theirs.use_rslora)):
-        if ours_value != their_value:
-            shown = list(their_value) if name == "targets" else their_value
-            raise GPT2JaxError(f"lora.init_from {adapter_dir} has {name} {shown!r} but lora.{name} is "
-                               f"{list(ours_value) if name == 'targets' else ours_value!r}: set lora.{name}={shown}")
-    return adapters

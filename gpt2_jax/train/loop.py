@@ -24,7 +24,6 @@ from gpt2_jax import sharding
 from gpt2_jax.checkpoints import lora_base
 from gpt2_jax.checkpoints.hf import load_hf_config
 from gpt2_jax.checkpoints.orbax import Checkpointer
-from gpt2_jax.checkpoints.peft import continued_adapters, read_adapter_config
 from gpt2_jax.checkpoints.pretrained import export_adapter, export_run, load_run
 from gpt2_jax.checkpoints.resume import drop_replaced, restore_replaced, resume_state, set_aside_replaced
 from gpt2_jax.checkpoints.run_lock import hold_run_dir
@@ -136,10 +135,6 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
             load_hf_config(cfg.model.init_from)
         except GPT2JaxError as e:
             raise GPT2JaxError(f"model.init_from: {e}") from None
-    if cfg.lora.init_from is not None:  # checked before the data is prepared; its tensors once the model is known
-        if cfg.model.init_from is None:
-            raise GPT2JaxError("lora.init_from needs model.init_from: the base model its adapter was trained on")
-        read_adapter_config(cfg.lora.init_from)
     out_dir = cfg.train.out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise GPT2JaxError(f"train.out_dir {out_dir} is a file, not a directory")
@@ -173,8 +168,6 @@ def resume_or_init(run: Run) -> tuple[Checkpointer, TrainState, bool]:
                                f"nothing to train; raise train.steps, or export that step with tools/export_hf.py")
     else:
         params = init_from_params(cfg.model.init_from, len(run.data.tokenizer)) if cfg.model.init_from else None
-        if cfg.lora.init_from is not None:  # a PEFT adapter continued: its A and B instead of fresh ones
-            params.update(continued_adapters(cfg.lora.init_from, run.model_config, cfg.lora.adapters()))
         state = init_state(run.setup, params)
         del params
         if run.lora:
