@@ -87,7 +87,8 @@ def _add_train(sub) -> None:
     t.add_argument("--shapes", nargs="+", type=_names(train.TRAIN_SHAPES), default=[list(train.TRAIN_SHAPES)])
     t.add_argument("--impls", nargs="+", type=_names(train.TRAIN_IMPLS), default=[list(train.TRAIN_IMPLS)],
                    help="jax: all parameters train; jax-last6: the top half of the blocks (6 of 12); "
-                        "jax-head: the tied head; flax: transformers' FlaxGPT2LMHeadModel; gemm: the step's matmuls alone")
+                        "jax-head: the tied head; jax-lora: LoRA r=8 over the frozen model; "
+                        "flax: transformers' FlaxGPT2LMHeadModel; gemm: the step's matmuls alone")
     t.add_argument("--batch", type=int, default=4)
     t.add_argument("--seq", type=int, default=128)
     t.add_argument("--steps", type=int, default=5, help="timed steps after the first (compiling) one")

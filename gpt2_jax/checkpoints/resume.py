@@ -28,6 +28,7 @@ RESUMABLE_CHANGES: dict[str, tuple[str, ...]] = {
     "train.peak_flops": (), "train.out_dir": (), "checkpoint.": (), "sample.": (), "mesh.": (),
     "data.cache_dir": (), "optim.": (), "model.remat": (), "model.loss_chunk": (),
     "model.dropout": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "model.dtype": ("dtype",),
+    "lora.dropout": (), "lora.init_from": (),  # the adapters' layout is rank and targets; a resume restores them
 }
 _RESUMABLE_KEYS = tuple(RESUMABLE_CHANGES)
 _RESUMABLE_MODEL_FIELDS = frozenset(f for fields in RESUMABLE_CHANGES.values() for f in fields)

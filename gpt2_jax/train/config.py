@@ -396,6 +396,8 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.freeze.trainable == "patterns":
         check(bool(cfg.freeze.patterns), "freeze.trainable is patterns but freeze.patterns is empty")
     _validate_lora(cfg.lora)
+    check(cfg.lora.init_from is None or cfg.model.init_from is not None,
+          "lora.init_from needs model.init_from: the base model its adapters were trained on")
 
 
 def _validate_lora(lora: LoraSection) -> None:

@@ -35,7 +35,7 @@ from gpt2_jax.train.config import TrainConfig
 from gpt2_jax.train.flops import flops_per_token, peak_flops
 from gpt2_jax.train.held_out import format_metrics, sample_metrics, write_texts
 from gpt2_jax.train.metrics import MetricsWriter
-from gpt2_jax.train.run_data import RunData, init_from_params, prepare_data, run_model_config
+from gpt2_jax.train.run_data import RunData, init_from_params, lora_init_params, prepare_data, run_model_config
 from gpt2_jax.train.step import Setup, TrainState, build_setup, compile_steps, count_params, init_state, \
     optimizer_state_bytes
 
@@ -168,6 +168,8 @@ def resume_or_init(run: Run) -> tuple[Checkpointer, TrainState, bool]:
                                f"nothing to train; raise train.steps, or export that step with tools/export_hf.py")
     else:
         params = init_from_params(cfg.model.init_from, len(run.data.tokenizer)) if cfg.model.init_from else None
+        if cfg.lora.init_from:  # a PEFT adapter to continue training; without it the adapters start afresh
+            params.update(lora_init_params(cfg, run.model_config))
         state = init_state(run.setup, params)
         del params
         if run.lora:

@@ -17,6 +17,7 @@ import numpy as np
 from gpt2_jax import sharding
 from gpt2_jax.checkpoints.hf import load_hf_config, params_from_state_dict, read_hf_state_dict
 from gpt2_jax.checkpoints.orbax import checkpoint_dir
+from gpt2_jax.checkpoints.peft import read_adapter
 from gpt2_jax.data import batches, token_store
 from gpt2_jax.data.split_stats import prompt_overflow, split_indices, unigram_entropy
 from gpt2_jax.data.token_writer import rows_digest, tokenize_corpus
@@ -103,6 +104,20 @@ def init_from_params(src: str, vocab: int) -> dict[str, np.ndarray]:
     if vocab > wte.shape[0]:
         flat["transformer/wte/embedding"] = grow_embedding(wte, vocab)
     return flat
+
+
+def lora_init_params(cfg: TrainConfig, config: ModelConfig) -> dict[str, np.ndarray]:
+    """lora.init_from's adapters (a PEFT directory, checked against the base `config`) in our layout; their
+    rank, targets and scaling must be the lora section's."""
+    src = cfg.lora.init_from
+    lora, adapters = read_adapter(src, config)
+    want = cfg.lora.adapters()
+    for name in ("rank", "targets", "alpha", "use_rslora"):
+        same = set if name == "targets" else (lambda v: v)
+        if same(getattr(lora, name)) != same(getattr(want, name)):
+            raise GPT2JaxError(f"lora.init_from {src} has {name}={getattr(lora, name)!r} but the lora section "
+                               f"{name}={getattr(want, name)!r}: set lora.{name} to the adapter's")
+    return adapters
 
 
 @dataclasses.dataclass

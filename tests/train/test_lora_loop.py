@@ -125,3 +125,34 @@ def test_lora_run_resumes_bitwise_after_sigkill(tmp_path, gpt2_like_dir):
     assert set(a) == set(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def peft_adapter(tmp: Path, base: Path, r: int = 4, alpha: int = 8) -> Path:
+    """A LoRA adapter made by torch PEFT on `base` (random A and B: init_lora_weights=False)."""
+    import peft
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel.from_pretrained(base)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["c_attn", "c_fc"],
+                                                    fan_in_fan_out=True, init_lora_weights=False))
+    pm.save_pretrained(tmp / "adapter")
+    return tmp / "adapter"
+
+
+@pytest.mark.slow
+def test_lora_init_from_continues_a_peft_adapter(tmp_path, gpt2_like_dir):
+    path, _ = gpt2_like_dir
+    adapter = peft_adapter(tmp_path, Path(path))
+    # lr so small that one step leaves float32 adapters as they were read
+    out = train(load_train_config(None, hf_overrides(tmp_path, path, lora__init_from=str(adapter), train__steps=1,
+                                                     optim__lr=1e-30, optim__warmup_steps=0, checkpoint__every=0)))
+    ckpt = Checkpointer(str(tmp_path / "run"), read_only=True)
+    trained = ckpt.restore_params(out["steps"])
+    ckpt.close()
+    theirs = load_file(adapter / "adapter_model.safetensors")
+    a = theirs["base_model.model.transformer.h.1.mlp.c_fc.lora_A.weight"]
+    np.testing.assert_array_equal(trained["transformer/h/1/mlp/c_fc/lora_a"], a.T)
+    with pytest.raises(GPT2JaxError, match=r"lora.init_from .* has rank=4 but the lora section rank=8"):
+        train(load_train_config(None, hf_overrides(tmp_path / "b", path, lora__init_from=str(adapter),
+                                                   lora__rank=8)))

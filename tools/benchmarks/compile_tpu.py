@@ -15,6 +15,7 @@ from gpt2_jax.train.config import load_train_config
 SHIPPED = {
     "configs/gpt2-tpu-pod.yaml": ("v5e:4x4", ()),  # a v5e-16 (v5litepod-16)
     "configs/gpt2-finetune.yaml": ("v5e:1x1", ("model.dtype=bfloat16",)),  # one v5e chip, bf16 on accelerators
+    "configs/gpt2-xl-lora.yaml": ("v5e:1x1", ()),  # GPT-2 XL LoRA on one v5e chip
 }
 
 

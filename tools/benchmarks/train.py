@@ -2,7 +2,8 @@
 
 Times one optimiser step on one device, on the same random token batches (every token counted), for gpt2-jax's
 train step (AdamW with the default config, dropout 0) training every parameter (`jax`), the top half of the
-blocks (`jax-last6`: 6 of GPT-2's 12) or the tied head alone (`jax-head`), and for transformers'
+blocks (`jax-last6`: 6 of GPT-2's 12), the tied head alone (`jax-head`) or LoRA adapters of rank 8 (alpha
+16) on c_attn, c_proj and c_fc over the frozen model (`jax-lora`), and for transformers'
 FlaxGPT2LMHeadModel under a jitted value_and_grad + optax AdamW step written the usual way (`flax`), and for
 the step's matmuls alone (`gemm`: every product of a full gpt2-jax step, same shapes, operands laid out as
 each product wants, one jitted program), the floor that no step built on this XLA's matmuls goes below. Each
@@ -10,7 +11,9 @@ runs in its own process, or with --interleave all in one process, a step of each
 machine slows them alike. Fields: impl, shape, trainable, batch, seq, dtype, platform, device, compile_s
 (first step minus the median), step_s (median of --steps steps), tokens_per_s, mfu (flops.flops_per_token:
 6N + 12LHQT, less the gradients that frozen parameters skip, over peak_tflops from flops.peak_flops),
-peak_rss_mb; ratio_to_full (step_s / jax's) on jax-last6, jax-head and gemm, jax_speedup (jax's tokens_per_s /
+peak_rss_mb; on gpt2-jax's rows also opt_state_mb (the optimiser state) and, from XLA's memory analysis of
+the compiled step (per impl, whatever else the process holds), state_mb (its arguments: parameters and
+optimiser state) and temp_mb (the step's temporaries: activations, gradients); ratio_to_full (step_s / jax's) on jax-last6, jax-head, jax-lora and gemm, opt_state_ratio (opt_state_mb / jax's), jax_speedup (jax's tokens_per_s /
 flax's) on flax. The CPU defaults finish in minutes; on an accelerator try `--batch 8 --seq 1024 --dtype
 bfloat16 --steps 20`.
 """
@@ -35,7 +38,7 @@ TRAIN_SHAPES = {
     "tiny": dict(n_layer=4, n_embd=128, n_head=4, vocab_size=4000, n_positions=1024),
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
 }
-TRAIN_IMPLS = ("jax", "jax-last6", "jax-head", "flax", "gemm")
+TRAIN_IMPLS = ("jax", "jax-last6", "jax-head", "jax-lora", "flax", "gemm")
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
@@ -66,20 +69,27 @@ def _jax_train(impl: str, shape: dict, args, batches):
         "jax-last6": (["freeze.trainable=last_n_blocks", f"freeze.last_n_blocks={half}"],
                       f"last {half} of {shape['n_layer']} blocks"),
         "jax-head": (["freeze.trainable=head"], "head"),
+        "jax-lora": (["lora.rank=8", "lora.alpha=16"], "LoRA r=8 on c_attn, c_proj, c_fc"),
     }[impl]
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     setup = steps.build_setup(ModelConfig(**shape, **NO_DROPOUT, dtype=args.dtype), load_train_config(None, overrides),
                               mesh)
     state = steps.init_state(setup)
     train_step, _ = steps.compile_steps(setup)
-    placed = cycle([sharding.global_batch(b, mesh) for b in batches])
+    placed = [sharding.global_batch(b, mesh) for b in batches]
+    compiled = train_step.lower(state, placed[0]).compile()  # compiled once, ahead: its memory analysis
+    memory = compiled.memory_analysis()
+    mb = lambda n: round(n / 2**20, 1)  # noqa: E731
+    extra = dict(opt_state_mb=mb(steps.optimizer_state_bytes(state)), trainable_params=steps.count_params(state.params),
+                 state_mb=mb(memory.argument_size_in_bytes), temp_mb=mb(memory.temp_size_in_bytes))
+    placed = cycle(placed)
 
     def run():
         nonlocal state
-        state, metrics = train_step(state, next(placed))
+        state, metrics = compiled(state, next(placed))
         jax.block_until_ready((state, metrics))
 
-    return run, trainable, set(state.params)
+    return run, trainable, set(state.params), extra
 
 
 def _flax_train(shape: dict, args, batches):
@@ -114,7 +124,7 @@ def _flax_train(shape: dict, args, batches):
         params, opt_state, loss = train_step(params, opt_state, next(placed), dropout_rng)
         jax.block_until_ready((params, opt_state, loss))
 
-    return run, "all", None
+    return run, "all", None, {}
 
 
 def _gemm_shapes(shape: dict, batch: int, seq: int) -> list[tuple]:
@@ -154,7 +164,7 @@ def _gemm_train(shape: dict, args):
     def run():
         jax.block_until_ready(gemms(pairs))
 
-    return run, "all (matmuls only)", None
+    return run, "all (matmuls only)", None, {}
 
 
 def child(args) -> None:
@@ -176,13 +186,13 @@ def child(args) -> None:
         runners[impl][0]()  # the very first call: it compiles
         first[impl], times[impl] = time.perf_counter() - t0, []
     for _ in range(args.steps):
-        for impl, (run, _, _) in runners.items():
+        for impl, (run, *_) in runners.items():
             t0 = time.perf_counter()
             run()
             times[impl].append(time.perf_counter() - t0)
     device = jax.devices()[0]
     peak = peak_flops(device, args.dtype)  # on CPU a measured matmul peak, which varies by ±20% run to run
-    for impl, (_, trainable, paths) in runners.items():
+    for impl, (_, trainable, paths, extra) in runners.items():
         step_s = statistics.median(times[impl])
         tokens_per_s = args.batch * args.seq / step_s
         mfu = tokens_per_s * flops_per_token(ModelConfig(**shape), args.seq, paths) / peak
@@ -191,7 +201,7 @@ def child(args) -> None:
             platform=device.platform, device=device.device_kind, steps=args.steps,
             compile_s=round(max(first[impl] - step_s, 0.0), 3), step_s=round(step_s, 4),
             tokens_per_s=round(tokens_per_s, 1), mfu=round(mfu, 4), peak_tflops=round(peak / 1e12, 3),
-            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))), flush=True)
+            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), **extra)), flush=True)
 
 
 def bench(args) -> None:
@@ -212,4 +222,6 @@ def bench(args) -> None:
                         row["jax_speedup"] = round(full["tokens_per_s"] / row["tokens_per_s"], 3)
                     else:
                         row["ratio_to_full"] = round(row["step_s"] / full["step_s"], 3)
+                        if "opt_state_mb" in row:
+                            row["opt_state_ratio"] = round(row["opt_state_mb"] / full["opt_state_mb"], 5)
                 print(json.dumps(row), flush=True)
