@@ -36,7 +36,8 @@ def load(base, adapter, expected, merged=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pm = peft.PeftModel.from_pretrained(base_model(base), adapter).eval()
-    bad = [str(w.message) for w in caught if any(s in str(w.message).lower() for s in ("adapter", "missing", "unexpected"))]
+    words = ("adapter", "missing", "unexpected")
+    bad = [str(w.message) for w in caught if any(s in str(w.message).lower() for s in words)]
     assert not bad, f"PEFT warned: {bad}"
     assert pm.peft_config["default"].fan_in_fan_out
     err = float(np.abs(logits(pm, want["ids"]) - np.asarray(want["logits"], np.float32)).max())

@@ -190,7 +190,8 @@ def test_adapter_of_another_base_made_by_peft(hf_dir, tmp_path):
     """An adapter torch PEFT trained on a wider GPT-2 is refused against our smaller base, in one line."""
     other_dir, other = hf_dir("other", n_embd=48)
     base_dir, _ = hf_dir("base")
-    peft.get_peft_model(other, peft.LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(tmp_path / "ad")
+    lora = peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    peft.get_peft_model(other, lora).save_pretrained(tmp_path / "ad")
     with pytest.raises(GPT2JaxError, match=r"needs \(2, 32\): an adapter for another base"):
         load_pretrained(base_dir, adapter=str(tmp_path / "ad"))
     load_pretrained(other_dir, adapter=str(tmp_path / "ad"))  # and it is fine on its own base
@@ -253,7 +254,8 @@ def test_round_trip_in_both_transformers_versions(hf_dir, tmp_path, version, req
     adapter = write_adapter(str(tmp_path / "adapter"), config, lora, random_adapters(config, lora), base_dir)
     model = load_pretrained(base_dir, adapter=adapter)
     merged_dir = save_pretrained(model, str(tmp_path / "merged"))
-    (tmp_path / "expected.json").write_text(json.dumps({"ids": IDS.tolist(), "logits": np.asarray(model(IDS)).tolist()}))
+    expected = {"ids": IDS.tolist(), "logits": np.asarray(model(IDS)).tolist()}
+    (tmp_path / "expected.json").write_text(json.dumps(expected))
     res = subprocess.run([python, CHECK, "load", base_dir, adapter, str(tmp_path / "expected.json"), merged_dir],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
