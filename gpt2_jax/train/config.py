@@ -105,26 +105,20 @@ class FreezeSection:
 
 @dataclasses.dataclass(frozen=True)
 class LoraSection:
-    # LoRA adapters' rank; > 0 trains adapters on the targets while the base stays frozen (freeze.trainable
-    # then names base parameters that train beside them: head, last_n_blocks, patterns; all, the default,
-    # adds none). 0: no adapters.
+    # Adapters' rank (0: none); > 0 trains them over the frozen base (freeze.trainable: what else trains).
     rank: int = 0
-    # The adapters' update is scaled by alpha / rank (alpha / sqrt(rank) with use_rslora), as PEFT's.
+    # The update is scaled by alpha / rank, as PEFT's (alpha / sqrt(rank) with use_rslora, rank-stabilised).
     alpha: float = 16.0
     # Projections that carry adapters: c_attn, c_proj (attention's and the MLP's), c_fc.
     targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
     # Dropout on each adapter's input while training (PEFT's lora_dropout).
     dropout: float = 0.0
-    # A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to continue training
-    # (over model.init_from, its base); null starts the adapters afresh (A Kaiming-uniform, B zero).
+    # A PEFT adapter directory to continue training over model.init_from; null: fresh adapters (B zero).
     init_from: Optional[str] = None
-    # Rank-stabilised scaling alpha / sqrt(rank) (PEFT's use_rslora).
     use_rslora: bool = False
 
-    def adapters(self) -> LoraConfig:
-        """The model's LoraConfig (rank 0: no adapters)."""
-        return LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout,
-                          use_rslora=self.use_rslora)
+    def adapters(self) -> LoraConfig:  # the model's LoraConfig (rank 0: no adapters)
+        return LoraConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoraConfig)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,23 +389,12 @@ def _validate(cfg: TrainConfig) -> None:
     check(not (cfg.mesh.data == -1 and cfg.mesh.fsdp == -1), "mesh.data and mesh.fsdp cannot both be -1")
     if cfg.freeze.trainable == "patterns":
         check(bool(cfg.freeze.patterns), "freeze.trainable is patterns but freeze.patterns is empty")
-    _validate_lora(cfg.lora)
-    check(cfg.lora.init_from is None or cfg.model.init_from is not None,
-          "lora.init_from needs model.init_from: the base model its adapters were trained on")
-
-
-def _validate_lora(lora: LoraSection) -> None:
-    check(lora.rank >= 0, f"config key lora.rank must not be negative (0: no adapters), got {lora.rank}")
+    lora = cfg.lora
     for target in lora.targets:
         check_choice("lora.targets", target, TARGETS)
-    check(len(set(lora.targets)) == len(lora.targets), f"config key lora.targets names a module twice: "
-                                                       f"{list(lora.targets)}")
+    check(len(set(lora.targets)) == len(lora.targets), f"lora.targets names a module twice: {list(lora.targets)}")
     check(lora.alpha > 0, f"config key lora.alpha must be positive, got {lora.alpha}")
-    check(0 <= lora.dropout < 1, f"config key lora.dropout must be in [0, 1), got {lora.dropout}")
     check(lora.init_from is None or lora.rank > 0, "lora.init_from needs lora.rank > 0 (the adapter's rank)")
-    lora.adapters()  # LoraConfig's own checks
-
-
-def check(ok: bool, message: str) -> None:
-    if not ok:
-        raise GPT2JaxError(message)
+    check(lora.init_from is None or cfg.model.init_from is not None,
+          "lora.init_from needs model.init_from: the base model its adapters were trained on")
+    lora.adapters()  # LoraConfig's own checks: rank >= 0, dropout in [0, 1), targets not empty

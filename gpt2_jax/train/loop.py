@@ -11,18 +11,15 @@ import functools
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from typing import Callable
 
 import jax
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gpt2_jax import sharding
-from gpt2_jax.checkpoints import lora_base
 from gpt2_jax.checkpoints.hf import load_hf_config
+from gpt2_jax.checkpoints.lora_base import BASE
 from gpt2_jax.checkpoints.orbax import Checkpointer
 from gpt2_jax.checkpoints.pretrained import export_adapter, export_run, load_run
 from gpt2_jax.checkpoints.resume import drop_replaced, restore_replaced, resume_state, set_aside_replaced
@@ -30,11 +27,12 @@ from gpt2_jax.checkpoints.run_lock import hold_run_dir
 from gpt2_jax.errors import GPT2JaxError, first_line
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.layout import ModelLayout
-from gpt2_jax.model.lora import merge_adapters
 from gpt2_jax.train.config import TrainConfig
 from gpt2_jax.train.flops import flops_per_token, peak_flops
+from gpt2_jax.train import lora_state
 from gpt2_jax.train.held_out import format_metrics, sample_metrics, write_texts
 from gpt2_jax.train.metrics import MetricsWriter
+from gpt2_jax.train.preemption import Preemption, finishing
 from gpt2_jax.train.run_data import RunData, init_from_params, lora_init_params, prepare_data, run_model_config
 from gpt2_jax.train.step import Setup, TrainState, build_setup, compile_steps, count_params, init_state, \
     optimizer_state_bytes
@@ -78,15 +76,6 @@ class Run:
         return {"config": config,
                 "model": {**mc.to_hf_dict(), "dtype": mc.dtype, "param_dtype": mc.param_dtype},
                 "tokenizer": {"size": len(tokenizer), "special_ids": dict(tokenizer.special_ids)}}
-
-    @property
-    def lora(self) -> bool:
-        """Adapters train over a frozen base that checkpoints name (checkpoints/lora_base.py), not store."""
-        return bool(self.cfg.lora.rank)
-
-    def saved(self, state: TrainState) -> TrainState:
-        """What a checkpoint holds of `state`: all of it, or without the frozen base in a LoRA run."""
-        return state._replace(frozen={}) if self.lora else state
 
     @functools.cached_property
     def sampler_layout(self) -> ModelLayout:
@@ -158,10 +147,11 @@ def resume_or_init(run: Run) -> tuple[Checkpointer, TrainState, bool]:
     replacing = not cfg.checkpoint.resume and set_aside_replaced(out_dir)
     ckpt = Checkpointer(out_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
     if ckpt.latest_step() is not None:
-        state = resume_state(ckpt, out_dir, run.saved(run.setup.abstract_state), run.meta)
+        state = resume_state(ckpt, out_dir, lora_state.saved(cfg, run.setup.abstract_state), run.meta)
         done = int(sharding.local_value(state.step))
-        if run.lora:
-            state = _with_base(run, state, ckpt.meta(done).get(lora_base.BASE))
+        if cfg.lora.rank:  # the frozen base, rebuilt and checked against the checkpoint's checksum
+            run.meta[BASE] = ckpt.meta(done).get(BASE)
+            state = lora_state.with_base(cfg, run.setup, run.model_config, state, run.meta[BASE])
         if done > cfg.train.steps:
             ckpt.close()
             raise GPT2JaxError(f"train.steps={cfg.train.steps} is below step {done} of the checkpoint in {out_dir}: "
@@ -172,9 +162,8 @@ def resume_or_init(run: Run) -> tuple[Checkpointer, TrainState, bool]:
             params.update(lora_init_params(cfg, run.model_config))
         state = init_state(run.setup, params)
         del params
-        if run.lora:
-            run.meta[lora_base.BASE] = lora_base.record(cfg.model.init_from, cfg.train.seed,
-                                                        lora_base.device_digest(state.frozen))
+        if cfg.lora.rank:
+            run.meta[BASE] = lora_state.base_record(cfg, state)
     if run.leader:
         cfg.save_yaml(os.path.join(out_dir, "config.yaml"))
         run.model_config.save_json(os.path.join(out_dir, "model_config.json"))
@@ -183,24 +172,10 @@ def resume_or_init(run: Run) -> tuple[Checkpointer, TrainState, bool]:
     return ckpt, state, replacing
 
 
-def _with_base(run: Run, state: TrainState, saved: dict) -> TrainState:
-    """A resumed LoRA state with its frozen base rebuilt (model.init_from or the seed) and checked against
-    the checksum its checkpoint holds."""
-    cfg = run.cfg
-    base = lora_base.base_params(cfg.model.init_from, run.model_config, cfg.train.seed)
-    shardings = run.setup.state_shardings.frozen
-    frozen = {k: jax.device_put(base[k], shardings[k]) for k in shardings}
-    del base
-    got = lora_base.device_digest(frozen)
-    lora_base.check(saved, got, f"cannot resume {run.out_dir}")
-    run.meta[lora_base.BASE] = saved
-    return state._replace(frozen=frozen)
-
-
 def _report_start(run: Run, state: TrainState) -> None:
     cfg = run.cfg
     n_all, n_train_params = count_params(run.setup.layout.shapes), count_params(state.params)
-    what = cfg.freeze.trainable if not run.lora else \
+    what = cfg.freeze.trainable if not cfg.lora.rank else \
         f"LoRA rank {cfg.lora.rank}" + (f" + freeze {cfg.freeze.trainable}" if cfg.freeze.trainable != "all" else "")
     _info(f"model: {n_all:,} parameters, {n_train_params:,} trainable ({what}); "
           f"optimiser state {optimizer_state_bytes(state) / 2**20:.1f} MiB; "
@@ -222,7 +197,7 @@ def train_steps(run: Run, ckpt: Checkpointer, writer: MetricsWriter, state: Trai
     throughput = _Throughput(run, state, start)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not run.leader, dynamic_ncols=True, unit="step")
     final: dict = {"preempted": False, "unigram_loss": run.data.unigram}
-    with _Preemption() as preemption, _finishing(ckpt):
+    with Preemption() as preemption, finishing(ckpt):
         for step in range(start, cfg.train.steps):
             state, metrics = run.train_step(state, sharding.global_batch(run.data.train.local_batch(step), run.mesh))
             throughput.add(step)
@@ -236,7 +211,7 @@ def train_steps(run: Run, ckpt: Checkpointer, writer: MetricsWriter, state: Trai
             preempted = preemption.now(done)
             if ckpt.due(done) or done == cfg.train.steps or preempted:
                 _check_finite(metrics, done, ckpt)  # never save a state that has gone non-finite
-                ckpt.save(done, run.saved(state), {"step": done, **run.meta})
+                ckpt.save(done, lora_state.saved(cfg, state), {"step": done, **run.meta})
                 if replacing:  # the earlier run's checkpoints go once this run's first one is complete
                     ckpt.wait()
                     drop_replaced(run.out_dir)
@@ -333,8 +308,8 @@ def _live_sample_metrics(run: Run, writer: MetricsWriter, state: TrainState, ste
         # On one device, as the end-of-run samples are: XLA:CPU aborts compiling the sampling loop's top-k
         # for parameters spread over a mesh (TopkDecomposer on an optimization barrier, jaxlib 0.10.2).
         flat, rng = jax.device_put(({**state.params, **state.frozen}, state.rng), jax.devices()[0])
-        if run.lora:  # adapters merged once: sampling runs the base model's program
-            flat = _merge(flat, run.setup.layout.lora)
+        if run.cfg.lora.rank:  # adapters merged once: sampling runs the base model's program
+            flat = lora_state.merged(flat, run.setup.layout.lora)
         model = run.sampler_layout.model(flat, rng, train=False)
         m = sample_metrics(write_texts(model, run.data.tokenizer, rows, run.cfg, warn=lambda _: None))
     except Exception as e:
@@ -349,7 +324,7 @@ def finish(run: Run, ckpt: Checkpointer, writer: MetricsWriter, state: TrainStat
     checkpointer closed. Returns the step."""
     end = int(sharding.local_value(state.step))
     if ckpt.latest_step() != end:
-        ckpt.save(end, run.saved(state), {"step": end, **run.meta})
+        ckpt.save(end, lora_state.saved(run.cfg, state), {"step": end, **run.meta})
     if run.data.val is not None:
         ev = evaluate(run, state)
         writer.write(end, ev, split="val")
@@ -399,51 +374,3 @@ def export_and_sample(run: Run, end: int, final: dict) -> None:
             log.info(f"\nsample metrics over {len(metric_rows)} held-out rows: {format_metrics(m)}")
     except Exception as e:
         log.warning(f"the held-out samples failed ({first_line(e)})")
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _merge(flat: dict, lora) -> dict:
-    return merge_adapters(flat, lora)
-
-
-class _Preemption:
-    """SIGTERM (how TPU preemption and schedulers stop a job) and SIGINT (Ctrl-C) ask the loop to checkpoint
-    and leave. A second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.signal: str | None = None  # the name of the signal that asked
-        self._previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
-            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job ignores Ctrl-C
-                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
-
-    def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-    def now(self, step: int) -> bool:
-        if jax.process_count() > 1:  # every process must stop at the same step
-            return multihost_utils.reached_preemption_sync_point(step) or self.requested
-        return self.requested
-
-
-@contextlib.contextmanager
-def _finishing(ckpt):
-    """However the loop ends (an error included), let the saves already started complete."""
-    try:
-        yield
-    finally:
-        ckpt.wait()

@@ -100,7 +100,7 @@ def test_lora_over_a_bfloat16_base():
 @pytest.mark.parametrize("overrides, message", [
     (["lora.ranks=4"], "unknown config key lora.ranks"),
     (["lora.rank=4", "lora.targets=[c_attn, q_proj]"], "lora.targets is 'q_proj'"),
-    (["lora.rank=-2"], "lora.rank must not be negative"),
+    (["lora.rank=-2"], "lora.rank must be an integer >= 0"),
     (["lora.rank=4", "lora.dropout=1.5"], r"lora.dropout must be in \[0, 1\)"),
     (["lora.init_from=some/dir"], "lora.init_from needs lora.rank > 0"),
     (["lora.rank=4", "lora.targets=[]"], "lora.targets is empty"),
