@@ -347,7 +347,7 @@ def export_and_sample(run: Run, end: int, final: dict) -> None:
     except Exception as e:
         log.warning(f"the Hugging Face export failed ({first_line(e)}); the checkpoint of step {end} is "
                     f"saved: python tools/export_hf.py --checkpoint {out_dir} --out DIR")
-    if run.lora:  # the adapter alone too, as PEFT saves one, where it is the whole change to its base
+    if run.cfg.lora.rank:  # the adapter alone too, as PEFT saves one, where it is the whole change to its base
         try:
             log.info(f"saved the PEFT adapter to {export_adapter(out_dir, os.path.join(out_dir, 'adapter'), step=end)}")
         except GPT2JaxError as e:  # a run that trains more than adapters, or over a random base
