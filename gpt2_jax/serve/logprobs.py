@@ -38,10 +38,11 @@ def logprobs_object(tokenizer, ids: Sequence[int], logprobs: Sequence[Optional[f
         offset += len(text)
         entry = None
         if top is not None and top[i] is not None:
-            pairs = sorted(top[i].items(), key=lambda kv: -kv[1])[:k]
-            if logprobs[i] is not None:
-                pairs.append((t, logprobs[i]))  # the chosen token is always listed (vLLM)
-            entry = {token_text(tokenizer, j): float(v) for j, v in pairs}
+            # The chosen token is always listed (vLLM), first: where two tokens read the same (parts of one
+            # character both read U+FFFD), the chosen one's value stands, then the likelier one's.
+            entry = {} if logprobs[i] is None else {text: float(logprobs[i])}
+            for j, v in sorted(top[i].items(), key=lambda kv: -kv[1])[:k]:
+                entry.setdefault(token_text(tokenizer, j), float(v))
         tops.append(entry)
     return {"tokens": tokens, "token_logprobs": [None if v is None else float(v) for v in logprobs],
             "top_logprobs": tops, "text_offset": offsets}

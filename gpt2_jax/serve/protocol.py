@@ -185,7 +185,7 @@ KNOWN = {f.name for f in dataclasses.fields(CompletionRequest)} - {"prompts", "i
 def parse_json(raw: bytes) -> dict:
     """The request body as a JSON object, or an ApiError saying where it is malformed."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ApiError(f"the request body is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:

@@ -4,6 +4,7 @@ import socket
 import threading
 import time
 
+import openai
 import pytest
 import torch
 import transformers
@@ -11,7 +12,7 @@ import uvicorn
 
 from gpt2_jax.serve.app import create_app
 from gpt2_jax.serve.server import load_service
-from gpt2_jax.tokenizer import train_bpe
+from gpt2_jax.tokenizer import load_tokenizer, train_bpe
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "a title about foxes and dogs", "keywords make prompts",
           "sampling from a language model", "jax compiles one loop", "ünïcödé wörds and 漢字 too"] * 20
@@ -30,6 +31,37 @@ def save_tiny_model(path, n_positions: int = N_POSITIONS) -> str:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("serve") / "model")
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    """The same model in transformers: the reference for texts and log-probabilities."""
+    return transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(hf_model, tokenizer):
+    """transformers' greedy continuation of token ids, cut before EOS: (tokens, ended by EOS)."""
+
+    def run(ids, max_new_tokens: int) -> tuple[list[int], bool]:
+        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_id,
+                                pad_token_id=tokenizer.pad_id)[0, len(ids):].tolist()
+        eos = tokenizer.eos_id in out
+        return (out[:out.index(tokenizer.eos_id)] if eos else out), eos
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    """The official OpenAI client pointed at the server."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def free_port() -> int:
@@ -67,8 +99,8 @@ class ServerThread:
         assert not self.thread.is_alive()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(model_dir):
-    """A server of 4 slots and a queue of 64 over the tiny model, shared by a test module."""
+    """A server of 4 slots and a queue of 64 over the tiny model, shared by the tests (one compile)."""
     with ServerThread(load_service(model_dir, name="tiny", slots=4, max_queue=64)) as s:
         yield s
