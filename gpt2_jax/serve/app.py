@@ -59,8 +59,8 @@ def create_app(service: Service) -> FastAPI:
         if not service.scheduler.alive:
             return JSONResponse(error_body("the server is not serving (shutting down or its engine stopped)", 503),
                                 status_code=503)
-        return {"status": "ok", "slots": service.slots, "active": service.engine.active,
-                "pending": service.engine.pending}
+        return {"status": "ok", "slots": service.slots, "max_queue": service.scheduler.max_queue,
+                "in_flight": service.scheduler.in_flight}
 
     @app.get("/v1/models")
     async def models():

@@ -82,19 +82,20 @@ def _safe_deliver(ticket: Ticket, events: list[Event]) -> None:
 
 
 class Scheduler:
-    """Drives `engine` from its own thread. `max_queue` bounds the choices waiting for a slot."""
+    """Drives `engine` from its own thread. `max_queue` bounds the choices waiting for a slot: at most
+    slots + max_queue are in flight; more are refused (429)."""
 
     def __init__(self, engine, *, max_queue: int):
         self.engine, self.max_queue = engine, max_queue
         self._cv = threading.Condition()
         self._inbox: collections.deque = collections.deque()
         self._inbox_choices = 0  # choices submitted, not yet added to the engine
-        self._engine_pending = 0  # the engine's queue after the last add or step
+        self._engine_pending = self._engine_active = 0  # the engine's queue and slots after the last add or step
         self._live: dict[int, tuple[Ticket, Choice]] = {}  # rid -> its ticket and choice
         self._draining = self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self.steps = 0
-        self.cancels: collections.deque = collections.deque(maxlen=64)  # (step asked, step applied)
+        self.cancels: collections.deque = collections.deque(maxlen=1024)  # (step asked, step applied)
 
     # --- called from the HTTP server's threads ------------------------------------------------------
 
@@ -106,17 +107,24 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._draining
 
+    @property
+    def in_flight(self) -> int:
+        """Choices submitted and not finished: queued here, queued in the engine, or in its slots."""
+        return self._inbox_choices + self._engine_pending + self._engine_active
+
     def submit(self, ticket: Ticket) -> None:
         """Queue a ticket, or refuse it: 503 while draining, 429 when the queue is full (both with Retry-After)."""
         with self._cv:
             if self._draining:
                 raise ApiError("the server is shutting down", status=503, retry_after=RETRY_AFTER_S)
-            if len(ticket.choices) > self.max_queue:
+            if len(ticket.choices) > self.engine.slots + self.max_queue:
                 raise ApiError(f"this request asks for {len(ticket.choices)} completions (prompts × n); this server "
-                               f"queues at most {self.max_queue}", param="n")
-            waiting = self._inbox_choices + self._engine_pending
-            if waiting + len(ticket.choices) > self.max_queue:
-                raise ApiError(f"the server is busy: {waiting} requests are waiting for a slot (at most "
+                               f"takes at most {self.engine.slots + self.max_queue} at once ({self.engine.slots} "
+                               f"slots, a queue of {self.max_queue})", param="n")
+            in_flight = self.in_flight
+            if in_flight + len(ticket.choices) > self.engine.slots + self.max_queue:
+                raise ApiError(f"the server is busy: its {self.engine.slots} slots are taken and "
+                               f"{max(0, in_flight - self.engine.slots)} requests wait for one (at most "
                                f"{self.max_queue}); retry later", status=429, code="rate_limit_exceeded",
                                retry_after=RETRY_AFTER_S)
             self._inbox.append(("add", ticket))
@@ -201,18 +209,18 @@ class Scheduler:
                     self.engine.cancel(c.rid)
             self.cancels.append((item[2], self.steps))
             return
-        with self._cv:
-            self._inbox_choices -= len(ticket.choices)
         try:
             for c in ticket.choices:
                 self.engine.check(c.request)
         except GPT2JaxError as e:
             ticket.fail(str(e), 400)
-            return
-        for c in ticket.choices:
-            c.rid = self.engine.add(c.request)
-            self._live[c.rid] = (ticket, c)
-        self._engine_pending = self.engine.pending
+        else:
+            for c in ticket.choices:
+                c.rid = self.engine.add(c.request)
+                self._live[c.rid] = (ticket, c)
+        with self._cv:  # moved from the inbox to the engine at once, as `submit` counts them
+            self._inbox_choices -= len(ticket.choices)
+            self._engine_pending, self._engine_active = self.engine.pending, self.engine.active
 
     def _step(self) -> None:
         try:
@@ -223,7 +231,7 @@ class Scheduler:
             return
         finally:
             self.steps += 1
-            self._engine_pending = self.engine.pending
+            self._engine_pending, self._engine_active = self.engine.pending, self.engine.active
         batches: dict[int, tuple[Ticket, list[Event]]] = {}
         for out in outputs:
             entry = self._live.get(out.rid)
