@@ -51,10 +51,10 @@ class Service:
         # model's (as tools/generate.py).
         self.eos_id = tokenizer.eos_id if tokenizer.eos_id < self.vocab else cfg.eos_token_id
         pad_id = tokenizer.pad_id if tokenizer.pad_id < self.vocab else self.eos_id
-        self.context = min(max_length or cfg.n_positions, cfg.n_positions)
         self.slots = slots
         self.engine = Engine(model, slots=slots, eos_ids=[self.eos_id], pad_id=pad_id, mesh=mesh,
-                             max_length=self.context)
+                             max_length=max_length)  # it checks max_length against n_positions
+        self.context = self.engine.max_length
         self.scheduler = Scheduler(self.engine, max_queue=max_queue)
 
     def prompts(self, req: CompletionRequest) -> list[Prompt]:

@@ -1,6 +1,5 @@
-"""The server's tests: a tiny random GPT-2 with a byte-level BPE tokenizer ([BOS] [SEP] [EOS] [PAD]) saved as a
-Hugging Face directory, and a real uvicorn server over the real engine in a thread on a free 127.0.0.1 port."""
-import socket
+"""The server's tests: a real uvicorn server over the real engine and a tiny model (serve_fixtures.py) in a thread
+on a free 127.0.0.1 port; transformers' greedy decoding as the reference."""
 import threading
 import time
 
@@ -12,20 +11,8 @@ import uvicorn
 
 from gpt2_jax.serve.app import create_app
 from gpt2_jax.serve.server import load_service
-from gpt2_jax.tokenizer import load_tokenizer, train_bpe
-
-CORPUS = ["the quick brown fox jumps over the lazy dog", "a title about foxes and dogs", "keywords make prompts",
-          "sampling from a language model", "jax compiles one loop", "ünïcödé wörds and 漢字 too"] * 20
-N_POSITIONS = 256
-
-
-def save_tiny_model(path, n_positions: int = N_POSITIONS) -> str:
-    tok = train_bpe(CORPUS, path, vocab_size=300)
-    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=2, n_head=4,
-                                  initializer_range=0.4, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
-    return str(path)
+from gpt2_jax.tokenizer import load_tokenizer
+from serve_fixtures import free_port, save_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -62,12 +49,6 @@ def hf_greedy(hf_model, tokenizer):
 def client(server):
     """The official OpenAI client pointed at the server."""
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerThread:
