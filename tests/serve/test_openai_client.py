@@ -5,7 +5,6 @@ import subprocess
 
 import httpx
 import numpy as np
-import pytest
 import torch
 
 
@@ -149,7 +148,8 @@ def test_curl(server, tokenizer):
     body = json.dumps({"model": "tiny", "prompt": "the", "max_tokens": 4, "temperature": 0})
     curl = ["curl", "-sS", "--max-time", "60", server.url + "/v1/completions", "-H", "Content-Type: application/json"]
     whole = json.loads(subprocess.run(curl + ["-d", body], capture_output=True, text=True, check=True).stdout)
-    assert whole["choices"][0]["finish_reason"] in ("stop", "length") and whole["usage"]["prompt_tokens"] == len(tokenizer.encode("the"))
+    assert whole["choices"][0]["finish_reason"] in ("stop", "length")
+    assert whole["usage"]["prompt_tokens"] == len(tokenizer.encode("the"))
     streamed = subprocess.run(curl + ["-N", "-d", body[:-1] + ', "stream": true}'], capture_output=True, text=True,
                               check=True).stdout
     events = [e for e in streamed.split("\n\n") if e]

@@ -149,7 +149,7 @@ def test_memory_stays_flat_over_thousands_of_requests(model_dir):
         end_mb = server.rss_mb()
         print(json.dumps({"soak_requests": SOAK_REQUESTS, "rss_start_mb": round(start_mb, 1),
                           "rss_end_mb": round(end_mb, 1), "seconds": round(time.monotonic() - start, 1)}))
-        assert end_mb - start_mb < max(32.0, 0.1 * start_mb), (start_mb, end_mb)
+        assert end_mb - start_mb < 24.0, (start_mb, end_mb)  # a leak of 8 KB a request would fail
         assert httpx.get(server.url + "/health").json()["in_flight"] == 0
     finally:
         server.stop()
