@@ -185,7 +185,13 @@ class Scheduler:
                         item[1].fail(message, 503)
                 return
             for item in work:
-                self._handle(item)
+                try:
+                    self._handle(item)
+                except Exception as e:  # an engine bug on add or cancel: this ticket fails, the thread goes on
+                    log.exception("the engine failed on %s", item[0])
+                    if item[0] == "add":
+                        self._forget(item[1])
+                        item[1].fail(f"the engine failed: {first_line(e)}", 500)
             if self._busy():
                 self._step()
             elif self._stopping and not work:
@@ -204,9 +210,7 @@ class Scheduler:
                     future.set_exception(e)
             return
         if kind == "cancel":
-            for c in ticket.choices:
-                if c.rid is not None and self._live.pop(c.rid, None) is not None:
-                    self.engine.cancel(c.rid)
+            self._forget(ticket)
             self.cancels.append((item[2], self.steps))
             return
         try:
@@ -218,9 +222,10 @@ class Scheduler:
             for c in ticket.choices:
                 c.rid = self.engine.add(c.request)
                 self._live[c.rid] = (ticket, c)
-        with self._cv:  # moved from the inbox to the engine at once, as `submit` counts them
-            self._inbox_choices -= len(ticket.choices)
-            self._engine_pending, self._engine_active = self.engine.pending, self.engine.active
+        finally:
+            with self._cv:  # moved from the inbox to the engine at once, as `submit` counts them
+                self._inbox_choices -= len(ticket.choices)
+                self._engine_pending, self._engine_active = self.engine.pending, self.engine.active
 
     def _step(self) -> None:
         try:
@@ -250,6 +255,11 @@ class Scheduler:
             batches.setdefault(id(ticket), (ticket, []))[1].append(ev)
         for ticket, events in batches.values():
             _safe_deliver(ticket, events)
+
+    def _forget(self, ticket: Ticket) -> None:
+        for c in ticket.choices:
+            if c.rid is not None and self._live.pop(c.rid, None) is not None:
+                self.engine.cancel(c.rid)
 
     def _fail_live(self, message: str, status: int) -> None:
         tickets = {id(t): t for t, _ in self._live.values()}

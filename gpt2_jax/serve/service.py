@@ -13,6 +13,7 @@ import secrets
 import time
 from typing import Optional
 
+from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.sample.engine import Engine, Request
 from gpt2_jax.serve.detokenize import TextTracker
 from gpt2_jax.serve.protocol import ApiError, CompletionRequest
@@ -108,4 +109,9 @@ class Service:
                 tracker = TextTracker(self.tokenizer, stops=req.stop, include_stop=req.include_stop_str_in_output,
                                       min_tokens=req.min_tokens, incremental=req.stream)
                 out.append(Choice(j * req.n + i, request, tracker))
+        try:  # the engine's own limits (keywords per request, ...), as a 400 before anything streams
+            for c in out[::req.n]:  # one per prompt: the n choices differ only in their seeds
+                self.engine.check(c.request)
+        except GPT2JaxError as e:
+            raise ApiError(str(e)) from None
         return out

@@ -24,6 +24,8 @@ BAD = [  # (body, status, param, words the message must hold)
     ({"model": "tiny", "prompt": [7] * 250, "max_tokens": 10}, 400, "max_tokens",
      ["maximum context length is 256 tokens", "requested 260 tokens (250 in the prompt, 10 for the completion)"]),
     ({"model": "tiny", "prompt": [7] * 300}, 400, "prompt", ["maximum context length is 256", "300 in the prompt"]),
+    ({"model": "tiny", "prompt": "a", "keywords": " ".join(f"k{i}" for i in range(20)), "keyword_boost": 1,
+      "stream": True}, 400, None, ["at most 16 keyword"]),
     ({"model": "tiny", "prompt": "a", "n": 100}, 400, "n",
      ["100 completions", "at most 68 at once (4 slots, a queue of 64)"]),
 ]

@@ -70,6 +70,23 @@ def test_seeded_sampling_is_repeatable(client):
     assert client.completions.create(seed=8, **kw).choices[0].text != first[0]
 
 
+def test_top_k_and_repetition_penalty_are_transformers(client, tokenizer, hf_model):
+    ids = tokenizer.encode("the lazy dog")
+    with torch.no_grad():
+        want = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=20, min_new_tokens=20, do_sample=False, repetition_penalty=1.8,
+                                 pad_token_id=tokenizer.pad_id)[0, len(ids):].tolist()
+    kw = dict(model="tiny", prompt=ids, max_tokens=20)
+    penalised = client.completions.create(temperature=0, extra_body={"repetition_penalty": 1.8, "min_tokens": 20},
+                                          **kw)
+    assert penalised.choices[0].text == tokenizer.decode(want)
+    # top_k 1 leaves one token to sample: greedy, whatever the seed and temperature.
+    greedy = client.completions.create(temperature=0, **kw).choices[0].text
+    assert greedy != penalised.choices[0].text
+    top1 = client.completions.create(temperature=1.5, seed=4, n=2, extra_body={"top_k": 1}, **kw)
+    assert [c.text for c in top1.choices] == [greedy, greedy]
+
+
 def test_min_tokens_holds_eos_back(client):
     r = client.completions.create(model="tiny", prompt="the", max_tokens=30, temperature=0.7, seed=1, n=4,
                                   extra_body={"min_tokens": 30})
