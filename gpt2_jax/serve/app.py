@@ -70,7 +70,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_completion(parse_json(await request.body()), service.name)
+        req = parse_completion(parse_json(await request.body()), service.name, service.defaults)
         prompts = service.prompts(req)
         states = await _choice_states(service, req, prompts)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()

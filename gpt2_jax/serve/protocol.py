@@ -196,9 +196,11 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
-def parse_completion(body: dict, served: str) -> CompletionRequest:
+def parse_completion(body: dict, served: str, defaults: Optional[dict] = None) -> CompletionRequest:
     """A `/v1/completions` JSON object checked against OpenAI's rules (and the extensions'); `served` is the
-    model name this server answers to (a request without `model` gets it)."""
+    model name this server answers to (a request without `model` gets it); `defaults`: values of fields the
+    body leaves out or null (the model's generation config, as vLLM)."""
+    body = {**body, **{k: v for k, v in (defaults or {}).items() if body.get(k) is None}}
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(f"'model' must be a string, got {_show(model)}", param="model")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import inspect
 import ipaddress
+import json
 import logging
+import os
 import signal
 import time
 from typing import Optional
@@ -13,9 +15,10 @@ from typing import Optional
 import uvicorn
 
 from gpt2_jax.checkpoints.pretrained import load_pretrained
-from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.errors import GPT2JaxError, first_line
 from gpt2_jax.sample.engine import Request, run_all
 from gpt2_jax.serve.app import create_app
+from gpt2_jax.serve.protocol import ApiError, parse_completion
 from gpt2_jax.serve.scheduler import Scheduler
 from gpt2_jax.serve.service import Service
 from gpt2_jax.tokenizer import load_tokenizer
@@ -29,18 +32,45 @@ def load_service(model_path: str, *, adapter: Optional[str] = None, tokenizer: O
                  name: Optional[str] = None, slots: int = 8, max_queue: int = 64, dtype: Optional[str] = None,
                  max_length: Optional[int] = None, warmup: bool = True) -> Service:
     """A `Service` for a Hugging Face or run directory (with a PEFT LoRA `adapter` folded in), named `name`
-    (default: the path as given, as vLLM names a model). `warmup` compiles the engine's programs now rather
-    than on the first request."""
+    (default: the path as given, as vLLM names a model), with the directory's generation_config.json as request
+    defaults. `warmup` compiles the engine's programs now rather than on the first request."""
     if adapter is not None and "adapter" not in inspect.signature(load_pretrained).parameters:
         raise GPT2JaxError("--adapter needs LoRA adapter loading (checkpoints/peft.py), which this build lacks")
     model = load_pretrained(model_path, dtype=dtype, **({"adapter": adapter} if adapter is not None else {}))
     service = Service(model, load_tokenizer(tokenizer or model_path), name=name or model_path, slots=slots,
-                      max_queue=max_queue, max_length=max_length)
+                      max_queue=max_queue, max_length=max_length, defaults=generation_defaults(model_path))
+    if service.defaults:
+        log.info(f"request defaults from generation_config.json: {json.dumps(service.defaults)}")
     if warmup:
         start = time.perf_counter()
         run_all(service.engine, [Request(prompt=(service.eos_id,), max_new_tokens=2)])
         log.info(f"engine compiled in {time.perf_counter() - start:.1f}s ({slots} slots, context {service.context})")
     return service
+
+
+# generation_config.json's sampling fields that become request defaults (vLLM's --generation-config auto),
+# under the request's names.
+GENERATION_FIELDS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                     "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(model_path: str) -> dict:
+    """The request defaults a Hugging Face directory's generation_config.json sets (an exported run's sampling
+    settings), checked as a request would be: {} without the file."""
+    path = os.path.join(model_path, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            gen = json.load(f)
+    except (OSError, ValueError) as e:
+        raise GPT2JaxError(f"{path}: unreadable ({first_line(e)})") from None
+    defaults = {ours: gen[theirs] for theirs, ours in GENERATION_FIELDS.items() if gen.get(theirs) is not None}
+    try:
+        parse_completion({"prompt": "", **defaults}, "")
+    except ApiError as e:
+        raise GPT2JaxError(f"{path}: {e}") from None
+    return defaults
 
 
 class Server(uvicorn.Server):

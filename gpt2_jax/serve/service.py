@@ -43,8 +43,9 @@ class Service:
     """The model behind the HTTP API: `name` is what `model` must say; `context` bounds prompt + max_tokens."""
 
     def __init__(self, model, tokenizer, *, name: str, slots: int, max_queue: int, max_length: Optional[int] = None,
-                 mesh=None):
+                 mesh=None, defaults: Optional[dict] = None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.defaults = dict(defaults or {})  # request fields' defaults (protocol.parse_completion)
         self.created = int(time.time())
         cfg = model.config
         self.vocab = cfg.vocab_size

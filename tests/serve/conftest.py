@@ -1,18 +1,13 @@
-"""The server's tests: a real uvicorn server over the real engine and a tiny model (serve_fixtures.py) in a thread
-on a free 127.0.0.1 port; transformers' greedy decoding as the reference."""
-import threading
-import time
-
+"""The server's tests: a real uvicorn server over the real engine and a tiny model (serve_fixtures.py); the model
+in transformers, the reference."""
 import openai
 import pytest
 import torch
 import transformers
-import uvicorn
 
-from gpt2_jax.serve.app import create_app
 from gpt2_jax.serve.server import load_service
 from gpt2_jax.tokenizer import load_tokenizer
-from serve_fixtures import free_port, save_tiny_model
+from serve_fixtures import ServerThread, save_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -49,35 +44,6 @@ def hf_greedy(hf_model, tokenizer):
 def client(server):
     """The official OpenAI client pointed at the server."""
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-class ServerThread:
-    """uvicorn serving `service` from a thread (no signal handlers there) on 127.0.0.1:port."""
-
-    def __init__(self, service):
-        self.service = service
-        self.port = free_port()
-        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=self.port, log_config=None,
-                                access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(60)
-        assert not self.thread.is_alive()
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,15 @@
 """Helpers of the server's tests, shared with tests/tools/test_serve.py: a tiny random GPT-2 with a byte-level BPE
-tokenizer ([BOS] [SEP] [EOS] [PAD]) saved as a Hugging Face directory; a free port on 127.0.0.1."""
+tokenizer ([BOS] [SEP] [EOS] [PAD]) saved as a Hugging Face directory; a real uvicorn server in a thread on a free
+127.0.0.1 port."""
 import socket
+import threading
+import time
 
 import torch
 import transformers
+import uvicorn
 
+from gpt2_jax.serve.app import create_app
 from gpt2_jax.tokenizer import train_bpe
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "a title about foxes and dogs", "keywords make prompts",
@@ -25,3 +30,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving `service` from a thread (no signal handlers there) on 127.0.0.1:port."""
+
+    def __init__(self, service):
+        self.service = service
+        self.port = free_port()
+        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=self.port, log_config=None,
+                                access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(60)
+        assert not self.thread.is_alive()

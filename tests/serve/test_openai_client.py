@@ -1,11 +1,17 @@
 """/v1/completions through the official OpenAI client (and curl) against a real server over the real engine and a
 tiny model; texts and log-probabilities checked against transformers."""
 import json
+import shutil
 import subprocess
 
 import httpx
 import numpy as np
+import pytest
 import torch
+
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.serve.server import load_service
+from serve_fixtures import ServerThread
 
 
 def test_greedy_completion_equals_transformers(client, tokenizer, hf_greedy):
@@ -172,3 +178,21 @@ def test_curl(server, tokenizer):
     events = [e for e in streamed.split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
     assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]) == whole["choices"][0]["text"]
+
+
+def test_the_generation_config_sets_request_defaults(model_dir, tmp_path, tokenizer, hf_greedy):
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": True, "max_new_tokens": 7, "top_k": 1,
+                                                              "temperature": 0.8}))
+    service = load_service(str(model), name="tiny", slots=4, max_queue=4, warmup=False)
+    assert service.defaults == {"max_tokens": 7, "top_k": 1, "temperature": 0.8}
+    with ServerThread(service) as server:
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": [5, 6, 7], "min_tokens": 7}, timeout=60)
+        assert r.json()["usage"]["completion_tokens"] == 7  # max_tokens 7; top_k 1: greedy
+        assert r.json()["choices"][0]["text"] == tokenizer.decode(hf_greedy([5, 6, 7], 7)[0])
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 3}, timeout=60)
+        assert r.json()["usage"]["completion_tokens"] <= 3
+    (model / "generation_config.json").write_text(json.dumps({"top_p": 1.5}))
+    with pytest.raises(GPT2JaxError, match=r"generation_config.json: 'top_p' must be in \(0, 1\], got 1.5"):
+        load_service(str(model), warmup=False)
