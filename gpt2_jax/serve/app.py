@@ -72,10 +72,10 @@ def create_app(service: Service) -> FastAPI:
     async def completions(request: Request):
         req = parse_completion(parse_json(await request.body()), service.name, service.defaults)
         prompts = service.prompts(req)
+        choices = service.choices(req, prompts)  # every check done: what follows costs model time
         states = await _choice_states(service, req, prompts)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        ticket = Ticket(service.choices(req, prompts), lambda events: loop.call_soon_threadsafe(queue.put_nowait,
-                                                                                                 events))
+        ticket = Ticket(choices, lambda events: loop.call_soon_threadsafe(queue.put_nowait, events))
         service.scheduler.submit(ticket)
         reply = Reply(service, req, prompts, states, ticket, queue)
         if req.stream:

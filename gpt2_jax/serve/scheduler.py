@@ -55,7 +55,7 @@ class Choice:
             ev.finish_reason, ev.stop_reason = "stop", self.tracker.stop_reason
         elif out.finished:
             if out.finish_reason == "error":
-                ev.finish_reason, ev.error = "error", getattr(out, "error", None) or "the engine failed"
+                ev.finish_reason, ev.error = "error", out.error or "the engine failed"
             else:
                 ev.finish_reason, ev.eos = ("stop", True) if out.finish_reason == "stop" else ("length", False)
         if ev.finish_reason in ("stop", "length"):
