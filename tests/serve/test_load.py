@@ -140,3 +140,23 @@ def test_a_request_that_fails_fails_alone(server, tokenizer, hf_greedy, poisoned
     assert message in events[-2] and '"error"' in events[-2] and events[-1] == "data: [DONE]"
     assert httpx.get(server.url + "/health").status_code == 200
     assert post(server, good[0]).json()["choices"][0]["text"] == replies[0].json()["choices"][0]["text"]
+
+
+def test_a_failing_engine_step_fails_what_is_in_flight_and_the_server_goes_on(server, monkeypatch):
+    engine, calls = server.service.engine, []
+    real = engine.step
+
+    def step():  # an engine bug outside any one request: the first step raises
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the step exploded")
+        return real()
+
+    wait_idle(server.service)
+    monkeypatch.setattr(engine, "step", step)
+    r = post(server, {"prompt": "the", "max_tokens": 5})
+    assert r.status_code == 500 and r.json()["error"]["message"] == "the engine failed: the step exploded"
+    r = post(server, {"prompt": "the", "max_tokens": 5, "min_tokens": 5})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    wait_idle(server.service)
+    assert server.service.scheduler.in_flight == 0
