@@ -27,20 +27,24 @@ def test_greedy_completion_equals_transformers(client, tokenizer, hf_greedy):
 
 
 def test_stream_gives_the_whole_completion(client):
-    kw = dict(model="tiny", prompt=["a title about", "jax"], max_tokens=20, temperature=0.8, seed=11, n=2)
+    kw = dict(model="tiny", prompt=["a title about", "jax"], max_tokens=20, temperature=0.8, seed=11, n=2,
+              logprobs=2)
     whole = client.completions.create(**kw)
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
-    texts, reasons = {}, {}
+    texts, reasons, logprobs = {}, {}, {}
     for ch in chunks[:-1]:
         assert ch.id == chunks[0].id and ch.usage is None and len(ch.choices) == 1
         c = ch.choices[0]
         texts[c.index] = texts.get(c.index, "") + c.text
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            logprobs.setdefault(c.index, {}).setdefault(key, []).extend(getattr(c.logprobs, key) or [])
         assert c.index not in reasons, "a chunk after the choice's finish_reason"
         if c.finish_reason is not None:
             reasons[c.index] = c.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
     assert texts == {c.index: c.text for c in whole.choices}
     assert reasons == {c.index: c.finish_reason for c in whole.choices}
+    assert logprobs == {c.index: c.logprobs.model_dump() for c in whole.choices}
 
 
 def test_the_stream_ends_with_done(server):
