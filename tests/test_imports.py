@@ -5,8 +5,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gpt2_jax"
 # Bottom to top. The ground floor is the package's top-level modules (errors, runtime, sharding, text,
-# tokenizer); aot/ compiles the run's programs, so it sits above everything.
-LAYERS = ("ground", "model", "checkpoints", "data", "sample", "train", "aot")
+# tokenizer); serve/ is the HTTP server over sample/ and checkpoints/; aot/ compiles the run's programs, so it
+# sits above everything.
+LAYERS = ("ground", "model", "checkpoints", "data", "sample", "train", "serve", "aot")
 
 
 def imports_of(path: Path) -> set[str]:
@@ -50,7 +51,8 @@ def layer(module: str) -> str:
 
 def test_every_module_is_in_a_layer():
     g = graph()
-    assert {"gpt2_jax.train.loop", "gpt2_jax.model.gpt2", "gpt2_jax.errors", "gpt2_jax.aot.programs"} <= set(g)
+    assert {"gpt2_jax.train.loop", "gpt2_jax.model.gpt2", "gpt2_jax.errors", "gpt2_jax.aot.programs",
+            "gpt2_jax.serve.app"} <= set(g)
     assert {layer(m) for m in g if m != "gpt2_jax"} == set(LAYERS)
 
 

@@ -6,6 +6,7 @@ measures and its fields.
                                 [--impls jax,jax-last6,jax-head,flax,gemm] [--interleave]
     python tools/bench.py lora-generate [--preset gpt2] [--batch 1 8] [--rank 8]
     python tools/bench.py generate-file [--model runs/demo] [--input data/sample.csv] [--batch-sizes 1 32]
+    python tools/bench.py serve [--models demo gpt2] [--slots 1 4 16 64] [--rates 2 8 32] [--requests 48]
     python tools/bench.py compile --topology v5e:4x4 [--config configs/X.yaml] [section.key=value ...]
     python tools/bench.py compile --shipped
     python tools/bench.py attention [--topology v5e:2x2] [--seq-lens 1024,2048]
@@ -69,6 +70,9 @@ def _add_generate(sub) -> None:
     f.add_argument("--min-new-tokens", type=int, default=0,
                    help="EOS blocked before this many (= --max-new-tokens: every row decodes the same length)")
     f.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up one")
+    f.add_argument("--paths", nargs="+", default=["engine", "batched"], choices=["engine", "batched"],
+                   help="engine: generate_file (slots refilled); batched: the path before the engine (each "
+                        "batch decoded until its longest row ends), for comparison")
     lg = sub.add_parser("lora-generate", help="sampling with a LoRA adapter merged once against applied in the "
                                               "loop, and the base alone; the adapter's size against the merged "
                                               "export", description=lora_generate.__doc__, formatter_class=raw)
@@ -79,6 +83,17 @@ def _add_generate(sub) -> None:
     lg.add_argument("--new-tokens", type=int, default=64)
     lg.add_argument("--repeats", type=int, default=3)
     lg.add_argument("--cache-dir", help="where the random weights are written (default: a temporary directory)")
+    s = sub.add_parser("serve", help="the continuous-batching engine under Poisson arrivals: continuous against "
+                                     "static batches and transformers, by slot count")
+    s.add_argument("--models", nargs="+", default=["demo"], choices=["demo", "gpt2"])
+    s.add_argument("--slots", nargs="+", type=int, default=[1, 4, 16, 64])
+    s.add_argument("--rates", nargs="+", type=float, default=[2.0, 8.0, 32.0], help="arrivals per second")
+    s.add_argument("--requests", type=int, default=48, help="requests per run (held-out rows' lengths)")
+    s.add_argument("--max-new", type=int, default=64, help="new tokens per request at most")
+    s.add_argument("--modes", nargs="+", default=["continuous", "static", "transformers"],
+                   choices=["continuous", "static", "transformers"])
+    s.add_argument("--tokenizer", default="runs/demo/tokenizer", help="the tokenizer that measures the rows")
+    s.add_argument("--steps-per-call", type=int, default=1, help="decode steps per host round trip")
 
 
 def _add_train(sub) -> None:
@@ -148,9 +163,14 @@ def main() -> None:
         (generate.child if args.child else generate.bench)(args)
     elif args.bench == "generate-file":
         from benchmarks.generate_file import bench
-        bench(args.model, args.input, args.batch_sizes, args.max_new_tokens, args.min_new_tokens, args.rounds)
+        bench(args.model, args.input, args.batch_sizes, args.max_new_tokens, args.min_new_tokens, args.rounds,
+              args.paths)
     elif args.bench == "lora-generate":
         lora_generate.bench(args)
+    elif args.bench == "serve":
+        from benchmarks.serve import bench
+        bench(args.models, args.slots, args.rates, args.requests, args.max_new, args.modes, args.tokenizer,
+              args.steps_per_call)
     elif args.bench == "train":
         args.shapes, args.impls = sum(args.shapes, []), sum(args.impls, [])  # --shapes tiny,gpt2 or tiny gpt2
         longest = min(train.TRAIN_SHAPES[s]["n_positions"] for s in args.shapes)

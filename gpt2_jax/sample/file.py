@@ -1,14 +1,15 @@
-"""Generation for a whole file of titles and keywords: batched, bucketed by prompt length, seeded, resumable.
+"""Generation for a whole file of titles and keywords on the continuous-batching engine: seeded, resumable.
 
-The rows are planned into batches once, from the input alone: sorted by the new tokens they may take
-and by prompt length (so a batch pads little and nearby lengths share a compiled program), then cut
-every `batch_size` rows. Batch b samples with a seed derived from (seed, b). The plan and the seeds do
-not depend on what was done before, so a resumed run writes exactly what an uninterrupted one would:
-a batch with rows already in the output is generated again whole, and only its missing rows are written.
-An output is continued only with the same settings and the same input rows (their digest is in its settings file).
-Output lines are JSON objects `{"index", "title", "keywords", "text"}` in the order batches finish;
-`index` is the row's position among the input's good rows. When done, the keyword metrics of the whole
-output (sample.keywords.summarise) are logged and returned under "metrics".
+The rows are planned once, from the input alone: sorted by the new tokens they may take and by prompt
+length (so rows admitted together share a prefill bucket). They enter the engine (sample/engine.py) in that
+order, `batch_size` slots decoding at once, and each finished row's slot takes the next row. Every row's
+text is a function of its own prompt, settings and seed alone (greedy: `generate`'s tokens for the prompt;
+sampled: a seed derived from (seed, row)), so a resumed run writes exactly what an uninterrupted one would,
+generating only the rows missing from the output. An output is continued only with the same settings and the
+same input rows (their digest is in its settings file).
+Output lines are JSON objects `{"index", "title", "keywords", "text"}` in the plan's order (rows that finish
+early wait for those before them); `index` is the row's position among the input's good rows. When done, the
+keyword metrics of the whole output (sample.keywords.summarise) are logged and returned under "metrics".
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from tqdm import tqdm
 
 from gpt2_jax.data.rows import Row, read_rows
 from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.sample.engine import Engine, Request
+from gpt2_jax.sample.generate import MIN_KEYWORD_BUCKET, bucket_length, check_sampling, special_ids
 from gpt2_jax.sample.keywords import summarise
-from gpt2_jax.sample.generate import check_sampling, generate_tokens, special_ids
+from gpt2_jax.text import keyword_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,9 @@ def plan_batches(prompt_lengths: list[int], new_tokens: list[int], batch_size: i
     return batches
 
 
-def batch_seed(seed: int, batch: int) -> int:
-    return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0]) % 2**31
+def row_seed(seed: int, row: int) -> int:
+    """The sampling seed of one row: from (seed, row) alone, whatever runs beside it."""
+    return int(np.random.SeedSequence([seed, row]).generate_state(1)[0]) % 2**31
 
 
 def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_size: int = 32,
@@ -53,6 +57,7 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
                   progress: bool = True, **sampling) -> dict:
     """Write a text for every row of `input_path` (CSV or JSONL with title and keywords) to `output_path`
     (JSONL), continuing an existing output of the same settings. Returns counts and tokens/s.
+    `batch_size`: the engine's slots (rows decoding at once).
 
     Bad rows and prompts that do not fit the model's context are logged as warnings, one line each, and
     skipped; a prompt that leaves less room than `max_new_tokens` gets fewer new tokens (one summary line).
@@ -62,8 +67,8 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
     """
     check_file_run(input_path, output_path, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
                    **sampling)
-    special_ids(model.config, sampling.get("eos_token_id", tokenizer.eos_id),
-                sampling.get("pad_token_id", tokenizer.pad_id))
+    eos_ids, pad_id = special_ids(model.config, sampling.get("eos_token_id", tokenizer.eos_id),
+                                  sampling.get("pad_token_id", tokenizer.pad_id))
     rows = read_rows(input_path, skip_bad_rows=True, with_text=False)
     for line in rows.bad:
         log.warning(f"skipped {line}")
@@ -78,36 +83,33 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
         log.warning(f"{short} row(s) get fewer than {max_new_tokens} new tokens: their prompts leave no more of "
                     f"the context of {n_ctx}")
     usable = [i for i, b in enumerate(budget) if b >= 1]
-    plan = [[usable[j] for j in b] for b in plan_batches([len(prompts[i]) for i in usable],
-                                                         [budget[i] for i in usable], batch_size)]
+    order = [usable[j] for b in plan_batches([len(prompts[i]) for i in usable], [budget[i] for i in usable],
+                                             batch_size) for j in b]
     settings = {"input": os.path.abspath(input_path), "rows": len(rows), "rows_sha256": rows_digest(rows),
                 "batch_size": batch_size, "max_new_tokens": max_new_tokens, "seed": seed,
                 "prompt_limit": prompt_limit, **sampling}
     if not settings.get("keyword_boost", 1):
         del settings["keyword_boost"]  # off: outputs written before the option existed continue as they were
+    if sampling.get("do_sample", False):
+        settings["seeds"] = "per row"  # sampled outputs of the batched path (a seed per batch) are not continued
     done = _open_output(Path(output_path), settings)
+    todo = [i for i in order if i not in done]
+    requests = _requests(tokenizer, rows, prompts, budget, todo, seed, sampling)
+    engine = _engine(model, requests, batch_size, eos_ids, pad_id) if todo else None
 
     bar = tqdm(total=len(usable), initial=sum(i in done for i in usable), disable=not progress, unit="row",
                dynamic_ncols=True)
     written = generated = 0
     t0 = time.perf_counter()
     with open(output_path, "a", encoding="utf-8") as out:
-        for b, batch in enumerate(plan):
-            todo = [i for i in batch if i not in done]
-            if not todo:
-                continue
-            new_rows = generate_tokens(model, tokenizer, [prompts[i] for i in batch], max_new_tokens=budget[batch[0]],
-                                       seed=batch_seed(seed, b), keywords=[rows[i].keywords for i in batch],
-                                       **sampling)
-            for i, new in zip(batch, new_rows):
-                generated += len(new)
-                if i not in done:
-                    text = tokenizer.decode(new, skip_special_tokens=True)
-                    out.write(json.dumps({"index": i, "title": rows[i].title, "keywords": list(rows[i].keywords),
-                                          "text": text}, ensure_ascii=False) + "\n")
-                    written += 1
+        for i, new in _finished_in_order(engine, requests, todo, batch_size):
+            generated += len(new)
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            out.write(json.dumps({"index": i, "title": rows[i].title, "keywords": list(rows[i].keywords),
+                                  "text": text}, ensure_ascii=False) + "\n")
             out.flush()
-            bar.update(len(todo))
+            written += 1
+            bar.update(1)
     bar.close()
     seconds = time.perf_counter() - t0
     stats = {"rows": len(rows), "bad_rows": rows.skipped, "skipped_prompts": len(rows) - len(usable),
@@ -119,6 +121,49 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
                                           for k, v in metrics.items()))
         stats["metrics"] = metrics
     return stats
+
+
+def _requests(tokenizer, rows, prompts, budget, todo, seed, sampling) -> dict[int, Request]:
+    """The engine request of each row to generate (keywords only with a boost, as generate_tokens passes them)."""
+    settings = {k: v for k, v in sampling.items() if k not in ("eos_token_id", "pad_token_id", "num_return_sequences")}
+    boost = settings.get("keyword_boost", 0.0)
+    out = {}
+    for i in todo:
+        kws = tuple(tuple(ids) for ids in keyword_token_ids(tokenizer, rows[i].keywords) if ids) if boost else ()
+        out[i] = Request(prompt=tuple(prompts[i]), max_new_tokens=budget[i], seed=row_seed(seed, i),
+                         keywords=kws, **settings)
+    return out
+
+
+def _engine(model, requests: dict[int, Request], slots: int, eos_ids, pad_id: int) -> Engine:
+    """An engine of `slots` slots (no more than there are rows) whose keyword table fits every row's keywords."""
+    kws = [r.keywords for r in requests.values()]
+    K = bucket_length(max(map(len, kws), default=1), MIN_KEYWORD_BUCKET)
+    L = bucket_length(max((len(k) for row in kws for k in row), default=1), MIN_KEYWORD_BUCKET)
+    return Engine(model, slots=max(1, min(slots, len(requests))), eos_ids=eos_ids, pad_id=pad_id, max_keywords=K,
+                  max_keyword_tokens=L)
+
+
+def _finished_in_order(engine: Engine, requests: dict[int, Request], todo: list[int], slots: int):
+    """(row, new tokens) of every row in `todo`, in that order: rows enter the engine in order as slots free
+    (at most `slots` queued beyond them), and a row that finishes early waits for the rows before it."""
+    row_of: dict[int, int] = {}
+    got: dict[int, list[int]] = {}
+    finished: dict[int, list[int]] = {}
+    nxt = emitted = 0
+    while emitted < len(todo):
+        while nxt < len(todo) and engine.pending < slots:
+            row_of[engine.add(requests[todo[nxt]])] = todo[nxt]
+            nxt += 1
+        for o in engine.step():
+            got.setdefault(o.rid, []).extend(o.tokens)
+            if o.finished:
+                if o.finish_reason == "error":
+                    raise GPT2JaxError(f"row {row_of[o.rid]}: generation failed: {o.error}")
+                finished[row_of[o.rid]] = got.pop(o.rid)
+        while emitted < len(todo) and todo[emitted] in finished:
+            yield todo[emitted], finished.pop(todo[emitted])
+            emitted += 1
 
 
 def check_file_run(input_path: str, output_path: str, *, batch_size: int = 32, max_new_tokens: int = 100,

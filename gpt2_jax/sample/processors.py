@@ -1,5 +1,8 @@
 """Hugging Face's logits processors as pure functions of [B, V] float32 scores and traced parameters.
 
+Each parameter is a scalar for every row or a [B] array, one value per row (`_per_row`), with the same
+results row by row (the engine's slots each carry their own settings).
+
 Shape letters: B batch, V vocabulary, C top-k candidates, K keywords per row, L tokens per keyword.
 
 They follow `transformers.generation.logits_process` exactly (order, ties, edge values): repetition
@@ -36,6 +39,12 @@ def token_presence(ids_BT, vocab_size: int, valid_BT=None):
     return jnp.zeros((B, vocab_size), bool).at[rows, ids_BT].set(True, mode="drop")
 
 
+def _per_row(x):
+    """A per-row [B] parameter as [B, 1], to broadcast against [B, V] (or [B, K]); a scalar as it is."""
+    x = jnp.asarray(x)
+    return x[:, None] if x.ndim == 1 else x
+
+
 def _div(x_BV, d):
     """x / d exactly as torch divides. XLA:CPU rewrites x / broadcast(d) as x * (1 / d), an ulp off at times,
     enough to move a top-p boundary; dividing by a materialised array (behind a barrier) keeps the division."""
@@ -49,6 +58,7 @@ def apply_repetition_penalty(scores_BV, seen_BV, penalty):
     Applied once per token however often it occurred. `penalty == 1` is exactly the identity.
     """
     scores_BV = jnp.asarray(scores_BV, jnp.float32)
+    penalty = _per_row(penalty)
     penalised = jnp.where(scores_BV < 0, scores_BV * penalty, _div(scores_BV, penalty))
     return jnp.where(seen_BV, penalised, scores_BV)
 
@@ -72,7 +82,7 @@ def apply_keyword_boost(scores_BV, kw_BKL, match_BK, done_BK, boost):
     L = kw_BKL.shape[2]
     next_BK = jnp.take_along_axis(kw_BKL, jnp.clip(match_BK, 0, L - 1)[..., None], axis=2)[..., 0]
     pending_BK = ~done_BK & (next_BK >= 0)
-    boost = jnp.asarray(boost, jnp.float32)
+    boost = _per_row(jnp.asarray(boost, jnp.float32))
     strength_BK = jnp.where(match_BK > 0, 2 * boost, boost)
     rows_BK = jnp.broadcast_to(jnp.arange(B)[:, None], next_BK.shape)
     scores_BV = jnp.asarray(scores_BV, jnp.float32)
@@ -99,13 +109,13 @@ def update_keyword_match(kw_BKL, match_BK, done_BK, tok_B):
 
 def apply_min_new_tokens(scores_BV, eos_mask_V, num_new, min_new_tokens):
     """HF `MinNewTokensLengthLogitsProcessor`: EOS scores are -inf while fewer than `min_new_tokens` are out."""
-    block = (num_new < min_new_tokens) & eos_mask_V
-    return jnp.where(block[None, :], _NEG_INF, scores_BV)
+    block = (_per_row(num_new) < _per_row(min_new_tokens)) & eos_mask_V  # [V], or [B, V] per row
+    return jnp.where(block, _NEG_INF, scores_BV)
 
 
 def apply_temperature(scores_BV, temperature):
     """HF `TemperatureLogitsWarper`: scores / temperature (1 is exactly the identity)."""
-    return _div(jnp.asarray(scores_BV, jnp.float32), temperature)
+    return _div(jnp.asarray(scores_BV, jnp.float32), _per_row(temperature))
 
 
 def one_minus_top_p(top_p):
@@ -148,8 +158,11 @@ def full_filter(scores_BV, top_k, top_p_cut, top_p_on):
 def _top_k(x_BV, k: int):
     # XLA:CPU runs top_k as a partial sort only while its output is a plain slice of a sort; a second slice
     # of that output (x[:, -1:]) gets folded into the sort and turns it into a full sort, ~100x slower.
-    # The barrier keeps the pattern intact.
-    return jax.lax.optimization_barrier(jax.lax.top_k(x_BV, k))
+    # The barrier keeps the pattern intact. It holds a third value beside the two outputs: a barrier of exactly
+    # top_k's tuple gets folded onto the top_k itself on a mesh, which XLA:CPU's TopkDecomposer cannot take (it
+    # aborts the process).
+    vals, ids, _ = jax.lax.optimization_barrier((*jax.lax.top_k(x_BV, k), jnp.zeros((), jnp.int32)))
+    return vals, ids
 
 
 def filter_candidates(scores_BV, top_k, top_p, cap: int, *, top_p_cut=None):

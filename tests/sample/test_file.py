@@ -226,3 +226,45 @@ def test_a_directory_as_input_or_output(model_and_tok, tmp_path):
         generate_file(model, tok, str(SAMPLE), str(tmp_path / "d"), progress=False)
     assert str(e.value) == f"output {tmp_path / 'd'} is a directory; give the path of a JSONL file to write"
     assert list(tmp_path.iterdir()) == [tmp_path / "d"] and not any((tmp_path / "d").iterdir())
+
+
+def batched_output(model, tok, path: Path, batch_size: int, max_new_tokens: int, **sampling) -> str:
+    """The output file the batched path wrote before the engine (generate_tokens over planned batches, each
+    decoded until its longest row ends), for the rows of `path`: the reference of byte-identical output."""
+    from gpt2_jax.sample.generate import generate_tokens
+
+    rows = read_rows(path, with_text=False)
+    prompts = [tok.format_prompt(r.title, r.keywords) for r in rows]
+    budget = [min(max_new_tokens, model.config.n_positions - len(p)) for p in prompts]
+    lines_ = []
+    assert min(budget) >= 1
+    for batch in plan_batches([len(p) for p in prompts], budget, batch_size):
+        new_rows = generate_tokens(model, tok, [prompts[i] for i in batch], max_new_tokens=budget[batch[0]],
+                                   keywords=[rows[i].keywords for i in batch], **sampling)
+        for i, new in zip(batch, new_rows):
+            lines_.append(json.dumps({"index": i, "title": rows[i].title, "keywords": list(rows[i].keywords),
+                                      "text": tok.decode(new, skip_special_tokens=True)}, ensure_ascii=False) + "\n")
+    return "".join(lines_)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("boost", [0.0, 3.0])
+def test_engine_output_is_byte_identical_to_the_batched_path(model_and_tok, tmp_path, boost):
+    """Greedy: the engine's file (slots refilled as rows finish) is byte for byte the old batched path's, rows that
+    stop at EOS, rows whose prompt leaves fewer new tokens and keyword guidance included."""
+    model, tok, _ = model_and_tok
+    rows = read_rows(SAMPLE)[:20]
+    src = small_input(tmp_path / "rows.jsonl", rows, title=lambda i, t: t + " soup" * 8 * (i % 7 == 3))
+    from gpt2_jax.sample.generate import generate_tokens
+
+    # A random model never writes [EOS]: one of its frequent tokens ends rows instead.
+    free = generate_tokens(model, tok, [tok.format_prompt(rows[1].title, rows[1].keywords)], max_new_tokens=12,
+                           do_sample=False)[0]
+    greedy = dict(do_sample=False, eos_token_id=free[6], pad_token_id=tok.pad_id, keyword_boost=boost)
+    want = batched_output(model, tok, src, 8, 40, **greedy)
+    texts = [json.loads(line)["text"] for line in want.splitlines()]
+    assert any(len(tok.encode(t)) < 30 for t in texts), "no row stops early: slots would never be refilled"
+    assert any(len(tok.format_prompt(r.title, r.keywords)) > 56 for r in read_rows(src, with_text=False))
+    generate_file(model, tok, str(src), str(tmp_path / "o.jsonl"), batch_size=8, max_new_tokens=40,
+                  progress=False, **greedy)
+    assert (tmp_path / "o.jsonl").read_text(encoding="utf-8") == want

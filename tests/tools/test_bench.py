@@ -7,7 +7,7 @@ import sys
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 BENCH = os.path.join(ROOT, "tools", "bench.py")
-SUBCOMMANDS = ("generate", "generate-file", "lora-generate", "train", "compile", "attention", "data", "padding", "grain", "keywords")
+SUBCOMMANDS = ("generate", "generate-file", "lora-generate", "serve", "train", "compile", "attention", "data", "padding", "grain", "keywords")
 
 
 def _bench(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
