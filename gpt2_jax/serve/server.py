@@ -3,7 +3,6 @@ a graceful SIGTERM (new requests refused, those in flight finished, then exit 0)
 """
 from __future__ import annotations
 
-import inspect
 import ipaddress
 import json
 import logging
@@ -34,9 +33,7 @@ def load_service(model_path: str, *, adapter: Optional[str] = None, tokenizer: O
     """A `Service` for a Hugging Face or run directory (with a PEFT LoRA `adapter` folded in), named `name`
     (default: the path as given, as vLLM names a model), with the directory's generation_config.json as request
     defaults. `warmup` compiles the engine's programs now rather than on the first request."""
-    if adapter is not None and "adapter" not in inspect.signature(load_pretrained).parameters:
-        raise GPT2JaxError("--adapter needs LoRA adapter loading (checkpoints/peft.py), which this build lacks")
-    model = load_pretrained(model_path, dtype=dtype, **({"adapter": adapter} if adapter is not None else {}))
+    model = load_pretrained(model_path, dtype=dtype, adapter=adapter)
     service = Service(model, load_tokenizer(tokenizer or model_path), name=name or model_path, slots=slots,
                       max_queue=max_queue, max_length=max_length, defaults=generation_defaults(model_path))
     if service.defaults:
