@@ -249,7 +249,7 @@ class Engine:
 
     def _prefill(self, P: int, chunk, slots, outs: list[Output]) -> None:
         n = len(chunk)
-        B = min(bucket_length(n, 1), self.max_prefill) if n <= self.max_prefill else n
+        B = min(bucket_length(n, 1), self.max_prefill)  # row buckets: powers of two, up to max_prefill
         V = self.config.vocab_size
         ids_BP = np.full((B, P), self.pad_id, np.int32)
         len_B = np.zeros((B,), np.int32)
