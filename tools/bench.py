@@ -89,11 +89,13 @@ def _add_generate(sub) -> None:
     s.add_argument("--slots", nargs="+", type=int, default=[1, 4, 16, 64])
     s.add_argument("--rates", nargs="+", type=float, default=[2.0, 8.0, 32.0], help="arrivals per second")
     s.add_argument("--requests", type=int, default=48, help="requests per run (held-out rows' lengths)")
-    s.add_argument("--max-new", type=int, default=64, help="new tokens per request at most")
+    s.add_argument("--max-new", type=int, default=1024,
+                   help="new tokens per request at most (also capped by the context: n_positions - prompt)")
     s.add_argument("--modes", nargs="+", default=["continuous", "static", "transformers"],
-                   choices=["continuous", "static", "transformers"])
+                   choices=["continuous", "static", "transformers", "decode"])
     s.add_argument("--tokenizer", default="runs/demo/tokenizer", help="the tokenizer that measures the rows")
-    s.add_argument("--steps-per-call", type=int, default=1, help="decode steps per host round trip")
+    s.add_argument("--steps-per-call", nargs="+", type=int, default=[1],
+                   help="decode steps per host round trip (the first for the arrival runs; all for --modes decode)")
 
 
 def _add_train(sub) -> None:

@@ -7,7 +7,8 @@
     python tools/generate.py --model BASE --adapter PEFT_DIR --prompt "..."   # a LoRA adapter on its base
 
 Prints only the generated text: no prompt, no special tokens. With --input (CSV or JSONL rows with a title
-and keywords), writes one JSON line per row to --output, in batches, and continues an existing output (of the
+and keywords), writes one JSON line per row to --output, --batch-size rows decoding at once on the
+continuous-batching engine (a finished row's slot takes the next row), and continues an existing output (of the
 same settings and input rows; a changed input is refused); then prints the whole output's keyword metrics
 (coverage, coverage against another row's keywords, distinct-1/2, repeated 4-grams) on stderr, and a last
 stderr line of JSON with the counts and those metrics ("metrics").
@@ -44,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--prompt", help="plain text to continue, instead of a title and keywords")
     src.add_argument("--input", help="a CSV (title,keywords[,text]) or JSONL file of rows to write texts for")
     p.add_argument("--output", help="with --input: the JSONL file to write (continued if it exists)")
-    p.add_argument("--batch-size", type=int, default=32, help="with --input: rows generated together (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="with --input: rows decoding at once, the engine's slots (default 32)")
     p.add_argument("--keywords", default="", help='space-separated keywords, e.g. "k1 k2" (with --title)')
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
     p.add_argument("--min-new-tokens", type=int, default=0, help="EOS is not allowed before this many (default 0)")

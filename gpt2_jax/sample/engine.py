@@ -249,7 +249,7 @@ class Engine:
 
     def _prefill(self, P: int, chunk, slots, outs: list[Output]) -> None:
         n = len(chunk)
-        B = min(bucket_length(n, 1), self.max_prefill) if n <= self.max_prefill else n
+        B = min(bucket_length(n, 1), self.max_prefill)  # row buckets: powers of two, up to max_prefill
         V = self.config.vocab_size
         ids_BP = np.full((B, P), self.pad_id, np.int32)
         len_B = np.zeros((B,), np.int32)
@@ -279,7 +279,10 @@ class Engine:
             self._table, chosen = programs.decode(self._state, self._table, self._place(occupied_S, batched=True),
                                                   self._eos_mask_V, graphdef=self._graphdef,
                                                   steps=self.steps_per_call)
-            chosen = jax.device_get(chosen)
+            # Only the tokens come back unless a request asked for logprobs.
+            want_lp = any(live is not None and live.request.logprobs is not None for live in self._slot)
+            chosen = jax.device_get(chosen if want_lp else chosen.replace(logprob=None, top_ids_RA=None,
+                                                                          top_logprobs_RA=None))
         except Exception as e:  # noqa: BLE001 - every active request fails; the engine goes on
             log.exception("decode failed")
             for s, live in enumerate(self._slot):
@@ -293,8 +296,11 @@ class Engine:
                 continue
             toks = chosen.token[s]
             n = int(np.sum(toks >= 0))
-            out = self._output(live, toks[:n].tolist(), chosen.logprob[s, :n].tolist(), chosen.top_ids_RA[s, :n],
-                               chosen.top_logprobs_RA[s, :n])
+            if live.request.logprobs is None:
+                out = self._output(live, toks[:n].tolist(), None, None, None)
+            else:
+                out = self._output(live, toks[:n].tolist(), chosen.logprob[s, :n], chosen.top_ids_RA[s, :n],
+                                   chosen.top_logprobs_RA[s, :n])
             outs.append(out)
             if out.finished:
                 self._slot[s] = None

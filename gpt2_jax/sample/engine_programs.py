@@ -25,8 +25,9 @@ import numpy as np
 from flax import nnx, struct
 
 from gpt2_jax.model.kv_cache import KVCache, init_cache
-from gpt2_jax.sample.processors import (apply_keyword_boost, apply_min_new_tokens, apply_repetition_penalty,
-                                        apply_temperature, sample_tokens, token_presence, update_keyword_match)
+from gpt2_jax.sample.processors import (CANDIDATE_CAPS, apply_keyword_boost, apply_min_new_tokens,
+                                        apply_repetition_penalty, apply_temperature, filter_candidates,
+                                        sample_tokens, token_presence, update_keyword_match)
 
 TOP_LOGPROBS = 5  # the most alternatives a request may ask logprobs of (OpenAI's completions limit)
 
@@ -110,6 +111,21 @@ def keyword_scores(scores_RV, rows: Rows):
     return apply_keyword_boost(scores_RV, rows.kw_RKL, rows.kw_match_RK, rows.kw_done_RK, rows.p.keyword_boost)
 
 
+def _sample(scores_RV, rows: Rows, want_R):
+    """Sampled tokens (0 where not wanted), each row's as a one-prompt `generate` draws it. When the first
+    candidate cap decides every wanted row exactly (sample_tokens' fast path), the candidates are filtered for
+    all rows at once and each row draws from them with its own key; otherwise row by row (`_sample_rows`)."""
+    p = rows.p
+    vals_RC, ids_RC, exact_R = filter_candidates(scores_RV, p.top_k, p.top_p, CANDIDATE_CAPS[0], top_p_cut=p.top_p_cut)
+
+    def fast():
+        keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(p.seed, rows.num_new)
+        j_R = jax.vmap(lambda key, v_C: jax.random.categorical(key, v_C[None], axis=-1)[0])(keys, vals_RC)
+        return jnp.take_along_axis(ids_RC, j_R[:, None], axis=1)[:, 0].astype(jnp.int32)
+
+    return jax.lax.cond(jnp.all(exact_R | ~want_R), fast, lambda: _sample_rows(scores_RV, rows, want_R))
+
+
 def _sample_rows(scores_RV, rows: Rows, want_R):
     """Sampled tokens, one row at a time (generate's draw for a batch of one), 0 where not wanted."""
     p = rows.p
@@ -151,7 +167,7 @@ def choose(logits_RV, rows: Rows, eos_mask_V, live_R) -> Chosen:
     greedy_R = jnp.argmax(scores_RV, axis=-1).astype(jnp.int32)  # first index among ties, as torch.argmax
     want_R = live_R & p.do_sample
     sampled_R = jax.lax.cond(jnp.any(want_R),
-                             lambda: _sample_rows(apply_temperature(scores_RV, p.temperature), rows, want_R),
+                             lambda: _sample(apply_temperature(scores_RV, p.temperature), rows, want_R),
                              lambda: jnp.zeros_like(greedy_R))
     tok_R = jnp.where(p.do_sample, sampled_R, greedy_R)
     return _logprobs(logits_RV, tok_R, live_R & p.logprobs)

@@ -181,7 +181,8 @@ def filter_candidates(scores_BV, top_k, top_p, cap: int, *, top_p_cut=None):
     vals_BC, ids_BC = _top_k(scores_BV, C)  # descending; equal values in index order
     low_B = vals_BC[:, -1]  # the smallest candidate
     k_off = _top_k_off(top_k, V)
-    thr_B = jax.lax.dynamic_index_in_dim(vals_BC, jnp.clip(top_k, 1, C) - 1, axis=1, keepdims=False)
+    kth_B1 = jnp.broadcast_to(jnp.clip(top_k, 1, C) - 1, (B,))[:, None]  # top_k: a scalar or one per row
+    thr_B = jnp.take_along_axis(vals_BC, kth_B1, axis=1)[:, 0]
     thr_B = jnp.where(k_off | (top_k > C), _NEG_INF, thr_B)
     vals_BC = jnp.where(vals_BC < thr_B[:, None], _NEG_INF, vals_BC)
     # HF's stable ascending order: by value, then by token id.
@@ -200,12 +201,19 @@ def filter_candidates(scores_BV, top_k, top_p, cap: int, *, top_p_cut=None):
         z_B = jnp.sum(jnp.exp(vals_BC - m_B1), axis=-1)
         return m_B1, z_B, jnp.zeros((B,), jnp.float32)
 
+    def per_row():  # per-row settings: each row takes its own branch's values
+        outside_B = jnp.broadcast_to(k_off & top_p_on, (B,))
+        return tuple(jnp.where(outside_B.reshape((B,) + (1,) * (a.ndim - 1)), a, b)
+                     for a, b in zip(mass_outside(), no_mass_outside()))
+
     if C == V:
         m_B1, z_B, mass_out_B = no_mass_outside()
-    else:
+    elif jnp.ndim(k_off & top_p_on) == 0:
         m_B1, z_B, mass_out_B = jax.lax.cond(k_off & top_p_on, mass_outside, no_mass_outside)
+    else:
+        m_B1, z_B, mass_out_B = jax.lax.cond(jnp.any(k_off & top_p_on), per_row, no_mass_outside)
     cum_BC = mass_out_B[:, None] + jnp.cumsum(jnp.exp(vals_BC - m_B1) / z_B[:, None], axis=-1)
-    remove_BC = (cum_BC <= top_p_cut) & top_p_on
+    remove_BC = (cum_BC <= _per_row(top_p_cut)) & _per_row(top_p_on)
     remove_BC = remove_BC.at[:, -1].set(False)
     vals_BC = jnp.where(remove_BC, _NEG_INF, vals_BC)
     if C == V:

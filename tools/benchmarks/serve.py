@@ -9,6 +9,8 @@ to its own length). Modes, side by side in one process:
 - static: the same engine in static batches: wait until S requests have arrived (or none are left to
   come), run them until all finish, then the next S;
 - transformers: torch's `generate` one request at a time (a streamer times each token), at the first rate.
+- decode: tokens/s of the decode step alone with every slot busy, for each --steps-per-call (tokens per host
+  round trip), interleaved over rounds.
 One JSON line per (model, mode, slots, rate): throughput (new tokens/s over the run), p50/p99 time to first
 token (arrival to first token) and p50/p99 per-token latency (time between a request's tokens after its first).
 A warm-up pass over every prompt bucket and row bucket compiles the engine first (not timed).
@@ -156,8 +158,28 @@ def warm_up(engine: Engine, requests: list[Request]) -> None:
             n *= 2
 
 
+def decode_speed(model, S: int, steps_list: list[int], prompt: int, new: int, rounds: int = 3) -> list[dict]:
+    """Tokens/s of the engine with all S slots busy, for each steps-per-call, interleaved over rounds."""
+    engines = {k: Engine(model, slots=S, eos_ids=[], pad_id=0, max_length=prompt + new, steps_per_call=k)
+               for k in steps_list}
+    reqs = _requests([(prompt, new)] * S, model.config.vocab_size)
+    times = {k: [] for k in steps_list}
+    for rnd in range(rounds + 1):
+        for k, engine in engines.items():
+            for r in reqs:
+                engine.add(r)
+            engine.step()  # admits all S (prefill) and decodes its first call
+            t0, n = time.perf_counter(), 0
+            while engine.active:
+                n += sum(len(o.tokens) for o in engine.step())
+            if rnd:  # round 0 compiles
+                times[k].append(n / (time.perf_counter() - t0))
+    return [{"slots": S, "steps_per_call": k, "decode_tokens_per_s": [round(t, 1) for t in times[k]]}
+            for k in steps_list]
+
+
 def bench(models: list[str], slots: list[int], rates: list[float], count: int, max_new: int, modes: list[str],
-          tokenizer_dir: str, steps_per_call: int, seed: int = 0) -> None:
+          tokenizer_dir: str, steps_per_call: list[int], seed: int = 0) -> None:
     cache = os.path.expanduser("~/.cache/gpt2-jax/data")
     with tempfile.TemporaryDirectory() as root:
         for name in models:
@@ -170,13 +192,17 @@ def bench(models: list[str], slots: list[int], rates: list[float], count: int, m
             ident = {"bench": "serve", "model": name, "requests": count,
                      "prompt_mean": round(float(np.mean([p for p, _ in lengths])), 1),
                      "new_mean": round(float(np.mean([n for _, n in lengths])), 1)}
-            for S in slots:
+            if "decode" in modes:
+                for S in slots:
+                    for row in decode_speed(model, S, steps_per_call, 32, max_new):
+                        print(json.dumps({"bench": "serve", "model": name, "mode": "decode", **row}), flush=True)
+            for S in (s for s in slots if set(modes) & {"continuous", "static"}):
                 engine = Engine(model, slots=S, eos_ids=[], pad_id=0, max_length=max_length,
-                                steps_per_call=steps_per_call)
+                                steps_per_call=steps_per_call[0])
                 warm_up(engine, requests)
                 for rate in rates:
                     gaps = np.random.default_rng([seed, int(rate * 1000)]).exponential(1 / rate, count)
-                    for mode in (m for m in modes if m != "transformers"):
+                    for mode in (m for m in modes if m in ("continuous", "static")):
                         row = drive(engine, requests, gaps, static=mode == "static")
                         print(json.dumps({**ident, "mode": mode, "slots": S, "rate": rate, **row}), flush=True)
             if "transformers" in modes:
