@@ -33,8 +33,8 @@ from gpt2_jax.model.kv_cache import KVCache, init_cache
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.text import keyword_token_ids
 from gpt2_jax.sample.processors import (apply_keyword_boost, apply_min_new_tokens, apply_repetition_penalty,
-                                 apply_temperature, one_minus_top_p, sample_tokens, token_presence,
-                                 update_keyword_match)
+                                 apply_temperature, keyword_guidance, one_minus_top_p, sample_tokens,
+                                 token_presence, update_keyword_match)
 
 # Smallest bucket for the prompt and for the new tokens; buckets are powers of two above it.
 MIN_BUCKET = 16
@@ -63,11 +63,14 @@ class SamplingParams:
     eos_mask_V: jax.Array  # bool [V]: which tokens end a row
     seed: jax.Array  # uint32 scalar
     keyword_boost: jax.Array  # float32 scalar: added to the keywords' next tokens (processors.apply_keyword_boost)
+    keyword_window: jax.Array  # float32 scalar: a keyword starts only within this of the best score (inf: off)
+    keyword_ramp: jax.Array  # float32 scalar: the window's widening per keyword behind the even pace
+    keyword_lead: jax.Array  # float32 scalar: keywords a row may write ahead of the pace (inf: off)
 
     @classmethod
     def of(cls, *, vocab_size: int, do_sample: bool, temperature, top_k, top_p, repetition_penalty,
            min_new_tokens, max_new_tokens, pad_token_id: int, eos_ids: Sequence[int], seed,
-           keyword_boost=0.0, penalize_prompt=True) -> "SamplingParams":
+           keyword_boost=0.0, keyword_wait=None, penalize_prompt=True) -> "SamplingParams":
         """From checked Python values, as fixed-dtype numpy scalars (so no value becomes a constant)."""
         eos_mask_V = np.zeros((vocab_size,), bool)
         eos_mask_V[list(eos_ids)] = True
@@ -77,7 +80,8 @@ class SamplingParams:
                    penalize_prompt=np.bool_(penalize_prompt),
                    min_new_tokens=np.int32(min(min_new_tokens, 2**30)), max_new_tokens=np.int32(max_new_tokens),
                    pad_token_id=np.int32(pad_token_id), eos_mask_V=eos_mask_V, seed=np.uint32(seed % 2**32),
-                   keyword_boost=np.float32(keyword_boost))
+                   keyword_boost=np.float32(keyword_boost),
+                   **{f"keyword_{k}": np.float32(v) for k, v in keyword_guidance(keyword_wait).items()})
 
 
 @struct.dataclass
@@ -101,7 +105,9 @@ def _choose(key, logits_BV, s: DecodeState, num_new, p: SamplingParams, do_sampl
     """The next token per row: HF's processors (and the keyword boost), then argmax or a draw."""
     scores_BV = apply_repetition_penalty(logits_BV, s.seen_BV, p.repetition_penalty)
     if s.kw_BKL.shape[1]:  # static: without keywords the program is exactly the one without the boost
-        scores_BV = apply_keyword_boost(scores_BV, s.kw_BKL, s.kw_match_BK, s.kw_done_BK, p.keyword_boost)
+        scores_BV = apply_keyword_boost(scores_BV, s.kw_BKL, s.kw_match_BK, s.kw_done_BK, p.keyword_boost,
+                                        num_new=num_new, max_new=p.max_new_tokens, window=p.keyword_window,
+                                        ramp=p.keyword_ramp, lead=p.keyword_lead)
     scores_BV = apply_min_new_tokens(scores_BV, p.eos_mask_V, num_new, p.min_new_tokens)
     if not do_sample:
         return jnp.argmax(scores_BV, axis=-1).astype(jnp.int32)  # first index among ties, as torch.argmax
@@ -291,7 +297,7 @@ def _keyword_array(keywords, batch: int, vocab_size: int) -> np.ndarray:
 
 def check_sampling(*, max_new_tokens: int, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
                    repetition_penalty=1.0, min_new_tokens=0, num_return_sequences=1, seed=0, keyword_boost=0.0,
-                   penalize_prompt=True) -> None:
+                   keyword_wait=None, penalize_prompt=True) -> None:
     """`generate`'s checks of its settings (with its defaults), for callers to run before they load or write."""
     for n, v, least in (("max_new_tokens", max_new_tokens, 1), ("top_k", top_k, 0), ("seed", seed, 0),
                         ("min_new_tokens", min_new_tokens, 0), ("num_return_sequences", num_return_sequences, 1)):
@@ -299,6 +305,7 @@ def check_sampling(*, max_new_tokens: int, do_sample=False, temperature=1.0, top
     _check_number("top_p", top_p, lambda x: 0 < x <= 1, "in (0, 1]")
     _check_number("repetition_penalty", repetition_penalty, lambda x: x > 0, "> 0")
     _check_number("keyword_boost", keyword_boost, lambda x: x >= 0, ">= 0")
+    keyword_guidance(keyword_wait)
     if do_sample:
         _check_number("temperature", temperature, lambda x: x > 0,
                       "> 0 when sampling (for greedy decoding use do_sample=False)")
@@ -321,7 +328,8 @@ def special_ids(config, eos_token_id=None, pad_token_id=None) -> tuple[list[int]
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              min_new_tokens: int = 0, num_return_sequences: int = 1, eos_token_id=None, pad_token_id=None,
-             seed: int = 0, keyword_boost: float = 0.0, keywords=None, penalize_prompt: bool = True) -> np.ndarray:
+             seed: int = 0, keyword_boost: float = 0.0, keyword_wait=None, keywords=None,
+             penalize_prompt: bool = True) -> np.ndarray:
     """Continue each prompt by up to `max_new_tokens` tokens; every argument means what it means in HF `generate`.
 
     `input_ids`: a [batch, length] array (left-padded, with `attention_mask`) or a list of token-id lists
@@ -333,7 +341,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
 
     `keywords`: per prompt, a list of keyword token-id sequences (text.keyword_token_ids); each keyword's next
     token gets `keyword_boost` added to its score until the keyword has been generated whole (see
-    processors.apply_keyword_boost). The boost is traced: changing it reuses the compiled program.
+    processors.apply_keyword_boost). `keyword_wait` True lets a keyword start only where the model already
+    ranks it high, paced over the text (processors.keyword_guidance). Both are traced: new values reuse the
+    compiled program.
 
     `penalize_prompt=False`: the repetition penalty counts only the new tokens, as HF's
     `RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt length)`; with a title and keywords
@@ -343,7 +353,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     V = cfg.vocab_size
     settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                     top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens, seed=seed,
-                    keyword_boost=keyword_boost, penalize_prompt=bool(penalize_prompt))
+                    keyword_boost=keyword_boost, keyword_wait=keyword_wait, penalize_prompt=bool(penalize_prompt))
     check_sampling(num_return_sequences=num_return_sequences, **settings)
     eos_ids, pad_id = special_ids(cfg, eos_token_id, pad_token_id)
     ids, mask = _prompt_arrays(input_ids, attention_mask, pad_id, infer_mask=pad_id not in eos_ids)

@@ -12,11 +12,14 @@ larger than C with a nucleus wider than C, or ties straddling the C-th value.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gpt2_jax.errors import GPT2JaxError
 
 # Candidate counts for the fast top-k/top-p path, tried in order before the full sort. 64 covers the usual
 # top_k (HF's default 50, the seed's 30); 1024 and 4096 cover most nuclei of pure top-p sampling. On CPU,
@@ -24,6 +27,12 @@ import numpy as np
 CANDIDATE_CAPS = (64, 1024, 4096)
 
 _NEG_INF = -jnp.inf
+# Keyword guidance's even pace spreads a row's keywords over this share of its new tokens, leaving the rest as
+# slack for a keyword the model places late.
+PACE_END = 0.9
+# keyword_wait=True: the window (nats below the row's best score), the ramp (nats per keyword behind the pace)
+# and the lead (keywords ahead of it) chosen from the measurements in README "Keywords".
+WAIT = {"window": 2.0, "ramp": 4.0, "lead": 0.5}
 
 
 def token_presence(ids_BT, vocab_size: int, valid_BT=None):
@@ -58,27 +67,68 @@ def keyword_lengths(kw_BKL):
     return jnp.sum(kw_BKL >= 0, axis=-1, dtype=jnp.int32)
 
 
-def apply_keyword_boost(scores_BV, kw_BKL, match_BK, done_BK, boost):
+def keyword_guidance(wait) -> dict[str, float]:
+    """apply_keyword_boost's window, ramp and lead for `keyword_wait`: None or False, off (every keyword boosted
+    from the first token on, as before guidance waited); True, WAIT; a dict, WAIT with some of them replaced."""
+    if wait is None or wait is False:
+        return {"window": math.inf, "ramp": 0.0, "lead": math.inf}
+    if wait is True:
+        return dict(WAIT)
+    if not isinstance(wait, dict) or set(wait) - set(WAIT):
+        raise GPT2JaxError(f"keyword_wait must be true, false or a mapping of {', '.join(WAIT)}, got {wait!r}")
+    for k, v in wait.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0 \
+                or (k == "ramp" and math.isinf(v)):
+            raise GPT2JaxError(f"keyword_wait's {k} must be a number >= 0{' (finite)' if k == 'ramp' else ''}, "
+                               f"got {v!r}")
+    return {**WAIT, **{k: float(v) for k, v in wait.items()}}
+
+
+def _per_row(x, B: int):
+    """A traced parameter as float32 [B]: a scalar for every row, or already one value per row."""
+    return jnp.broadcast_to(jnp.asarray(x, jnp.float32), (B,))
+
+
+def apply_keyword_boost(scores_BV, kw_BKL, match_BK, done_BK, boost, *, num_new=0, max_new=1,
+                        window=jnp.inf, ramp=0.0, lead=jnp.inf):
     """Add `boost` to the score of the next token of every keyword not yet generated whole: its first token,
-    or, once a keyword is under way (`match_BK` > 0 tokens of it end the text), its next one at 2 * boost.
+    where the guidance lets it start (below), or, once a keyword is under way (`match_BK` > 0 tokens of it end
+    the text), its next one at 2 * boost.
 
     A traced processor of our own (not in HF), after the repetition penalty (which would shrink the boost of a
     keyword already in the prompt) and before temperature, top-k and top-p, so that the boosted tokens can
     survive their cut. Twice the boost for a continuation finishes a started keyword rather than starting
     another. A token that several keywords want gets the largest of their boosts, not their sum. `boost` 0 adds
     exactly 0: the scores and hence the tokens are those without keywords.
+
+    Waiting for a natural place (`window` finite): a keyword may start only where the model already ranks its
+    first token among its top candidates, within `window` of the row's best score (before the boost), and only
+    while the row is at most `lead` keywords ahead of an even pace (its keywords spread over the first
+    PACE_END of the `max_new` tokens; `num_new` written so far). When the row falls behind that pace the
+    window widens by `ramp` per keyword behind, so a keyword the model never ranks high is still written, late.
+    `window` and `lead` inf (the defaults) start every keyword at once: the boost from the first token on.
+    Every parameter is traced, a scalar or one value per row [B].
     """
     B, V = scores_BV.shape
     L = kw_BKL.shape[2]
     next_BK = jnp.take_along_axis(kw_BKL, jnp.clip(match_BK, 0, L - 1)[..., None], axis=2)[..., 0]
     pending_BK = ~done_BK & (next_BK >= 0)
-    boost = jnp.asarray(boost, jnp.float32)
-    strength_BK = jnp.where(match_BK > 0, 2 * boost, boost)
+    boost_B1 = _per_row(boost, B)[:, None]
     rows_BK = jnp.broadcast_to(jnp.arange(B)[:, None], next_BK.shape)
     scores_BV = jnp.asarray(scores_BV, jnp.float32)
+    next_score_BK = scores_BV[rows_BK, jnp.clip(next_BK, 0, V - 1)]
+    # The pace: how many keywords the row should have written by now, against how many it has.
+    progress_B = jnp.minimum(1.0, (_per_row(num_new, B) + 1) / (PACE_END * jnp.maximum(_per_row(max_new, B), 1)))
+    expected_B = jnp.sum(keyword_lengths(kw_BKL) > 0, axis=1) * progress_B
+    behind_B = expected_B - jnp.sum(done_BK, axis=1)
+    window_B = _per_row(window, B) + _per_row(ramp, B) * jnp.maximum(behind_B, 0.0)
+    fits_BK = jnp.max(scores_BV, axis=-1, keepdims=True) - next_score_BK <= window_B[:, None]
+    may_start_BK = fits_BK & (behind_B >= -_per_row(lead, B))[:, None]
+    boosted_now_BK = pending_BK & ((match_BK > 0) | may_start_BK)
+    strength_BK = jnp.where(match_BK > 0, 2 * boost_B1, boost_B1)
     # Scatter-max of score + boost onto the K tokens only: no [B, V] bonus array to fill and add.
-    boosted_BK = scores_BV[rows_BK, jnp.clip(next_BK, 0, V - 1)] + strength_BK
-    return scores_BV.at[rows_BK, jnp.where(pending_BK, next_BK, V)].max(boosted_BK, mode="drop")  # V: dropped
+    return scores_BV.at[rows_BK, jnp.where(boosted_now_BK, next_BK, V)].max(next_score_BK + strength_BK,
+                                                                            mode="drop")  # V: dropped
 
 
 def update_keyword_match(kw_BKL, match_BK, done_BK, tok_B):

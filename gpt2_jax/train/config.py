@@ -182,6 +182,10 @@ class SampleSection:
     # Added to the logit of each keyword's next token until the keyword has been written (sample.generate's
     # keyword_boost; >= 0, 0: off, e.g. 2-5 to nudge, 100 to force every keyword in).
     keyword_boost: float = 0.0
+    # With keyword_boost: a keyword starts only where the model already ranks it among its top candidates, paced
+    # over the text (sample.processors.keyword_guidance), instead of from the first token on: keywords woven
+    # into the text rather than listed at its start.
+    keyword_wait: bool = False
     # Validation rows written for at every evaluation and at the end, for the keyword coverage, swapped
     # coverage, distinct-n and repeated 4-gram metrics (the first rows of the seeded split; 0: none).
     metric_rows: int = 16
