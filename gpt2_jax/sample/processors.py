@@ -105,7 +105,8 @@ def apply_keyword_boost(scores_BV, kw_BKL, match_BK, done_BK, boost, *, num_new=
     first token among its top candidates, within `window` of the row's best score (before the boost), and only
     while the row is at most `lead` keywords ahead of an even pace (its keywords spread over the first
     PACE_END of the `max_new` tokens; `num_new` written so far). When the row falls behind that pace the
-    window widens by `ramp` per keyword behind, so a keyword the model never ranks high is still written, late.
+    window widens by `ramp` per keyword behind over the share of the budget left, so that a keyword the model
+    never ranks high is still written, late.
     `window` and `lead` inf (the defaults) start every keyword at once: the boost from the first token on.
     Every parameter is traced, a scalar or one value per row [B].
     """
@@ -117,11 +118,13 @@ def apply_keyword_boost(scores_BV, kw_BKL, match_BK, done_BK, boost, *, num_new=
     rows_BK = jnp.broadcast_to(jnp.arange(B)[:, None], next_BK.shape)
     scores_BV = jnp.asarray(scores_BV, jnp.float32)
     next_score_BK = scores_BV[rows_BK, jnp.clip(next_BK, 0, V - 1)]
-    # The pace: how many keywords the row should have written by now, against how many it has.
-    progress_B = jnp.minimum(1.0, (_per_row(num_new, B) + 1) / (PACE_END * jnp.maximum(_per_row(max_new, B), 1)))
-    expected_B = jnp.sum(keyword_lengths(kw_BKL) > 0, axis=1) * progress_B
+    # The pace: how many keywords the row should have written by now, against how many it has. Being behind
+    # widens the window, the more so the less of the budget is left: near the end a missing keyword is forced.
+    n_B, max_B = _per_row(num_new, B) + 1, jnp.maximum(_per_row(max_new, B), 1)
+    expected_B = jnp.sum(keyword_lengths(kw_BKL) > 0, axis=1) * jnp.minimum(1.0, n_B / (PACE_END * max_B))
     behind_B = expected_B - jnp.sum(done_BK, axis=1)
-    window_B = _per_row(window, B) + _per_row(ramp, B) * jnp.maximum(behind_B, 0.0)
+    left_B = jnp.maximum(1 - n_B / max_B, 1 / max_B)  # the share of the budget left
+    window_B = _per_row(window, B) + _per_row(ramp, B) * jnp.maximum(behind_B, 0.0) / left_B
     fits_BK = jnp.max(scores_BV, axis=-1, keepdims=True) - next_score_BK <= window_B[:, None]
     may_start_BK = fits_BK & (behind_B >= -_per_row(lead, B))[:, None]
     boosted_now_BK = pending_BK & ((match_BK > 0) | may_start_BK)
