@@ -13,6 +13,7 @@ larger than C with a nucleus wider than C, or ties straddling the C-th value.
 from __future__ import annotations
 
 import math
+import re
 from typing import Sequence
 
 import jax
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.text import UNSPACED
 
 # Candidate counts for the fast top-k/top-p path, tried in order before the full sort. 64 covers the usual
 # top_k (HF's default 50, the seed's 30); 1024 and 4096 cover most nuclei of pure top-p sampling. On CPU,
@@ -27,12 +29,13 @@ from gpt2_jax.errors import GPT2JaxError
 CANDIDATE_CAPS = (64, 1024, 4096)
 
 _NEG_INF = -jnp.inf
+_UNSPACED = re.compile(f"[{UNSPACED}]")
 # Keyword guidance's even pace spreads a row's keywords over this share of its new tokens, leaving the rest as
 # slack for a keyword the model places late.
 PACE_END = 0.9
 # keyword_wait=True: the window (nats below the row's best score), the ramp (nats per keyword behind the pace)
 # and the lead (keywords ahead of it) chosen from the measurements in README "Keywords".
-WAIT = {"window": 2.0, "ramp": 4.0, "lead": 0.5}
+WAIT = {"window": 1.0, "ramp": 2.0, "lead": 0.5, "hold": 1.0}
 
 
 def token_presence(ids_BT, vocab_size: int, valid_BT=None):
@@ -71,7 +74,7 @@ def keyword_guidance(wait) -> dict[str, float]:
     """apply_keyword_boost's window, ramp and lead for `keyword_wait`: None or False, off (every keyword boosted
     from the first token on, as before guidance waited); True, WAIT; a dict, WAIT with some of them replaced."""
     if wait is None or wait is False:
-        return {"window": math.inf, "ramp": 0.0, "lead": math.inf}
+        return {"window": math.inf, "ramp": 0.0, "lead": math.inf, "hold": 0.0}
     if wait is True:
         return dict(WAIT)
     if not isinstance(wait, dict) or set(wait) - set(WAIT):
@@ -84,13 +87,61 @@ def keyword_guidance(wait) -> dict[str, float]:
     return {**WAIT, **{k: float(v) for k, v in wait.items()}}
 
 
+def keyword_array(keywords, batch: int, vocab_size: int, bucket) -> np.ndarray:
+    """int32 [B, K, L]: each row's keyword token-id sequences, -1 padded to K and L as `bucket(n)` rounds them."""
+    if not isinstance(keywords, (list, tuple)) or len(keywords) != batch:
+        got = f"{len(keywords)} rows" if isinstance(keywords, (list, tuple)) else repr(type(keywords).__name__)
+        raise GPT2JaxError(f"keywords must hold one list of keyword token-id sequences per prompt ({batch}), "
+                           f"got {got}")
+    for b, row in enumerate(keywords):
+        if not isinstance(row, (list, tuple)):
+            raise GPT2JaxError(f"keywords[{b}] must be a list of token-id sequences, got {row!r}")
+        for k, seq in enumerate(row):
+            if not isinstance(seq, (list, tuple, np.ndarray)) or len(seq) == 0 or not all(_is_int(t) for t in seq):
+                raise GPT2JaxError(f"keywords[{b}][{k}] must be a non-empty list of token ids, got {seq!r}")
+            bad = [int(t) for t in seq if not 0 <= t < vocab_size]
+            if bad:
+                raise GPT2JaxError(f"keywords[{b}][{k}] holds token id {bad[0]}, outside the vocabulary "
+                                   f"[0, {vocab_size})")
+    K, L = bucket(max(map(len, keywords))), bucket(max((len(q) for row in keywords for q in row), default=1))
+    kw_BKL = np.full((batch, K, L), -1, np.int32)
+    for b, row in enumerate(keywords):
+        for k, seq in enumerate(row):
+            kw_BKL[b, k, :len(seq)] = seq
+    return kw_BKL
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def glue_ids(tokenizer) -> tuple[int, ...]:
+    """The tokens that continue the word before them (decoded after "a", they start with a letter, digit or
+    "_" of a spaced script): after a keyword's last token they would turn it into another word. Cached on the
+    tokenizer."""
+    cached = getattr(tokenizer, "_glue_ids", None)
+    if cached is None:
+        head = tokenizer.encode("a")
+        cached = tuple(i for i in range(len(tokenizer)) if _glues(tokenizer.decode(head + [i])[1:2]))
+        try:
+            tokenizer._glue_ids = cached
+        except AttributeError:  # a tokenizer without attributes to set: computed each time
+            pass
+    return cached
+
+
+def _glues(c: str) -> bool:
+    return bool(c) and (c.isalnum() or c == "_") and not _UNSPACED.match(c)
+
+
 def _per_row(x, B: int):
     """A traced parameter as float32 [B]: a scalar for every row, or already one value per row."""
     return jnp.broadcast_to(jnp.asarray(x, jnp.float32), (B,))
 
 
 def apply_keyword_boost(scores_BV, kw_BKL, match_BK, done_BK, boost, *, num_new=0, max_new=1,
-                        window=jnp.inf, ramp=0.0, lead=jnp.inf):
+                        window=jnp.inf, ramp=0.0, lead=jnp.inf, hold=0.0, eos_mask_V=None, ended_B=None,
+                        glue_mask_V=None):
     """Add `boost` to the score of the next token of every keyword not yet generated whole: its first token,
     where the guidance lets it start (below), or, once a keyword is under way (`match_BK` > 0 tokens of it end
     the text), its next one at 2 * boost.
@@ -124,14 +175,25 @@ def apply_keyword_boost(scores_BV, kw_BKL, match_BK, done_BK, boost, *, num_new=
     expected_B = jnp.sum(keyword_lengths(kw_BKL) > 0, axis=1) * jnp.minimum(1.0, n_B / (PACE_END * max_B))
     behind_B = expected_B - jnp.sum(done_BK, axis=1)
     left_B = jnp.maximum(1 - n_B / max_B, 1 / max_B)  # the share of the budget left
-    window_B = _per_row(window, B) + _per_row(ramp, B) * jnp.maximum(behind_B, 0.0) / left_B
+    urgency_B1 = (_per_row(ramp, B) * jnp.maximum(behind_B, 0.0) / left_B)[:, None]
+    window_B = _per_row(window, B) + urgency_B1[:, 0]
     fits_BK = jnp.max(scores_BV, axis=-1, keepdims=True) - next_score_BK <= window_B[:, None]
     may_start_BK = fits_BK & (behind_B >= -_per_row(lead, B))[:, None]
     boosted_now_BK = pending_BK & ((match_BK > 0) | may_start_BK)
-    strength_BK = jnp.where(match_BK > 0, 2 * boost_B1, boost_B1)
+    # Behind the pace, the boost grows as the window does: a keyword far below the best is still written.
+    strength_BK = jnp.where(match_BK > 0, 2 * boost_B1, boost_B1) + jnp.where(boost_B1 > 0, urgency_B1, 0.0)
     # Scatter-max of score + boost onto the K tokens only: no [B, V] bonus array to fill and add.
-    return scores_BV.at[rows_BK, jnp.where(boosted_now_BK, next_BK, V)].max(next_score_BK + strength_BK,
-                                                                            mode="drop")  # V: dropped
+    scores_BV = scores_BV.at[rows_BK, jnp.where(boosted_now_BK, next_BK, V)].max(next_score_BK + strength_BK,
+                                                                                 mode="drop")  # V: dropped
+    if eos_mask_V is None:
+        return scores_BV
+    # `hold` > 0: no end while a keyword (with a boost) is missing, so the pace has its whole budget; and right
+    # after a keyword, no token that would glue onto its last word ("dict" + "s"): it would not be the keyword.
+    hold_B = (_per_row(hold, B) > 0) & (boost_B1[:, 0] > 0)
+    block_BV = (hold_B & jnp.any(pending_BK, axis=1))[:, None] & eos_mask_V[None, :]
+    if ended_B is not None and glue_mask_V is not None:
+        block_BV |= (hold_B & ended_B)[:, None] & glue_mask_V[None, :]
+    return jnp.where(block_BV, _NEG_INF, scores_BV)
 
 
 def update_keyword_match(kw_BKL, match_BK, done_BK, tok_B):

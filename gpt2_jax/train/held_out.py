@@ -30,10 +30,10 @@ def guidance_settings(s) -> dict:
 
 
 def write_tokens(model, tokenizer, rows: Sequence, cfg: TrainConfig, warn: Callable[[str], None],
-                 max_new_tokens: int | None = None) -> list[tuple]:
+                 max_new_tokens: int | None = None, min_new_tokens: int = 0) -> list[tuple]:
     """[(row, prompt ids, new token ids)] for `rows` with the run's sample settings (keyword guidance included),
     one generate call per number of new tokens (`max_new_tokens`, default sample.max_new_tokens, or what the
-    context leaves); rows whose prompt fills the context are left out."""
+    context leaves; no EOS before `min_new_tokens` of them); rows whose prompt fills the context are left out."""
     s, n_ctx = cfg.sample, model.config.n_positions
     want = s.max_new_tokens if max_new_tokens is None else max_new_tokens
     groups: dict[int, list] = {}  # new tokens -> [(row, prompt)]
@@ -54,6 +54,7 @@ def write_tokens(model, tokenizer, rows: Sequence, cfg: TrainConfig, warn: Calla
                               temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                               repetition_penalty=s.repetition_penalty, penalize_prompt=s.penalize_prompt,
                               seed=cfg.train.seed, keywords=[list(r.keywords) for r, _ in group],
+                              min_new_tokens=min(min_new_tokens, n),
                               **guidance_settings(s))
         out += [(r, p, ids) for (r, p), ids in zip(group, new)]
     return out
@@ -96,9 +97,15 @@ def held_out_metrics(model, tokenizer, rows: Sequence, cfg: TrainConfig) -> dict
 
 
 def format_metrics(m: dict[str, float]) -> str:
-    names = (("keyword_coverage", "keyword coverage"), ("swapped_coverage", "swapped"),
-             ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("repeat_4gram", "repeated 4-grams"),
-             ("first_10pct", "keywords in the first 10%"), ("reference_first_10pct", "(reference"),
-             ("longest_run", "longest keyword run"), ("reference_longest_run", "(reference"),
-             ("perplexity", "perplexity"), ("perplexity_unguided", "(unguided"))
-    return ", ".join(f"{label} {m[k]:.2f}" + (")" if label.startswith("(") else "") for k, label in names if k in m)
+    """The metrics in one line: "keyword coverage 0.94, ..., keywords in the first 10% 0.20 (reference 0.18), ..."."""
+    names = (("keyword_coverage", "keyword coverage", ""), ("swapped_coverage", "swapped", ""),
+             ("distinct_1", "distinct-1", ""), ("distinct_2", "distinct-2", ""),
+             ("repeat_4gram", "repeated 4-grams", ""), ("first_10pct", "keywords in the first 10%", "reference_"),
+             ("longest_run", "longest keyword run", "reference_"), ("perplexity", "perplexity", "unguided"))
+    parts = []
+    for k, label, other in names:
+        if k in m:
+            other_key = f"{other}{k}" if other == "reference_" else f"{k}_{other}"
+            parts.append(f"{label} {m[k]:.2f}" + (f" ({other.rstrip('_')} {m[other_key]:.2f})"
+                                                  if other and other_key in m else ""))
+    return ", ".join(parts)

@@ -31,7 +31,7 @@ from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.layout import ModelLayout
 from gpt2_jax.train.config import TrainConfig
 from gpt2_jax.train.flops import flops_per_token, peak_flops
-from gpt2_jax.train.held_out import format_metrics, sample_metrics, write_texts
+from gpt2_jax.train.held_out import format_metrics, held_out_metrics, write_texts
 from gpt2_jax.train.metrics import MetricsWriter
 from gpt2_jax.train.run_data import RunData, init_from_params, prepare_data, run_model_config
 from gpt2_jax.train.step import Setup, TrainState, build_setup, compile_steps, count_params, init_state, \
@@ -297,7 +297,7 @@ def _live_sample_metrics(run: Run, writer: MetricsWriter, state: TrainState, ste
         # for parameters spread over a mesh (TopkDecomposer on an optimization barrier, jaxlib 0.10.2).
         flat, rng = jax.device_put(({**state.params, **state.frozen}, state.rng), jax.devices()[0])
         model = run.sampler_layout.model(flat, rng, train=False)
-        m = sample_metrics(write_texts(model, run.data.tokenizer, rows, run.cfg, warn=lambda _: None))
+        m = held_out_metrics(model, run.data.tokenizer, rows, run.cfg)
     except Exception as e:
         log.warning(f"the sample metrics at step {step} failed ({first_line(e)})")
         return {}
@@ -345,7 +345,7 @@ def export_and_sample(run: Run, end: int, final: dict) -> None:
                 log.info(f"\n[held-out] title: {r.title}\n  keywords: {' '.join(r.keywords)}\n  text: {text}")
             final["samples"] = [t for _, t in written]
         if metric_rows:
-            m = sample_metrics(write_texts(model, tokenizer, metric_rows, cfg, warn=lambda _: None))
+            m = held_out_metrics(model, tokenizer, metric_rows, cfg)
             with MetricsWriter(out_dir) as w:
                 w.write(end, m, split="sample")
             final["sample_metrics"] = m

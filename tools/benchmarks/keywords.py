@@ -1,9 +1,15 @@
 """``tools/bench.py keywords --run RUN_DIR``: does a trained model use its keywords, and what guidance costs.
 
 Over every held-out row of the run (its own validation split, prompts as trained), one JSON line per
-sampling setting (the run's `sample` section, with the repetition penalty over the prompt or not, and
-keyword_boost 0 / 3 / 10): keyword coverage, swapped coverage, distinct-1/2, the repeated-4-gram share, and
-the model's own perplexity of what it wrote (teacher-forced, without guidance). Then one teacher-forced
+sampling setting (the run's `sample` section, with the repetition penalty over the prompt or not, unguided at
+its natural length and held to about the guided texts' length, keyword_boost 3 / 10 from the first token on,
+and 10 waiting for a natural place): keyword coverage, swapped coverage, distinct-1/2, the repeated-4-gram
+share, the keywords' placement (first position as a fraction of the text, the share first written in its
+first 10%, the longest run of keywords in a row, rows with a run of 3 or more) beside the same figures for the
+rows' own texts cut to each text's length (reference_*), and the model's own perplexity of what it wrote
+(sample.fluency: teacher-forced, without guidance), with guidance as a ratio to the unguided lines'. With
+--long, the same over the second corpus: held-out rows whose text holds at least LONG_TOKENS tokens, written
+with as many new tokens as the context leaves (about 100). Then one teacher-forced
 "copy" line: the mean log-probability of the text tokens that write a keyword, with the row's own keywords in
 the prompt against another row's (the row half the split away); their difference, in nats, is how much the
 model copies from its prompt, a continuous measure that moves before coverage does.
@@ -31,9 +37,14 @@ from gpt2_jax.train.config import load_train_config
 from gpt2_jax.train.run_data import prepare_data
 
 LENGTHS = ("1", "2", "3+")  # keyword length classes, in tokens
-SETTINGS = ({"penalize_prompt": True}, {"penalize_prompt": False},
-            {"penalize_prompt": False, "keyword_boost": 3.0}, {"penalize_prompt": False, "keyword_boost": 10.0},
+SETTINGS = ({"penalize_prompt": True, "keyword_boost": 0.0}, {"penalize_prompt": False, "keyword_boost": 0.0},
+            {"penalize_prompt": False, "keyword_boost": 0.0, "same_length": True},
+            {"penalize_prompt": False, "keyword_boost": 3.0, "keyword_wait": False},
+            {"penalize_prompt": False, "keyword_boost": 10.0, "keyword_wait": False},
             {"penalize_prompt": False, "keyword_boost": 10.0, "keyword_wait": True})
+# same_length: unguided, but no EOS before this share of the new tokens: guidance that holds EOS until its
+# keywords are written makes texts about as long, and a longer text is less likely under the model.
+SAME_LENGTH = 0.9
 LONG_TOKENS = 100  # the second corpus: held-out rows whose text has at least this many tokens
 
 
@@ -99,21 +110,28 @@ def long_rows(rows, tokenizer, min_tokens: int) -> list:
     return [r for r in rows if len(tokenizer.encode(r.text)) >= min_tokens]
 
 
-def setting_line(model, tok, rows, cfg, setting: dict, new_tokens: int, unguided_ppl: float | None) -> dict:
+def setting_line(model, tok, rows, cfg, setting: dict, new_tokens: int, unguided: dict) -> dict:
     """One sampling setting over `rows`: keyword metrics with placement (and the rows' texts, cut to each
     text's length, as reference), coverage by keyword length, and fluency (the model's perplexity of the texts,
-    without guidance; perplexity_ratio against `unguided_ppl`)."""
+    without guidance; perplexity_ratio against unguided["natural"], perplexity_ratio_same_length against
+    unguided["same_length"], where present)."""
+    setting = dict(setting)
+    least = round(SAME_LENGTH * new_tokens) if setting.pop("same_length", False) else 0
     run_cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **setting))
     t0 = time.time()
-    out = write_tokens(model, tok, rows, run_cfg, warn=lambda _: None, max_new_tokens=new_tokens)
+    out = write_tokens(model, tok, rows, run_cfg, warn=lambda _: None, max_new_tokens=new_tokens,
+                       min_new_tokens=least)
     seconds = time.time() - t0
     written = [(r, tok.decode(ids, skip_special_tokens=True)) for r, _, ids in out]
     m = {k: round(v, 3) for k, v in sample_metrics(written).items()}
     ppl = perplexity(model, [p for _, p, _ in out], [ids for _, _, ids in out])
     line = {**m, "coverage_by_tokens": coverage_by_length(tok, written), "perplexity": round(ppl, 1),
+            "mean_new_tokens": round(float(np.mean([len(ids) for _, _, ids in out])), 1),
             "seconds": round(seconds, 1)}
-    if unguided_ppl:
-        line["perplexity_ratio"] = round(ppl / unguided_ppl, 2)
+    if setting.get("keyword_boost"):
+        for key, base in (("perplexity_ratio", "natural"), ("perplexity_ratio_same_length", "same_length")):
+            if unguided.get(base):
+                line[key] = round(ppl / unguided[base], 2)
     return line
 
 
@@ -124,11 +142,11 @@ def bench(run: str, long: bool = False, settings=SETTINGS) -> None:
     new_tokens, corpus = cfg.sample.max_new_tokens, "held-out"
     if long:  # texts of at least LONG_TOKENS tokens, written with what the context leaves (about 100 tokens)
         rows, new_tokens, corpus = long_rows(rows, tok, LONG_TOKENS), model.config.n_positions, "held-out long"
-    unguided = None
+    unguided: dict[str, float] = {}
     for setting in settings:
         line = setting_line(model, tok, rows, cfg, setting, new_tokens, unguided)
         if not setting.get("keyword_boost") and not setting.get("penalize_prompt", True):
-            unguided = line["perplexity"]
+            unguided["same_length" if setting.get("same_length") else "natural"] = line["perplexity"]
         print(json.dumps({"bench": "keywords", "run": run, "corpus": corpus, "rows": len(rows), **setting, **line}),
               flush=True)
     print(json.dumps({"bench": "keywords", "run": run, "corpus": corpus, "what": "reference",
