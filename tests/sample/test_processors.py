@@ -13,7 +13,7 @@ from transformers.generation import logits_process as hf_lp
 
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.sample.processors import (WAIT, apply_keyword_boost, apply_min_new_tokens, apply_repetition_penalty,
-                                        apply_temperature, filter_candidates, full_filter, keyword_guidance,
+                                        apply_temperature, filter_candidates, full_filter, glue_ids, keyword_guidance,
                                         one_minus_top_p, sample_tokens, token_presence, update_keyword_match)
 
 V = 300  # above the first candidate cap (64), so the fast path and its fallbacks both run
@@ -335,6 +335,46 @@ def test_keyword_wait_per_row_parameters():
         want = jax.jit(apply_keyword_boost)(x[b:b + 1], KW_BKL[b:b + 1], match[b:b + 1], done[b:b + 1],
                                             [10.0, 3.0][b], **one)
         np.testing.assert_array_equal(got[b], np.asarray(want)[0])
+
+
+class PieceTokenizer:
+    """Token i decodes to PIECES[i]; encode knows only "a"."""
+
+    PIECES = ["a", " dog", "s", "。", "中", " ", "_x", "9", "", "-"]
+
+    def __len__(self):
+        return len(self.PIECES)
+
+    def encode(self, text):
+        return [self.PIECES.index(text)]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+def test_glue_ids_are_the_tokens_that_continue_a_word():
+    # "a" + piece: a letter, digit or "_" right after "a" continues it; a space, punctuation, nothing or a
+    # character of an unspaced script (中: a keyword there is a substring) does not.
+    assert glue_ids(PieceTokenizer()) == (0, 2, 6, 7)
+
+
+def test_hold_blocks_eos_while_keywords_are_missing_and_glue_after_one():
+    x = np.zeros((2, 10), np.float32)
+    kw = np.array([[[3], [5]], [[3], [5]]], np.int32)
+    eos, glue = np.zeros(10, bool), np.zeros(10, bool)
+    eos[9], glue[[6, 7]] = True, True
+    done = np.array([[True, False], [True, True]])  # row 0 still misses keyword [5]; row 1 has both
+    ended = np.array([True, False])
+    kw_args = dict(num_new=5, max_new=60, **BY_HAND, eos_mask_V=eos, ended_B=ended, glue_mask_V=glue)
+    got = np.asarray(jax.jit(apply_keyword_boost)(x, kw, np.zeros((2, 2), np.int32), done, 10.0, hold=1.0,
+                                                  **kw_args))
+    assert np.isneginf(got[0, [6, 7, 9]]).all()  # row 0: EOS (a keyword missing) and glue (one just ended)
+    assert np.isfinite(got[1]).all()  # row 1: nothing missing, nothing just ended
+    # hold 0 (or boost 0): nothing blocked.
+    for hold, boost in ((0.0, 10.0), (1.0, 0.0)):
+        got = np.asarray(jax.jit(apply_keyword_boost)(x, kw, np.zeros((2, 2), np.int32), done, boost, hold=hold,
+                                                      **kw_args))
+        assert np.isfinite(got).all()
 
 
 def test_keyword_guidance_settings():
