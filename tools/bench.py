@@ -11,7 +11,7 @@ measures and its fields.
     python tools/bench.py compile --shipped
     python tools/bench.py attention [--topology v5e:2x2] [--seq-lens 1024,2048]
     python tools/bench.py padding [--tokenizer DIR]
-    python tools/bench.py keywords --run RUN_DIR
+    python tools/bench.py keywords --run RUN_DIR [--long]
     python tools/bench.py data --prepare [--size-mb 1024]     (a one-off comparison: tools/experiments/)
     python tools/bench.py grain                              (a one-off comparison: tools/experiments/)
 
@@ -148,6 +148,8 @@ def _add_data(sub) -> None:
     kw = sub.add_parser("keywords", help="a trained run's keyword coverage with and without guidance, and how "
                                          "much it copies from its prompt (teacher-forced)")
     kw.add_argument("--run", default="runs/demo", help="a training run's directory")
+    kw.add_argument("--long", action="store_true", help="the held-out rows with long texts (100+ tokens), written "
+                                                        "with what the context leaves")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -199,7 +201,7 @@ def main() -> None:
         bench(args.tokenizer)
     elif args.bench == "keywords":
         from benchmarks.keywords import bench
-        bench(args.run)
+        bench(args.run, long=args.long)
     elif args.bench == "data":
         from experiments.prepare_vs_nanogpt import bench
         bench(args.size_mb, args.workers)

@@ -12,7 +12,11 @@ continuous-batching engine (a finished row's slot takes the next row), and conti
 same settings and input rows; a changed input is refused); then prints the whole output's keyword metrics
 (coverage, coverage against another row's keywords, distinct-1/2, repeated 4-grams) on stderr, and a last
 stderr line of JSON with the counts and those metrics ("metrics").
---keyword-boost B adds B to the logit of each keyword's next token until the keyword has been written.
+--keyword-boost B adds B to the logit of each keyword's next token until the keyword has been written; by
+default only where the model already ranks it among its top candidates, paced over the text (--keyword-wait).
+The --input summary also says where the keywords stand (first position, share in the first 10% of the text,
+longest run in a row; against the input's own texts cut to the same length where it has them) and the model's
+perplexity of the texts (with a boost, against unguided texts for the first rows').
 Logic lives in gpt2_jax.sample.generate and gpt2_jax.sample.file.
 """
 from __future__ import annotations
@@ -60,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keyword-boost", type=float, default=0.0,
                    help="added to the logit of each keyword's next token until the keyword is written "
                         "(2-5 nudges, 100 forces every keyword in; default 0: off)")
+    p.add_argument("--keyword-wait", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --keyword-boost: a keyword starts only where the model already ranks it among its "
+                        "top candidates, paced over the text, and the text does not end before its keywords "
+                        "(default on; --no-keyword-wait boosts every keyword from the first token on)")
     p.add_argument("--num-return-sequences", type=int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed on stderr)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
@@ -95,7 +103,8 @@ def main(argv=None) -> None:
     kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                   do_sample=not args.greedy, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                   repetition_penalty=args.repetition_penalty, num_return_sequences=args.num_return_sequences,
-                  keyword_boost=args.keyword_boost, penalize_prompt=args.penalize_prompt)
+                  keyword_boost=args.keyword_boost, keyword_wait=bool(args.keyword_boost and args.keyword_wait),
+                  penalize_prompt=args.penalize_prompt)
     # Every setting is checked before the model loads (and, with --input, before a file is written).
     if args.input is not None:
         check_file_run(args.input, args.output, batch_size=args.batch_size, seed=seed, **kwargs)

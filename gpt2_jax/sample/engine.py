@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import deque
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.sample import engine_programs as programs
 from gpt2_jax.sample.generate import MIN_BUCKET, bucket_length, check_sampling
-from gpt2_jax.sample.processors import one_minus_top_p
+from gpt2_jax.sample.processors import keyword_guidance, one_minus_top_p
 from gpt2_jax.sharding import BATCH_AXES, data_parallel_size, named_shardings, replicated
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class Request:
     seed: int = 0
     keywords: tuple[tuple[int, ...], ...] = ()  # keyword token-id sequences (text.keyword_token_ids)
     keyword_boost: float = 0.0
+    keyword_wait: Any = None  # keyword guidance that waits for a natural place (generate's keyword_wait)
     logprobs: Optional[int] = None  # None: none; 0..5: the chosen token's logprob and this many alternatives
 
 
@@ -87,11 +88,13 @@ class Engine:
     `mesh`: the parameters are sharded over it by the training rules and the slots split over its batch
     axes (when they divide). `steps_per_call`: tokens decoded per host round trip. `max_keywords` keywords of
     at most `max_keyword_tokens` tokens per request. `max_prefill`: rows prefilled together at most.
+    `glue_ids` (processors.glue_ids of the tokenizer): tokens that `keyword_wait` keeps from gluing onto a
+    keyword just written.
     """
 
     def __init__(self, model, *, slots: int, eos_ids, pad_id: int, mesh=None, max_length: Optional[int] = None,
                  steps_per_call: int = 1, max_keywords: int = 16, max_keyword_tokens: int = 8,
-                 max_prefill: Optional[int] = None):
+                 max_prefill: Optional[int] = None, glue_ids: Sequence[int] = ()):
         cfg = model.config
         self.config = cfg
         if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
@@ -110,7 +113,10 @@ class Engine:
         self._graphdef, self._state = nnx.split(model)
         eos_mask_V = np.zeros((cfg.vocab_size,), bool)
         eos_mask_V[self.eos_ids] = True
-        self._eos_mask_V = self._place(eos_mask_V, batched=False)
+        glue_mask_V = np.zeros((cfg.vocab_size,), bool)
+        glue_mask_V[[int(i) for i in glue_ids if 0 <= i < cfg.vocab_size]] = True
+        self._masks = programs.TokenMasks(eos_V=self._place(eos_mask_V, batched=False),
+                                          glue_V=self._place(glue_mask_V, batched=False))
         self._table = self._new_table()
         self._queue: deque[tuple[int, Request]] = deque()
         self._slot: list[Optional[_Live]] = [None] * self.slots
@@ -150,7 +156,7 @@ class Engine:
                        temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
                        repetition_penalty=request.repetition_penalty, min_new_tokens=request.min_new_tokens,
                        seed=request.seed, keyword_boost=request.keyword_boost,
-                       penalize_prompt=bool(request.penalize_prompt))
+                       keyword_wait=request.keyword_wait, penalize_prompt=bool(request.penalize_prompt))
         total = len(prompt) + request.max_new_tokens
         if total > n_pos:
             raise GPT2JaxError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) = "
@@ -260,7 +266,7 @@ class Engine:
             _set_row(rows, b, req, V)
         slot_B = np.full((B,), self.slots, np.int32)  # padding rows: dropped by insert
         slot_B[:n] = slots
-        k, v, valid, rows_B, chosen = programs.prefill(self._state, ids_BP, len_B, rows, self._eos_mask_V,
+        k, v, valid, rows_B, chosen = programs.prefill(self._state, ids_BP, len_B, rows, self._masks,
                                                        graphdef=self._graphdef)
         self._table = programs.insert(self._table, k, v, valid, rows_B, slot_B)
         chosen = jax.device_get(chosen)
@@ -277,7 +283,7 @@ class Engine:
         occupied_S = np.array([s is not None for s in self._slot])
         try:
             self._table, chosen = programs.decode(self._state, self._table, self._place(occupied_S, batched=True),
-                                                  self._eos_mask_V, graphdef=self._graphdef,
+                                                  self._masks, graphdef=self._graphdef,
                                                   steps=self.steps_per_call)
             # Only the tokens come back unless a request asked for logprobs.
             want_lp = any(live is not None and live.request.logprobs is not None for live in self._slot)
@@ -351,6 +357,8 @@ def _set_row(rows: programs.Rows, b: int, req: Request, vocab_size: int) -> None
     p.max_new_tokens[b] = req.max_new_tokens
     p.seed[b] = req.seed % 2**32
     p.keyword_boost[b] = req.keyword_boost
+    for k, v in keyword_guidance(req.keyword_wait).items():
+        getattr(p, f"keyword_{k}")[b] = v
     p.logprobs[b] = req.logprobs is not None
     for k, seq in enumerate(req.keywords):
         rows.kw_RKL[b, k, :len(seq)] = seq

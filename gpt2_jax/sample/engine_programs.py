@@ -47,6 +47,10 @@ class RowParams:
     max_new_tokens: jax.Array  # int32
     seed: jax.Array  # uint32
     keyword_boost: jax.Array  # float32; 0: off
+    keyword_window: jax.Array  # float32: keyword guidance's window, ramp, lead and hold (processors.keyword_guidance)
+    keyword_ramp: jax.Array  # float32
+    keyword_lead: jax.Array  # float32
+    keyword_hold: jax.Array  # float32
     logprobs: jax.Array  # bool: compute the chosen token's logprob and the top alternatives
 
 
@@ -62,7 +66,16 @@ class Rows:
     kw_RKL: jax.Array  # int32 [R, K, L]: keyword token ids, -1 padded
     kw_match_RK: jax.Array  # int32 [R, K]
     kw_done_RK: jax.Array  # bool [R, K]
+    kw_ended_R: jax.Array  # bool [R]: the last token finished a keyword
     p: RowParams
+
+
+@struct.dataclass
+class TokenMasks:
+    """The engine's fixed token sets."""
+
+    eos_V: jax.Array  # bool [V]: tokens that end a request
+    glue_V: jax.Array  # bool [V]: tokens that continue the word before them (processors.glue_ids)
 
 
 @struct.dataclass
@@ -92,10 +105,13 @@ def empty_rows(n: int, vocab_size: int, keywords: int, keyword_tokens: int) -> R
                   top_p=np.ones((n,), np.float32), top_p_cut=z(np.float32),
                   repetition_penalty=np.ones((n,), np.float32), penalize_prompt=z(bool),
                   min_new_tokens=z(np.int32), max_new_tokens=z(np.int32), seed=z(np.uint32),
-                  keyword_boost=z(np.float32), logprobs=z(bool))
+                  keyword_boost=z(np.float32), keyword_window=np.full((n,), np.inf, np.float32),
+                  keyword_ramp=z(np.float32), keyword_lead=np.full((n,), np.inf, np.float32),
+                  keyword_hold=z(np.float32), logprobs=z(bool))
     return Rows(token=z(np.int32), pos=z(np.int32), num_new=z(np.int32), active=z(bool),
                 seen_RV=np.zeros((n, vocab_size), bool), kw_RKL=np.full((n, keywords, keyword_tokens), -1, np.int32),
-                kw_match_RK=np.zeros((n, keywords), np.int32), kw_done_RK=np.zeros((n, keywords), bool), p=p)
+                kw_match_RK=np.zeros((n, keywords), np.int32), kw_done_RK=np.zeros((n, keywords), bool),
+                kw_ended_R=z(bool), p=p)
 
 
 def empty_table(config, slots: int, max_length: int, keywords: int, keyword_tokens: int) -> Table:
@@ -106,9 +122,13 @@ def empty_table(config, slots: int, max_length: int, keywords: int, keyword_toke
 
 # --- choosing a token -------------------------------------------------------------------------------------
 
-def keyword_scores(scores_RV, rows: Rows):
-    """The one place the engine applies keyword guidance (processors.apply_keyword_boost), per-row boosts."""
-    return apply_keyword_boost(scores_RV, rows.kw_RKL, rows.kw_match_RK, rows.kw_done_RK, rows.p.keyword_boost)
+def keyword_scores(scores_RV, rows: Rows, masks: TokenMasks):
+    """The one place the engine applies keyword guidance (processors.apply_keyword_boost), per-row settings."""
+    p = rows.p
+    return apply_keyword_boost(scores_RV, rows.kw_RKL, rows.kw_match_RK, rows.kw_done_RK, p.keyword_boost,
+                               num_new=rows.num_new, max_new=p.max_new_tokens, window=p.keyword_window,
+                               ramp=p.keyword_ramp, lead=p.keyword_lead, hold=p.keyword_hold, eos_mask_V=masks.eos_V,
+                               ended_B=rows.kw_ended_R, glue_mask_V=masks.glue_V)
 
 
 def _sample(scores_RV, rows: Rows, want_R):
@@ -158,12 +178,12 @@ def _logprobs(logits_RV, tok_R, want_R) -> Chosen:
     return Chosen(token=tok_R, logprob=lp_R, top_ids_RA=ids_RA, top_logprobs_RA=top_RA)
 
 
-def choose(logits_RV, rows: Rows, eos_mask_V, live_R) -> Chosen:
+def choose(logits_RV, rows: Rows, masks: TokenMasks, live_R) -> Chosen:
     """The next token of each live row: generate's processors, then argmax or a seeded draw."""
     p = rows.p
     scores_RV = apply_repetition_penalty(logits_RV, rows.seen_RV, p.repetition_penalty)
-    scores_RV = keyword_scores(scores_RV, rows)
-    scores_RV = apply_min_new_tokens(scores_RV, eos_mask_V, rows.num_new, p.min_new_tokens)
+    scores_RV = keyword_scores(scores_RV, rows, masks)
+    scores_RV = apply_min_new_tokens(scores_RV, masks.eos_V, rows.num_new, p.min_new_tokens)
     greedy_R = jnp.argmax(scores_RV, axis=-1).astype(jnp.int32)  # first index among ties, as torch.argmax
     want_R = live_R & p.do_sample
     sampled_R = jax.lax.cond(jnp.any(want_R),
@@ -173,24 +193,25 @@ def choose(logits_RV, rows: Rows, eos_mask_V, live_R) -> Chosen:
     return _logprobs(logits_RV, tok_R, live_R & p.logprobs)
 
 
-def emit(rows: Rows, tok_R, live_R, eos_mask_V) -> Rows:
+def emit(rows: Rows, tok_R, live_R, masks: TokenMasks) -> Rows:
     """Rows after the live ones emitted `tok_R`: one more token, its keyword matches, finished on EOS or max."""
     match_RK, done_RK = update_keyword_match(rows.kw_RKL, rows.kw_match_RK, rows.kw_done_RK, tok_R)
     num_new = rows.num_new + 1
     R = tok_R.shape[0]
-    ended_R = eos_mask_V[tok_R] | (num_new >= rows.p.max_new_tokens)
+    ended_R = masks.eos_V[tok_R] | (num_new >= rows.p.max_new_tokens)
     keep = lambda new, old: jnp.where(live_R.reshape((R,) + (1,) * (new.ndim - 1)), new, old)
     return rows.replace(token=keep(tok_R, rows.token), num_new=keep(num_new, rows.num_new),
                         active=keep(~ended_R, rows.active),
                         seen_RV=rows.seen_RV.at[jnp.arange(R), jnp.where(live_R, tok_R, rows.seen_RV.shape[1])]
                         .set(True, mode="drop"),
-                        kw_match_RK=keep(match_RK, rows.kw_match_RK), kw_done_RK=keep(done_RK, rows.kw_done_RK))
+                        kw_match_RK=keep(match_RK, rows.kw_match_RK), kw_done_RK=keep(done_RK, rows.kw_done_RK),
+                        kw_ended_R=keep(jnp.any(done_RK & ~rows.kw_done_RK, axis=1), rows.kw_ended_R))
 
 
 # --- the programs ---------------------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def prefill(state, ids_BP, len_B, rows: Rows, eos_mask_V, *, graphdef):
+def prefill(state, ids_BP, len_B, rows: Rows, masks: TokenMasks, *, graphdef):
     """Prompts right-padded to [B, P] (rows of length 0 are padding) through the model into a cache of P
     positions, and their first tokens chosen. Returns (k, v, valid_BP, rows after the first token, Chosen)."""
     model = nnx.merge(graphdef, state)
@@ -204,8 +225,8 @@ def prefill(state, ids_BP, len_B, rows: Rows, eos_mask_V, *, graphdef):
     # The repetition penalty sees the prompt (penalize_prompt, HF's default) or only the new tokens.
     seen_BV = token_presence(ids_BP, model.config.vocab_size, mask_BP & rows.p.penalize_prompt[:, None])
     rows = rows.replace(seen_RV=seen_BV, pos=len_B.astype(jnp.int32), active=live_B)
-    chosen = choose(logits_BV, rows, eos_mask_V, live_B)
-    return cache.k, cache.v, cache.valid_BS, emit(rows, chosen.token, live_B, eos_mask_V), chosen
+    chosen = choose(logits_BV, rows, masks, live_B)
+    return cache.k, cache.v, cache.valid_BS, emit(rows, chosen.token, live_B, masks), chosen
 
 
 @functools.partial(jax.jit, donate_argnames=("table",))
@@ -231,7 +252,7 @@ def _forward(model, table: Table):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("table",))
-def decode(state, table: Table, occupied_S, eos_mask_V, *, graphdef, steps: int):
+def decode(state, table: Table, occupied_S, masks: TokenMasks, *, graphdef, steps: int):
     """`steps` tokens for every active slot (slots not `occupied_S` are first deactivated). Returns the table and
     Chosen with [S, T] leaves, token -1 where a slot was not live at that step."""
     model = nnx.merge(graphdef, state)
@@ -245,9 +266,9 @@ def decode(state, table: Table, occupied_S, eos_mask_V, *, graphdef, steps: int)
         table, out = carry
         live_S = table.rows.active
         logits_SV, table = _forward(model, table)
-        chosen = choose(logits_SV, table.rows, eos_mask_V, live_S)
+        chosen = choose(logits_SV, table.rows, masks, live_S)
         chosen = chosen.replace(token=jnp.where(live_S, chosen.token, -1))
-        rows = emit(table.rows, chosen.token, live_S, eos_mask_V)
+        rows = emit(table.rows, chosen.token, live_S, masks)
         rows = rows.replace(pos=jnp.where(live_S, rows.pos + 1, rows.pos))
         out = jax.tree.map(lambda o, c: o.at[:, t].set(c), out, chosen)
         return table.replace(rows=rows), out

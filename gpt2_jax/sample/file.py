@@ -9,7 +9,9 @@ generating only the rows missing from the output. An output is continued only wi
 same input rows (their digest is in its settings file).
 Output lines are JSON objects `{"index", "title", "keywords", "text"}` in the plan's order (rows that finish
 early wait for those before them); `index` is the row's position among the input's good rows. When done, the
-keyword metrics of the whole output (sample.keywords.summarise) are logged and returned under "metrics".
+keyword metrics of the whole output (sample.keywords.summarise: coverage, distinct-n, the keywords' placement,
+against the input's own texts where it has them) and the model's perplexity of it (with guidance, against
+unguided texts': `fluency`) are logged and returned under "metrics".
 """
 from __future__ import annotations
 
@@ -28,11 +30,16 @@ from tqdm import tqdm
 from gpt2_jax.data.rows import Row, read_rows
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.sample.engine import Engine, Request
-from gpt2_jax.sample.generate import MIN_KEYWORD_BUCKET, bucket_length, check_sampling, special_ids
+from gpt2_jax.sample.fluency import perplexity
+from gpt2_jax.sample.generate import MIN_KEYWORD_BUCKET, bucket_length, check_sampling, generate_tokens, special_ids
 from gpt2_jax.sample.keywords import summarise
+from gpt2_jax.sample.processors import glue_ids
 from gpt2_jax.text import keyword_token_ids
 
 log = logging.getLogger(__name__)
+
+# Rows written again without keyword guidance, for the perplexity of unguided texts beside the guided ones'.
+UNGUIDED_ROWS = 64
 
 
 def plan_batches(prompt_lengths: list[int], new_tokens: list[int], batch_size: int) -> list[list[int]]:
@@ -88,14 +95,16 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
     settings = {"input": os.path.abspath(input_path), "rows": len(rows), "rows_sha256": rows_digest(rows),
                 "batch_size": batch_size, "max_new_tokens": max_new_tokens, "seed": seed,
                 "prompt_limit": prompt_limit, **sampling}
-    if not settings.get("keyword_boost", 1):
-        del settings["keyword_boost"]  # off: outputs written before the option existed continue as they were
+    for k in ("keyword_boost", "keyword_wait"):
+        if not settings.get(k, 1):
+            del settings[k]  # off: outputs written before the option existed continue as they were
     if sampling.get("do_sample", False):
         settings["seeds"] = "per row"  # sampled outputs of the batched path (a seed per batch) are not continued
     done = _open_output(Path(output_path), settings)
     todo = [i for i in order if i not in done]
     requests = _requests(tokenizer, rows, prompts, budget, todo, seed, sampling)
-    engine = _engine(model, requests, batch_size, eos_ids, pad_id) if todo else None
+    glue = glue_ids(tokenizer) if sampling.get("keyword_boost") and sampling.get("keyword_wait") else ()
+    engine = _engine(model, requests, batch_size, eos_ids, pad_id, glue) if todo else None
 
     bar = tqdm(total=len(usable), initial=sum(i in done for i in usable), disable=not progress, unit="row",
                dynamic_ncols=True)
@@ -115,8 +124,9 @@ def generate_file(model, tokenizer, input_path: str, output_path: str, *, batch_
     stats = {"rows": len(rows), "bad_rows": rows.skipped, "skipped_prompts": len(rows) - len(usable),
              "written": written, "already_done": len(done & set(usable)), "new_tokens": generated,
              "seconds": seconds, "tokens_per_s": generated / max(seconds, 1e-9)}
-    metrics = output_metrics(output_path)
+    metrics = output_metrics(output_path, {i: r.text for i, r in enumerate(rows) if r.text})
     if metrics is not None:
+        metrics.update(fluency(model, tokenizer, output_path, prompts, seed, sampling))
         log.info("keywords: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in metrics.items()))
         stats["metrics"] = metrics
@@ -135,13 +145,13 @@ def _requests(tokenizer, rows, prompts, budget, todo, seed, sampling) -> dict[in
     return out
 
 
-def _engine(model, requests: dict[int, Request], slots: int, eos_ids, pad_id: int) -> Engine:
+def _engine(model, requests: dict[int, Request], slots: int, eos_ids, pad_id: int, glue=()) -> Engine:
     """An engine of `slots` slots (no more than there are rows) whose keyword table fits every row's keywords."""
     kws = [r.keywords for r in requests.values()]
     K = bucket_length(max(map(len, kws), default=1), MIN_KEYWORD_BUCKET)
     L = bucket_length(max((len(k) for row in kws for k in row), default=1), MIN_KEYWORD_BUCKET)
     return Engine(model, slots=max(1, min(slots, len(requests))), eos_ids=eos_ids, pad_id=pad_id, max_keywords=K,
-                  max_keyword_tokens=L)
+                  max_keyword_tokens=L, glue_ids=glue)
 
 
 def _finished_in_order(engine: Engine, requests: dict[int, Request], todo: list[int], slots: int):
@@ -199,14 +209,43 @@ def rows_digest(rows: list[Row]) -> str:
     return h.hexdigest()
 
 
-def output_metrics(output_path: str) -> Optional[dict]:
-    """sample.keywords.summarise over every line of an output (resumed parts too), in index order; None when
-    no row has keywords."""
-    objs = sorted((json.loads(line) for line in Path(output_path).read_text(encoding="utf-8").splitlines()),
+def _output_lines(output_path: str) -> list[dict]:
+    return sorted((json.loads(line) for line in Path(output_path).read_text(encoding="utf-8").splitlines()),
                   key=lambda o: o["index"])
+
+
+def output_metrics(output_path: str, references: Optional[dict[int, str]] = None) -> Optional[dict]:
+    """sample.keywords.summarise over every line of an output (resumed parts too), in index order, with the
+    input rows' own texts (`references`, by index) as the placement's reference where the input has them; None
+    when no row has keywords."""
+    objs = _output_lines(output_path)
     if not any(o["keywords"] for o in objs):
         return None
-    return summarise([o["text"] for o in objs], [o["keywords"] for o in objs])
+    refs = [(references or {}).get(o["index"], "") for o in objs]
+    return summarise([o["text"] for o in objs], [o["keywords"] for o in objs], references=refs if any(refs) else None)
+
+
+def fluency(model, tokenizer, output_path: str, prompts: list[list[int]], seed: int, sampling: dict) -> dict:
+    """The model's own perplexity of the output's texts (re-encoded, given their prompts, without guidance);
+    with keyword guidance on, that of unguided texts written for the first UNGUIDED_ROWS rows, and the ratio of
+    the guided texts' perplexity to it over those rows."""
+    n_ctx = model.config.n_positions
+    objs = _output_lines(output_path)
+    rows = [(prompts[o["index"]], tokenizer.encode(o["text"])[:n_ctx - len(prompts[o["index"]])]) for o in objs]
+    ppl = perplexity(model, [p for p, _ in rows], [t for _, t in rows])
+    out = {} if ppl is None else {"perplexity": ppl}
+    if not sampling.get("keyword_boost") or ppl is None:
+        return out
+    first = rows[:UNGUIDED_ROWS]
+    plain = {k: v for k, v in sampling.items() if k not in ("keyword_boost", "keyword_wait")}
+    budget = min(n_ctx - max(len(p) for p, _ in first), max(len(t) for _, t in first))
+    new = generate_tokens(model, tokenizer, [p for p, _ in first], max_new_tokens=max(budget, 1), seed=seed, **plain)
+    unguided = perplexity(model, [p for p, _ in first], [tokenizer.encode(tokenizer.decode(t, skip_special_tokens=True))
+                                                         [:n_ctx - len(p)] for (p, _), t in zip(first, new)])
+    guided = perplexity(model, [p for p, _ in first], [t for _, t in first])
+    if unguided and guided:
+        out.update(perplexity_unguided=unguided, perplexity_ratio=guided / unguided)
+    return out
 
 
 def _open_output(path: Path, settings: dict) -> set[int]:

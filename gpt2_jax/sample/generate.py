@@ -33,8 +33,8 @@ from gpt2_jax.model.kv_cache import KVCache, init_cache
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.text import keyword_token_ids
 from gpt2_jax.sample.processors import (apply_keyword_boost, apply_min_new_tokens, apply_repetition_penalty,
-                                 apply_temperature, one_minus_top_p, sample_tokens, token_presence,
-                                 update_keyword_match)
+                                 apply_temperature, glue_ids, keyword_array, keyword_guidance, one_minus_top_p,
+                                 sample_tokens, token_presence, update_keyword_match)
 
 # Smallest bucket for the prompt and for the new tokens; buckets are powers of two above it.
 MIN_BUCKET = 16
@@ -63,21 +63,29 @@ class SamplingParams:
     eos_mask_V: jax.Array  # bool [V]: which tokens end a row
     seed: jax.Array  # uint32 scalar
     keyword_boost: jax.Array  # float32 scalar: added to the keywords' next tokens (processors.apply_keyword_boost)
+    keyword_window: jax.Array  # float32 scalar: a keyword starts only within this of the best score (inf: off)
+    keyword_ramp: jax.Array  # float32 scalar: the window's widening per keyword behind the even pace
+    keyword_lead: jax.Array  # float32 scalar: keywords a row may write ahead of the pace (inf: off)
+    keyword_hold: jax.Array  # float32 scalar: > 0: no EOS while a keyword is missing, no glue after one
+    glue_mask_V: jax.Array  # bool [V]: tokens that continue the word before them (processors.glue_mask)
 
     @classmethod
     def of(cls, *, vocab_size: int, do_sample: bool, temperature, top_k, top_p, repetition_penalty,
            min_new_tokens, max_new_tokens, pad_token_id: int, eos_ids: Sequence[int], seed,
-           keyword_boost=0.0, penalize_prompt=True) -> "SamplingParams":
+           keyword_boost=0.0, keyword_wait=None, glue_ids=(), penalize_prompt=True) -> "SamplingParams":
         """From checked Python values, as fixed-dtype numpy scalars (so no value becomes a constant)."""
         eos_mask_V = np.zeros((vocab_size,), bool)
         eos_mask_V[list(eos_ids)] = True
+        glue_mask_V = np.zeros((vocab_size,), bool)
+        glue_mask_V[[i for i in glue_ids if i < vocab_size]] = True
         return cls(temperature=np.float32(temperature if do_sample else 1.0),
                    top_k=np.int32(min(top_k, vocab_size)), top_p=np.float32(top_p),
                    top_p_cut=one_minus_top_p(top_p), repetition_penalty=np.float32(repetition_penalty),
                    penalize_prompt=np.bool_(penalize_prompt),
                    min_new_tokens=np.int32(min(min_new_tokens, 2**30)), max_new_tokens=np.int32(max_new_tokens),
                    pad_token_id=np.int32(pad_token_id), eos_mask_V=eos_mask_V, seed=np.uint32(seed % 2**32),
-                   keyword_boost=np.float32(keyword_boost))
+                   keyword_boost=np.float32(keyword_boost), glue_mask_V=glue_mask_V,
+                   **{f"keyword_{k}": np.float32(v) for k, v in keyword_guidance(keyword_wait).items()})
 
 
 @struct.dataclass
@@ -93,6 +101,7 @@ class DecodeState:
     kw_BKL: jax.Array  # int32 [B, K, L]: the keywords' token ids, -1 padded (K = 0: no keywords)
     kw_match_BK: jax.Array  # int32 [B, K]: how many tokens of each keyword the generated text ends with
     kw_done_BK: jax.Array  # bool [B, K]: the keyword has been generated whole: no longer boosted
+    kw_ended_B: jax.Array  # bool [B]: the last token finished a keyword
 
 
 # --- the compiled loop --------------------------------------------------------------------------------
@@ -101,7 +110,10 @@ def _choose(key, logits_BV, s: DecodeState, num_new, p: SamplingParams, do_sampl
     """The next token per row: HF's processors (and the keyword boost), then argmax or a draw."""
     scores_BV = apply_repetition_penalty(logits_BV, s.seen_BV, p.repetition_penalty)
     if s.kw_BKL.shape[1]:  # static: without keywords the program is exactly the one without the boost
-        scores_BV = apply_keyword_boost(scores_BV, s.kw_BKL, s.kw_match_BK, s.kw_done_BK, p.keyword_boost)
+        scores_BV = apply_keyword_boost(scores_BV, s.kw_BKL, s.kw_match_BK, s.kw_done_BK, p.keyword_boost,
+                                        num_new=num_new, max_new=p.max_new_tokens, window=p.keyword_window,
+                                        ramp=p.keyword_ramp, lead=p.keyword_lead, hold=p.keyword_hold,
+                                        eos_mask_V=p.eos_mask_V, ended_B=s.kw_ended_B, glue_mask_V=p.glue_mask_V)
     scores_BV = apply_min_new_tokens(scores_BV, p.eos_mask_V, num_new, p.min_new_tokens)
     if not do_sample:
         return jnp.argmax(scores_BV, axis=-1).astype(jnp.int32)  # first index among ties, as torch.argmax
@@ -114,8 +126,8 @@ def _emit(s: DecodeState, tok_B, p: SamplingParams) -> DecodeState:
     tok_B = jnp.where(s.finished_B, p.pad_token_id, tok_B)
     rows_B = jnp.arange(tok_B.shape[0])
     if s.kw_BKL.shape[1]:
-        s = s.replace(**dict(zip(("kw_match_BK", "kw_done_BK"),
-                                 update_keyword_match(s.kw_BKL, s.kw_match_BK, s.kw_done_BK, tok_B))))
+        match_BK, done_BK = update_keyword_match(s.kw_BKL, s.kw_match_BK, s.kw_done_BK, tok_B)
+        s = s.replace(kw_match_BK=match_BK, kw_done_BK=done_BK, kw_ended_B=jnp.any(done_BK & ~s.kw_done_BK, axis=1))
     return s.replace(step=s.step + 1, token_B=tok_B, finished_B=s.finished_B | p.eos_mask_V[tok_B],
                      out_BN=jax.lax.dynamic_update_slice_in_dim(s.out_BN, tok_B[:, None], s.step, axis=1),
                      seen_BV=s.seen_BV.at[rows_B, tok_B].set(True))
@@ -158,7 +170,8 @@ def generate_program(state, ids_BP, mask_BP, prompt_start, kw_BKL, p: SamplingPa
     # Keywords count from the first new token: their copies in the prompt do not make them done.
     s = DecodeState(step=jnp.int32(0), token_B=jnp.zeros((BR,), jnp.int32), finished_B=jnp.zeros((BR,), bool),
                     out_BN=jnp.full((BR, N), p.pad_token_id, jnp.int32), seen_BV=seen_BV, cache=cache,
-                    kw_BKL=kw_BKL, kw_match_BK=jnp.zeros((BR, K), jnp.int32), kw_done_BK=jnp.zeros((BR, K), bool))
+                    kw_BKL=kw_BKL, kw_match_BK=jnp.zeros((BR, K), jnp.int32), kw_done_BK=jnp.zeros((BR, K), bool),
+                    kw_ended_B=jnp.zeros((BR,), bool))
     s = _emit(s, _choose(key, logits_BV, s, 0, p, do_sample), p)
 
     def cond(s: DecodeState):
@@ -264,34 +277,9 @@ def _prompt_arrays(input_ids, attention_mask, pad_id: int, infer_mask: bool) -> 
     return ids, mask
 
 
-def _keyword_array(keywords, batch: int, vocab_size: int) -> np.ndarray:
-    """int32 [B, K, L]: each row's keyword token-id sequences, -1 padded to bucketed K and L."""
-    if not isinstance(keywords, (list, tuple)) or len(keywords) != batch:
-        got = f"{len(keywords)} rows" if isinstance(keywords, (list, tuple)) else repr(type(keywords).__name__)
-        raise GPT2JaxError(f"keywords must hold one list of keyword token-id sequences per prompt ({batch}), "
-                           f"got {got}")
-    for b, row in enumerate(keywords):
-        if not isinstance(row, (list, tuple)):
-            raise GPT2JaxError(f"keywords[{b}] must be a list of token-id sequences, got {row!r}")
-        for k, seq in enumerate(row):
-            if not isinstance(seq, (list, tuple, np.ndarray)) or len(seq) == 0 or not all(_is_int(t) for t in seq):
-                raise GPT2JaxError(f"keywords[{b}][{k}] must be a non-empty list of token ids, got {seq!r}")
-            bad = [int(t) for t in seq if not 0 <= t < vocab_size]
-            if bad:
-                raise GPT2JaxError(f"keywords[{b}][{k}] holds token id {bad[0]}, outside the vocabulary "
-                                   f"[0, {vocab_size})")
-    K = bucket_length(max(map(len, keywords)), MIN_KEYWORD_BUCKET)
-    L = bucket_length(max((len(q) for row in keywords for q in row), default=1), MIN_KEYWORD_BUCKET)
-    kw_BKL = np.full((batch, K, L), -1, np.int32)
-    for b, row in enumerate(keywords):
-        for k, seq in enumerate(row):
-            kw_BKL[b, k, :len(seq)] = seq
-    return kw_BKL
-
-
 def check_sampling(*, max_new_tokens: int, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
                    repetition_penalty=1.0, min_new_tokens=0, num_return_sequences=1, seed=0, keyword_boost=0.0,
-                   penalize_prompt=True) -> None:
+                   keyword_wait=None, penalize_prompt=True) -> None:
     """`generate`'s checks of its settings (with its defaults), for callers to run before they load or write."""
     for n, v, least in (("max_new_tokens", max_new_tokens, 1), ("top_k", top_k, 0), ("seed", seed, 0),
                         ("min_new_tokens", min_new_tokens, 0), ("num_return_sequences", num_return_sequences, 1)):
@@ -299,6 +287,7 @@ def check_sampling(*, max_new_tokens: int, do_sample=False, temperature=1.0, top
     _check_number("top_p", top_p, lambda x: 0 < x <= 1, "in (0, 1]")
     _check_number("repetition_penalty", repetition_penalty, lambda x: x > 0, "> 0")
     _check_number("keyword_boost", keyword_boost, lambda x: x >= 0, ">= 0")
+    keyword_guidance(keyword_wait)
     if do_sample:
         _check_number("temperature", temperature, lambda x: x > 0,
                       "> 0 when sampling (for greedy decoding use do_sample=False)")
@@ -321,7 +310,8 @@ def special_ids(config, eos_token_id=None, pad_token_id=None) -> tuple[list[int]
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              min_new_tokens: int = 0, num_return_sequences: int = 1, eos_token_id=None, pad_token_id=None,
-             seed: int = 0, keyword_boost: float = 0.0, keywords=None, penalize_prompt: bool = True) -> np.ndarray:
+             seed: int = 0, keyword_boost: float = 0.0, keyword_wait=None, keywords=None, glue_ids=(),
+             penalize_prompt: bool = True) -> np.ndarray:
     """Continue each prompt by up to `max_new_tokens` tokens; every argument means what it means in HF `generate`.
 
     `input_ids`: a [batch, length] array (left-padded, with `attention_mask`) or a list of token-id lists
@@ -333,7 +323,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
 
     `keywords`: per prompt, a list of keyword token-id sequences (text.keyword_token_ids); each keyword's next
     token gets `keyword_boost` added to its score until the keyword has been generated whole (see
-    processors.apply_keyword_boost). The boost is traced: changing it reuses the compiled program.
+    processors.apply_keyword_boost). `keyword_wait` True lets a keyword start only where the model already
+    ranks it high, paced over the text, and after one no token of `glue_ids` (processors.glue_ids: those that
+    would extend its last word). All traced: new values reuse the compiled program.
 
     `penalize_prompt=False`: the repetition penalty counts only the new tokens, as HF's
     `RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt length)`; with a title and keywords
@@ -343,7 +335,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     V = cfg.vocab_size
     settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                     top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens, seed=seed,
-                    keyword_boost=keyword_boost, penalize_prompt=bool(penalize_prompt))
+                    keyword_boost=keyword_boost, keyword_wait=keyword_wait, penalize_prompt=bool(penalize_prompt))
     check_sampling(num_return_sequences=num_return_sequences, **settings)
     eos_ids, pad_id = special_ids(cfg, eos_token_id, pad_token_id)
     ids, mask = _prompt_arrays(input_ids, attention_mask, pad_id, infer_mask=pad_id not in eos_ids)
@@ -362,8 +354,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     ids_b = np.full((B, P_b), pad_id, np.int32)
     mask_b = np.zeros((B, P_b), np.int32)
     ids_b[:, P_b - P:], mask_b[:, P_b - P:] = ids, mask
-    kw_BKL = np.full((B, 0, 1), -1, np.int32) if keywords is None else _keyword_array(keywords, B, V)
-    params = SamplingParams.of(vocab_size=V, pad_token_id=pad_id, eos_ids=eos_ids, **settings)
+    kw_BKL = (np.full((B, 0, 1), -1, np.int32) if keywords is None else
+              keyword_array(keywords, B, V, lambda n: bucket_length(n, MIN_KEYWORD_BUCKET)))
+    params = SamplingParams.of(vocab_size=V, pad_token_id=pad_id, eos_ids=eos_ids, glue_ids=glue_ids, **settings)
     graphdef, state = nnx.split(model)
     new_BN = generate_program(state, ids_b, mask_b, np.int32(P_b - P), kw_BKL, params, graphdef=graphdef,
                            do_sample=bool(do_sample), num_return_sequences=num_return_sequences, new_slots=N_b)
@@ -383,7 +376,9 @@ def generate_tokens(model, tokenizer, prompts: Sequence[Sequence[int]], *,
     kwargs = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, **kwargs}
     prompts = [list(p) for p in prompts]
     ids = [keyword_token_ids(tokenizer, k) for k in keywords] if keywords is not None and keyword_boost else None
-    out = generate(model, prompts, keywords=ids if ids and any(ids) else None, keyword_boost=keyword_boost, **kwargs)
+    glue = glue_ids(tokenizer) if ids and any(ids) and kwargs.get("keyword_wait") else ()
+    out = generate(model, prompts, keywords=ids if ids and any(ids) else None, keyword_boost=keyword_boost,
+                   glue_ids=glue, **kwargs)
     return new_tokens(out[:, max(map(len, prompts)):], kwargs["eos_token_id"])
 
 

@@ -15,11 +15,16 @@ larger than C with a nucleus wider than C, or ties straddling the C-th value.
 """
 from __future__ import annotations
 
+import math
+import re
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.text import UNSPACED
 
 # Candidate counts for the fast top-k/top-p path, tried in order before the full sort. 64 covers the usual
 # top_k (HF's default 50, the seed's 30); 1024 and 4096 cover most nuclei of pure top-p sampling. On CPU,
@@ -27,6 +32,13 @@ import numpy as np
 CANDIDATE_CAPS = (64, 1024, 4096)
 
 _NEG_INF = -jnp.inf
+_UNSPACED = re.compile(f"[{UNSPACED}]")
+# Keyword guidance's even pace spreads a row's keywords over this share of its new tokens, leaving the rest as
+# slack for a keyword the model places late.
+PACE_END = 0.9
+# keyword_wait=True: the window (nats below the row's best score), the ramp (nats per keyword behind the pace)
+# and the lead (keywords ahead of it) chosen from the measurements in README "Keywords".
+WAIT = {"window": 1.0, "ramp": 2.0, "lead": 0.5, "hold": 1.0}
 
 
 def token_presence(ids_BT, vocab_size: int, valid_BT=None):
@@ -68,27 +80,130 @@ def keyword_lengths(kw_BKL):
     return jnp.sum(kw_BKL >= 0, axis=-1, dtype=jnp.int32)
 
 
-def apply_keyword_boost(scores_BV, kw_BKL, match_BK, done_BK, boost):
+def keyword_guidance(wait) -> dict[str, float]:
+    """apply_keyword_boost's window, ramp and lead for `keyword_wait`: None or False, off (every keyword boosted
+    from the first token on, as before guidance waited); True, WAIT; a dict, WAIT with some of them replaced."""
+    if wait is None or wait is False:
+        return {"window": math.inf, "ramp": 0.0, "lead": math.inf, "hold": 0.0}
+    if wait is True:
+        return dict(WAIT)
+    if not isinstance(wait, dict) or set(wait) - set(WAIT):
+        raise GPT2JaxError(f"keyword_wait must be true, false or a mapping of {', '.join(WAIT)}, got {wait!r}")
+    for k, v in wait.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0 \
+                or (k == "ramp" and math.isinf(v)):
+            raise GPT2JaxError(f"keyword_wait's {k} must be a number >= 0{' (finite)' if k == 'ramp' else ''}, "
+                               f"got {v!r}")
+    return {**WAIT, **{k: float(v) for k, v in wait.items()}}
+
+
+def keyword_array(keywords, batch: int, vocab_size: int, bucket) -> np.ndarray:
+    """int32 [B, K, L]: each row's keyword token-id sequences, -1 padded to K and L as `bucket(n)` rounds them."""
+    if not isinstance(keywords, (list, tuple)) or len(keywords) != batch:
+        got = f"{len(keywords)} rows" if isinstance(keywords, (list, tuple)) else repr(type(keywords).__name__)
+        raise GPT2JaxError(f"keywords must hold one list of keyword token-id sequences per prompt ({batch}), "
+                           f"got {got}")
+    for b, row in enumerate(keywords):
+        if not isinstance(row, (list, tuple)):
+            raise GPT2JaxError(f"keywords[{b}] must be a list of token-id sequences, got {row!r}")
+        for k, seq in enumerate(row):
+            if not isinstance(seq, (list, tuple, np.ndarray)) or len(seq) == 0 or not all(_is_int(t) for t in seq):
+                raise GPT2JaxError(f"keywords[{b}][{k}] must be a non-empty list of token ids, got {seq!r}")
+            bad = [int(t) for t in seq if not 0 <= t < vocab_size]
+            if bad:
+                raise GPT2JaxError(f"keywords[{b}][{k}] holds token id {bad[0]}, outside the vocabulary "
+                                   f"[0, {vocab_size})")
+    K, L = bucket(max(map(len, keywords))), bucket(max((len(q) for row in keywords for q in row), default=1))
+    kw_BKL = np.full((batch, K, L), -1, np.int32)
+    for b, row in enumerate(keywords):
+        for k, seq in enumerate(row):
+            kw_BKL[b, k, :len(seq)] = seq
+    return kw_BKL
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def glue_ids(tokenizer) -> tuple[int, ...]:
+    """The tokens that continue the word before them (decoded after "a", they start with a letter, digit or
+    "_" of a spaced script): after a keyword's last token they would turn it into another word. Cached on the
+    tokenizer."""
+    cached = getattr(tokenizer, "_glue_ids", None)
+    if cached is None:
+        head = tokenizer.encode("a")
+        cached = tuple(i for i in range(len(tokenizer)) if _glues(tokenizer.decode(head + [i])[1:2]))
+        try:
+            tokenizer._glue_ids = cached
+        except AttributeError:  # a tokenizer without attributes to set: computed each time
+            pass
+    return cached
+
+
+def _glues(c: str) -> bool:
+    return bool(c) and (c.isalnum() or c == "_") and not _UNSPACED.match(c)
+
+
+def _rows(x, B: int):
+    """A traced parameter as float32 [B]: a scalar for every row, or already one value per row."""
+    return jnp.broadcast_to(jnp.asarray(x, jnp.float32), (B,))
+
+
+def apply_keyword_boost(scores_BV, kw_BKL, match_BK, done_BK, boost, *, num_new=0, max_new=1,
+                        window=jnp.inf, ramp=0.0, lead=jnp.inf, hold=0.0, eos_mask_V=None, ended_B=None,
+                        glue_mask_V=None):
     """Add `boost` to the score of the next token of every keyword not yet generated whole: its first token,
-    or, once a keyword is under way (`match_BK` > 0 tokens of it end the text), its next one at 2 * boost.
+    where the guidance lets it start (below), or, once a keyword is under way (`match_BK` > 0 tokens of it end
+    the text), its next one at 2 * boost.
 
     A traced processor of our own (not in HF), after the repetition penalty (which would shrink the boost of a
     keyword already in the prompt) and before temperature, top-k and top-p, so that the boosted tokens can
     survive their cut. Twice the boost for a continuation finishes a started keyword rather than starting
     another. A token that several keywords want gets the largest of their boosts, not their sum. `boost` 0 adds
     exactly 0: the scores and hence the tokens are those without keywords.
+
+    Waiting for a natural place (`window` finite): a keyword may start only where the model already ranks its
+    first token among its top candidates, within `window` of the row's best score (before the boost), and only
+    while the row is at most `lead` keywords ahead of an even pace (its keywords spread over the first
+    PACE_END of the `max_new` tokens; `num_new` written so far). When the row falls behind that pace the
+    window widens by `ramp` per keyword behind over the share of the budget left, so that a keyword the model
+    never ranks high is still written, late.
+    `window` and `lead` inf (the defaults) start every keyword at once: the boost from the first token on.
+    Every parameter is traced, a scalar or one value per row [B].
     """
     B, V = scores_BV.shape
     L = kw_BKL.shape[2]
     next_BK = jnp.take_along_axis(kw_BKL, jnp.clip(match_BK, 0, L - 1)[..., None], axis=2)[..., 0]
     pending_BK = ~done_BK & (next_BK >= 0)
-    boost = _per_row(jnp.asarray(boost, jnp.float32))
-    strength_BK = jnp.where(match_BK > 0, 2 * boost, boost)
+    boost_B1 = _rows(boost, B)[:, None]
     rows_BK = jnp.broadcast_to(jnp.arange(B)[:, None], next_BK.shape)
     scores_BV = jnp.asarray(scores_BV, jnp.float32)
+    next_score_BK = scores_BV[rows_BK, jnp.clip(next_BK, 0, V - 1)]
+    # The pace: how many keywords the row should have written by now, against how many it has. Being behind
+    # widens the window, the more so the less of the budget is left: near the end a missing keyword is forced.
+    n_B, max_B = _rows(num_new, B) + 1, jnp.maximum(_rows(max_new, B), 1)
+    expected_B = jnp.sum(keyword_lengths(kw_BKL) > 0, axis=1) * jnp.minimum(1.0, n_B / (PACE_END * max_B))
+    behind_B = expected_B - jnp.sum(done_BK, axis=1)
+    left_B = jnp.maximum(1 - n_B / max_B, 1 / max_B)  # the share of the budget left
+    urgency_B1 = (_rows(ramp, B) * jnp.maximum(behind_B, 0.0) / left_B)[:, None]
+    window_B = _rows(window, B) + urgency_B1[:, 0]
+    fits_BK = jnp.max(scores_BV, axis=-1, keepdims=True) - next_score_BK <= window_B[:, None]
+    may_start_BK = fits_BK & (behind_B >= -_rows(lead, B))[:, None]
+    boosted_now_BK = pending_BK & ((match_BK > 0) | may_start_BK)
+    # Behind the pace, the boost grows as the window does: a keyword far below the best is still written.
+    strength_BK = jnp.where(match_BK > 0, 2 * boost_B1, boost_B1) + jnp.where(boost_B1 > 0, urgency_B1, 0.0)
     # Scatter-max of score + boost onto the K tokens only: no [B, V] bonus array to fill and add.
-    boosted_BK = scores_BV[rows_BK, jnp.clip(next_BK, 0, V - 1)] + strength_BK
-    return scores_BV.at[rows_BK, jnp.where(pending_BK, next_BK, V)].max(boosted_BK, mode="drop")  # V: dropped
+    scores_BV = scores_BV.at[rows_BK, jnp.where(boosted_now_BK, next_BK, V)].max(next_score_BK + strength_BK,
+                                                                                 mode="drop")  # V: dropped
+    if eos_mask_V is None:
+        return scores_BV
+    # `hold` > 0: no end while a keyword (with a boost) is missing, so the pace has its whole budget; and right
+    # after a keyword, no token that would glue onto its last word ("dict" + "s"): it would not be the keyword.
+    hold_B = (_rows(hold, B) > 0) & (boost_B1[:, 0] > 0)
+    block_BV = (hold_B & jnp.any(pending_BK, axis=1))[:, None] & eos_mask_V[None, :]
+    if ended_B is not None and glue_mask_V is not None:
+        block_BV |= (hold_B & ended_B)[:, None] & glue_mask_V[None, :]
+    return jnp.where(block_BV, _NEG_INF, scores_BV)
 
 
 def update_keyword_match(kw_BKL, match_BK, done_BK, tok_B):

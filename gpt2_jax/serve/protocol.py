@@ -3,7 +3,7 @@
 
 Fields are OpenAI's `/v1/completions` ones; the extensions are vLLM's names where vLLM has one (`top_k`,
 `repetition_penalty`, `min_tokens`, `include_stop_str_in_output`) and this project's for its prompts (`title`,
-`keywords`, `keyword_boost`, `penalize_prompt`). As vLLM does, fields neither knows are ignored with a warning.
+`keywords`, `keyword_boost`, `keyword_wait`, `penalize_prompt`). As vLLM does, fields neither knows are ignored with a warning.
 """
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ class CompletionRequest:
     title: Optional[str] = None  # this project's prompts: [BOS] title [SEP] keywords [SEP] prompt
     keywords: tuple[str, ...] = ()
     keyword_boost: float = 0.0
+    keyword_wait: bool = True  # the boost waits for a natural place (sample.keyword_wait); false: from the start
     penalize_prompt: Optional[bool] = None  # None: True for plain prompts (HF, vLLM), False with a title
 
     @property
@@ -246,6 +247,7 @@ def parse_completion(body: dict, served: str, defaults: Optional[dict] = None) -
         include_stop_str_in_output=bool(_bool(body, "include_stop_str_in_output", False)),
         title=title, keywords=keywords,
         keyword_boost=_number(body, "keyword_boost", 0.0, lambda x: x >= 0, ">= 0 (0: off)"),
+        keyword_wait=bool(_bool(body, "keyword_wait", True)),
         penalize_prompt=_bool(body, "penalize_prompt", None))
     if req.min_tokens > max_tokens:
         raise ApiError(f"'min_tokens' ({req.min_tokens}) must not exceed 'max_tokens' ({max_tokens})",

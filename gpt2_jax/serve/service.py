@@ -15,6 +15,7 @@ from typing import Optional
 
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.sample.engine import Engine, Request
+from gpt2_jax.sample.processors import glue_ids
 from gpt2_jax.serve.detokenize import TextTracker
 from gpt2_jax.serve.protocol import ApiError, CompletionRequest
 from gpt2_jax.serve.scheduler import Choice, Scheduler
@@ -55,7 +56,7 @@ class Service:
         pad_id = tokenizer.pad_id if tokenizer.pad_id < self.vocab else self.eos_id
         self.slots = slots
         self.engine = Engine(model, slots=slots, eos_ids=[self.eos_id], pad_id=pad_id, mesh=mesh,
-                             max_length=max_length)  # it checks max_length against n_positions
+                             max_length=max_length, glue_ids=glue_ids(tokenizer))  # it checks max_length against n_positions
         self.context = self.engine.max_length
         self.scheduler = Scheduler(self.engine, max_queue=max_queue)
 
@@ -106,7 +107,7 @@ class Service:
                     temperature=1.0 if req.greedy else req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
                     repetition_penalty=req.repetition_penalty, penalize_prompt=penalize,
                     min_new_tokens=req.min_tokens, seed=choice_seed(req.seed, i), keywords=keywords,
-                    keyword_boost=req.keyword_boost, logprobs=req.logprobs)
+                    keyword_boost=req.keyword_boost, keyword_wait=req.keyword_wait, logprobs=req.logprobs)
                 tracker = TextTracker(self.tokenizer, stops=req.stop, include_stop=req.include_stop_str_in_output,
                                       min_tokens=req.min_tokens, incremental=req.stream)
                 out.append(Choice(j * req.n + i, request, tracker))

@@ -199,8 +199,12 @@ class SampleSection:
     # keywords the text should use (at 2.0 it halves their scores), so the task's default is false.
     penalize_prompt: bool = False
     # Added to the logit of each keyword's next token until the keyword has been written (sample.generate's
-    # keyword_boost; >= 0, 0: off, e.g. 2-5 to nudge, 100 to force every keyword in).
+    # keyword_boost; >= 0, 0: off; the shipped configs use 10, with keyword_wait).
     keyword_boost: float = 0.0
+    # With keyword_boost: a keyword starts only where the model already ranks it among its top candidates, paced
+    # over the text, and the text does not end before its keywords (sample.processors.keyword_guidance); false:
+    # every keyword boosted from the first token on, which lists them at the text's start.
+    keyword_wait: bool = True
     # Validation rows written for at every evaluation and at the end, for the keyword coverage, swapped
     # coverage, distinct-n and repeated 4-gram metrics (the first rows of the seeded split; 0: none).
     metric_rows: int = 16

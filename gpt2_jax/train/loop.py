@@ -30,7 +30,7 @@ from gpt2_jax.model.layout import ModelLayout
 from gpt2_jax.train.config import TrainConfig
 from gpt2_jax.train.flops import flops_per_token, peak_flops
 from gpt2_jax.train import lora_state
-from gpt2_jax.train.held_out import format_metrics, sample_metrics, write_texts
+from gpt2_jax.train.held_out import format_metrics, held_out_metrics, write_texts
 from gpt2_jax.train.metrics import MetricsWriter
 from gpt2_jax.train.preemption import Preemption, finishing
 from gpt2_jax.train.run_data import RunData, init_from_params, lora_init_params, prepare_data, run_model_config
@@ -311,7 +311,7 @@ def _live_sample_metrics(run: Run, writer: MetricsWriter, state: TrainState, ste
         if run.cfg.lora.rank:  # adapters merged once: sampling runs the base model's program
             flat = lora_state.merged(flat, run.setup.layout.lora)
         model = run.sampler_layout.model(flat, rng, train=False)
-        m = sample_metrics(write_texts(model, run.data.tokenizer, rows, run.cfg, warn=lambda _: None))
+        m = held_out_metrics(model, run.data.tokenizer, rows, run.cfg)
     except Exception as e:
         log.warning(f"the sample metrics at step {step} failed ({first_line(e)})")
         return {}
@@ -367,7 +367,7 @@ def export_and_sample(run: Run, end: int, final: dict) -> None:
                 log.info(f"\n[held-out] title: {r.title}\n  keywords: {' '.join(r.keywords)}\n  text: {text}")
             final["samples"] = [t for _, t in written]
         if metric_rows:
-            m = sample_metrics(write_texts(model, tokenizer, metric_rows, cfg, warn=lambda _: None))
+            m = held_out_metrics(model, tokenizer, metric_rows, cfg)
             with MetricsWriter(out_dir) as w:
                 w.write(end, m, split="sample")
             final["sample_metrics"] = m

@@ -12,6 +12,7 @@ import transformers
 from gpt2_jax.data.rows import read_rows, row_texts
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.sample.file import generate_file, plan_batches
+from gpt2_jax.sample.fluency import perplexity
 from gpt2_jax.sample.keywords import summarise
 from gpt2_jax.checkpoints.pretrained import load_pretrained
 from gpt2_jax.sample.generate import generate_text
@@ -144,7 +145,10 @@ def test_keyword_metrics_and_boost(model_and_tok, tmp_path, caplog):
                               progress=False, **greedy)
     assert f"keywords: rows 12, keyword_coverage {plain['metrics']['keyword_coverage']:.3f}" in caplog.text
     texts = [o["text"] for _, o in sorted(lines(tmp_path / "plain.jsonl").items())]
-    assert plain["metrics"] == summarise(texts, [list(r.keywords) for r in rows])
+    prompts = [tok.format_prompt(r.title, r.keywords) for r in rows]
+    assert plain["metrics"] == {**summarise(texts, [list(r.keywords) for r in rows]),
+                                "perplexity": perplexity(model, prompts, [tok.encode(t)[:96 - len(p)]  # re-encoded, cut
+                                                                          for p, t in zip(prompts, texts)])}
     zero = generate_file(model, tok, str(src), str(tmp_path / "zero.jsonl"), max_new_tokens=40, progress=False,
                          keyword_boost=0.0, **greedy)
     assert zero["metrics"] == plain["metrics"]  # boost 0: the same texts
@@ -156,11 +160,34 @@ def test_keyword_metrics_and_boost(model_and_tok, tmp_path, caplog):
     assert all(k.lower() in o["text"].lower() for o in lines(tmp_path / "boost.jsonl").values() for k in o["keywords"])
     assert boosted["swapped_coverage"] < 0.5
     assert set(boosted) == {"rows", "keyword_coverage", "swapped_coverage", "distinct_1", "distinct_2",
-                            "repeat_4gram"}
+                            "repeat_4gram", "first_position", "first_10pct", "longest_run", "run3_rows",
+                            "perplexity", "perplexity_unguided", "perplexity_ratio"}
+    # 12 rows, all within UNGUIDED_ROWS: the ratio is over the whole output.
+    assert boosted["perplexity_ratio"] == pytest.approx(boosted["perplexity"] / boosted["perplexity_unguided"])
     # The boost is part of the settings: an output is continued only with the same one.
     with pytest.raises(GPT2JaxError, match=r"other settings \(keyword_boost\)"):
         generate_file(model, tok, str(src), str(tmp_path / "boost.jsonl"), max_new_tokens=40, progress=False,
                       keyword_boost=5.0, **greedy)
+
+
+def test_summary_places_keywords_against_the_inputs_texts(model_and_tok, tmp_path, caplog):
+    """An input with texts: the summary's placement has the reference's beside it (the input's texts cut to
+    each written text's length); waiting guidance is part of the settings."""
+    model, tok, _ = model_and_tok
+    rows = read_rows(SAMPLE)[:8]
+    texts_in = [r.text for r in rows]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"title": r.title, "keywords": list(r.keywords), "text": r.text}) + "\n"
+                           for r in rows))
+    kw = dict(max_new_tokens=24, progress=False, do_sample=True, top_k=20, keyword_boost=10.0, keyword_wait=True)
+    with caplog.at_level(logging.INFO, logger="gpt2_jax.sample.file"):
+        m = generate_file(model, tok, str(src), str(tmp_path / "w.jsonl"), **kw)["metrics"]
+    out = [o["text"] for _, o in sorted(lines(tmp_path / "w.jsonl").items())]
+    want = summarise(out, [list(r.keywords) for r in rows], references=texts_in)
+    assert {k: m[k] for k in want} == want and "reference_first_10pct" in m and "run3_unlike_reference" in m
+    assert f"first_10pct {m['first_10pct']:.3f}" in caplog.text
+    with pytest.raises(GPT2JaxError, match=r"other settings \(keyword_wait\)"):
+        generate_file(model, tok, str(src), str(tmp_path / "w.jsonl"), **{**kw, "keyword_wait": False})
 
 
 def small_input(path: Path, rows, title=lambda i, t: t) -> Path:

@@ -271,11 +271,36 @@ def test_keyword_boost_does_not_recompile(models):
     try:
         for boost in (0.0, 100.0, 0.5):
             generate(model, KW_PROMPTS, keywords=KEYWORDS, keyword_boost=boost, **base)
+        for wait in (True, {"window": 0.5, "ramp": 100.0}, {"lead": 0.0}, False):  # the guidance: traced too
+            generate(model, KW_PROMPTS, keywords=KEYWORDS, keyword_boost=10.0, keyword_wait=wait, **base)
         generate(model, KW_PROMPTS, keywords=[[[1]], [[2, 3]], [[4], [5]]], keyword_boost=7.0, **base)  # same buckets
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert sampling.generate_program._cache_size() == compiled
     assert events == []
+
+
+def test_keyword_wait_with_boost_zero_is_plain_sampling(models):
+    _, model = models
+    kw = dict(max_new_tokens=12, do_sample=True, top_k=20, seed=3, eos_token_id=[], pad_token_id=0)
+    np.testing.assert_array_equal(generate(model, KW_PROMPTS, keywords=KEYWORDS, keyword_boost=0.0,
+                                           keyword_wait=True, **kw), generate(model, KW_PROMPTS, **kw))
+
+
+def test_keyword_wait_waits_then_forces(models):
+    """Greedy, one keyword: the token the model ranks last after the prompt. Boosted at once it is the first
+    token; waiting, the text goes on as plain greedy decoding until the budget runs low, then writes it."""
+    ref, model = models
+    prompt = [5, 6, 7, 8]
+    with torch.no_grad():
+        worst = int(ref(torch.tensor([prompt])).logits[0, -1].argmin())
+    kw = dict(max_new_tokens=16, eos_token_id=[], pad_token_id=0, keywords=[[[worst]]], keyword_boost=100.0)
+    plain = generate(model, [prompt], max_new_tokens=16, eos_token_id=[], pad_token_id=0)[0, 4:].tolist()
+    at_once = generate(model, [prompt], **kw)[0, 4:].tolist()
+    waited = generate(model, [prompt], keyword_wait=True, **kw)[0, 4:].tolist()
+    assert at_once[0] == worst
+    first = waited.index(worst)  # written
+    assert first >= 4 and waited[:first] == plain[:first]  # not forced early: plain greedy until then
 
 
 class WordTokenizer:

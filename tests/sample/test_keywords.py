@@ -5,8 +5,9 @@ import pytest
 
 from gpt2_jax.errors import GPT2JaxError
 from gpt2_jax.text import is_unspaced, keyword_occurs
-from gpt2_jax.sample.keywords import (distinct_n, keyword_coverage, mean_coverage,
-                                      repeated_ngram_share, summarise, swapped_coverage, tokens)
+from gpt2_jax.sample.keywords import (cut_words, distinct_n, keyword_coverage, keyword_places, mean_coverage,
+                                      placement, reference_placement, repeated_ngram_share, summarise,
+                                      swapped_coverage, tokens)
 
 
 def test_whole_words_case_insensitive_with_punctuation():
@@ -66,8 +67,66 @@ def test_tokens_distinct_and_repeats():
 
 def test_summarise():
     got = summarise(["the cat sat", "a dog ran"], [["cat"], ["dog", "cat"]])
+    # Placement: "cat" is word 1 of 3, "dog" word 1 of 3 (row 2's "cat" does not occur); no run longer than 1.
     assert got == {"rows": 2, "keyword_coverage": 0.75, "swapped_coverage": 0.5 * (0.5 + 0.0),
-                   "distinct_1": 1.0, "distinct_2": 1.0, "repeat_4gram": 0.0}
+                   "distinct_1": 1.0, "distinct_2": 1.0, "repeat_4gram": 0.0, "first_position": 1 / 3,
+                   "first_10pct": 0.0, "longest_run": 1.0, "run3_rows": 0.0}
+    with_ref = summarise(["the cat sat"], [["cat"]], references=["Cat food is good"])
+    assert with_ref["reference_first_position"] == 0.0 and with_ref["run3_unlike_reference"] == 0.0
+
+
+def test_placement_by_hand():
+    # Words: casts(0) tackle(1) reinterpretation(2) method(3) for(4) word(5) and(6) x4is(7) gg(8) the(9):
+    # "casts, tackle reinterpretation method" is 4 keywords in a row (punctuation between does not break it).
+    text = "casts, tackle reinterpretation method for word and X4is, & GG the"
+    first, run, n = keyword_places(text, ["reinterpretation", "Word", "tackle", "casts", "method", "absent"])
+    assert n == 10 and run == 4
+    assert first == [0.2, 0.5, 0.1, 0.0, 0.3]  # in the order of the keywords given, those that occur
+    # A keyword of two words takes its first word's place and counts once in a run; repeats count again.
+    assert keyword_places("a b the big data set big data x", ["big data", "set"]) == ([3 / 9, 5 / 9], 3, 9)
+    assert keyword_places("data data data", ["data", "DATA"]) == ([0.0], 3, 3)  # one distinct keyword
+    # Inside a longer word or identifier is not an occurrence (as keyword_occurs).
+    assert keyword_places("json_dumps json", ["json"]) == ([0.5], 1, 2)
+    assert keyword_places("", ["a"]) == ([], 0, 0)
+
+
+def test_placement_unspaced_scripts():
+    # Characters are the units: 中 国 经 济 持 续 发 展 (8); 经济 at 2, 发展 at 6; not adjacent.
+    assert keyword_places("中国经济持续发展", ["经济", "发展"]) == ([2 / 8, 6 / 8], 1, 8)
+    # 经济发展 written together: a run of 2; with 中国 first, 3 in a row.
+    assert keyword_places("中国经济发展很快", ["经济", "发展", "中国"]) == ([2 / 8, 4 / 8, 0.0], 3, 8)
+    # A Latin keyword in Chinese text: its own word, between characters. 我 们 用 python 写 代 码 (7).
+    assert keyword_places("我们用Python写代码", ["python", "代码"]) == ([3 / 7, 5 / 7], 1, 7)
+    assert cut_words("中国经济发展很快", 3) == "中国经" and cut_words("A b, c d", 3) == "a b, c"
+    assert cut_words("a b", 5) == "a b" and cut_words("a b", 0) == ""
+
+
+def test_placement_agrees_with_keyword_occurs():
+    texts = ["The Cat sat on the mat. Cats, however, prefer json.dumps()!", "中国经济持续发展", "a json_dumps b",
+             "我们用Python写代码", "Über alles"]
+    for t in texts:
+        for k in ["cat", "mat", "json.dumps", "ca", "json", "经济", "python", "über", "however", "Cats"]:
+            first, _, _ = keyword_places(t, [k])
+            assert bool(first) == keyword_occurs(t, k), (t, k)
+
+
+def test_placement_over_rows_and_reference():
+    texts = ["alpha beta gamma and more words here to make ten", "x y z", "nothing"]
+    kws = [["alpha", "beta", "gamma"], ["z"], []]
+    got = placement(texts, kws)
+    # Row 1: 0, 0.1, 0.2 of 10 words; row 2: z at 2 of 3; row 3 has no keywords (not counted).
+    assert got["first_position"] == pytest.approx((0 + 0.1 + 0.2 + 2 / 3) / 4)
+    assert got["first_10pct"] == 0.25  # only alpha (0.1 is not inside the first 10%)
+    assert got["longest_run"] == 3.0 and got["run3_rows"] == 0.5
+    # The references are cut to each text's word count: row 1's to 10 words, where its keywords are spread.
+    refs = ["words alpha more words beta here gamma then beyond the cut alpha beta gamma", "z", "n"]
+    ref = reference_placement(texts, refs, kws)
+    assert ref["reference_first_position"] == pytest.approx((0.1 + 0.4 + 0.6 + 0.0) / 4)
+    assert ref["reference_first_10pct"] == 0.25 and ref["reference_longest_run"] == 1.0
+    assert ref["reference_run3_rows"] == 0.0
+    assert ref["run3_unlike_reference"] == 0.5  # row 1 has a run of 3, its reference none
+    assert placement(["a"], [["b"]]) == {"first_position": None, "first_10pct": None, "longest_run": 0.0,
+                                          "run3_rows": 0.0}
 
 
 def test_bad_input():
@@ -75,3 +134,5 @@ def test_bad_input():
         summarise(["a", "b"], [["a"]])
     with pytest.raises(GPT2JaxError, match="keyword list 0 is a string"):
         mean_coverage(["a"], ["a b"])
+    with pytest.raises(GPT2JaxError, match="1 texts but 2 reference texts"):
+        summarise(["a"], [["a"]], references=["a", "b"])

@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers.generation import logits_process as hf_lp
 
-from gpt2_jax.sample.processors import (apply_keyword_boost, apply_min_new_tokens, apply_repetition_penalty,
-                                        apply_temperature, filter_candidates, full_filter, one_minus_top_p,
-                                        sample_tokens, token_presence, update_keyword_match)
+from gpt2_jax.errors import GPT2JaxError
+from gpt2_jax.sample.processors import (WAIT, apply_keyword_boost, apply_min_new_tokens, apply_repetition_penalty,
+                                        apply_temperature, filter_candidates, full_filter, glue_ids, keyword_guidance,
+                                        one_minus_top_p, sample_tokens, token_presence, update_keyword_match)
 
 V = 300  # above the first candidate cap (64), so the fast path and its fallbacks both run
 
@@ -251,6 +252,141 @@ def test_keyword_boost_by_hand():
     np.testing.assert_array_equal(got, want)
     # Boost 0 leaves every score as it was, bit for bit.
     np.testing.assert_array_equal(np.asarray(boost(x, KW_BKL, match, done, 0.0)), x)
+
+
+def boost_before_waiting(scores_BV, kw_BKL, match_BK, done_BK, boost):
+    """The keyword boost as it was before guidance could wait (a copy of that code), for the "off" tests."""
+    B, V = scores_BV.shape
+    L = kw_BKL.shape[2]
+    next_BK = jnp.take_along_axis(kw_BKL, jnp.clip(match_BK, 0, L - 1)[..., None], axis=2)[..., 0]
+    pending_BK = ~done_BK & (next_BK >= 0)
+    boost = jnp.asarray(boost, jnp.float32)
+    strength_BK = jnp.where(match_BK > 0, 2 * boost, boost)
+    rows_BK = jnp.broadcast_to(jnp.arange(B)[:, None], next_BK.shape)
+    scores_BV = jnp.asarray(scores_BV, jnp.float32)
+    boosted_BK = scores_BV[rows_BK, jnp.clip(next_BK, 0, V - 1)] + strength_BK
+    return scores_BV.at[rows_BK, jnp.where(pending_BK, next_BK, V)].max(boosted_BK, mode="drop")
+
+
+def test_keyword_wait_off_is_the_boost_as_before():
+    rng = np.random.default_rng(1)
+    boost = jax.jit(apply_keyword_boost)
+    for trial in range(5):
+        x = scores("ties" if trial % 2 else "normal", B=2, seed=trial)
+        match = rng.integers(0, 3, (2, 4)).astype(np.int32)
+        done = rng.random((2, 4)) < 0.3
+        b = float(rng.choice([0.0, 2.5, 10.0]))
+        want = np.asarray(jax.jit(boost_before_waiting)(x, KW_BKL, match, done, b))
+        off = keyword_guidance(False)
+        np.testing.assert_array_equal(np.asarray(boost(x, KW_BKL, match, done, b, num_new=trial, max_new=8,
+                                                       **off)), want)
+        np.testing.assert_array_equal(np.asarray(boost(x, KW_BKL, match, done, b)), want)
+
+
+BY_HAND = {"window": 2.0, "ramp": 4.0, "lead": 0.5}
+
+
+def _wait_case(num_new, done=(False, False), score5=0.0):
+    """One row, V 10: keyword A = [3] (score 4, 1 below the best, 5 at token 0), keyword B = [5] (`score5`)."""
+    x = np.zeros((1, 10), np.float32)
+    x[0, 0], x[0, 3], x[0, 5] = 5.0, 4.0, score5
+    kw = np.array([[[3], [5]]], np.int32)
+    got = jax.jit(apply_keyword_boost)(x, kw, np.zeros((1, 2), np.int32), np.array([done]), 10.0,
+                                       num_new=num_new, max_new=60, **BY_HAND)
+    return np.asarray(got)[0] - x[0]
+
+
+def test_keyword_wait_by_hand():
+    # Behind the pace by u keywords with a share f of the budget left, the window widens and the boost grows by
+    # 4 * u / f. Token 0 of 60: u = 2 * 1/54, f = 59/60. A's token is among the top candidates (1 below the
+    # best <= the window): boosted. B's, 5 below, is not: it waits for a natural place.
+    grow = lambda n: 4 * (2 * (n + 1) / 54) / (1 - (n + 1) / 60)  # noqa: E731
+    np.testing.assert_allclose(_wait_case(0), [0, 0, 0, 10 + grow(0), 0, 0, 0, 0, 0, 0], rtol=1e-6)
+    # Token 10: the window is 2 + grow(10) = 4.0 < 5: B still waits.
+    np.testing.assert_allclose(_wait_case(10), [0, 0, 0, 10 + grow(10), 0, 0, 0, 0, 0, 0], rtol=1e-6)
+    # Token 20: 2 + grow(20) = 6.8 >= 5: B is boosted too.
+    np.testing.assert_allclose(_wait_case(20), [0, 0, 0, 10 + grow(20), 0, 10 + grow(20), 0, 0, 0, 0], rtol=1e-6)
+    # Lead: with A written at once (done), the row is 1 - 2/54 ahead of the pace: B may not start even where it
+    # fits (score 4.5), until the pace catches up within 0.5 keyword (2 * (n + 1)/54 >= 0.5 from token 13).
+    np.testing.assert_array_equal(_wait_case(0, (True, False), 4.5), np.zeros(10))
+    np.testing.assert_array_equal(_wait_case(12, (True, False), 4.5), np.zeros(10))
+    np.testing.assert_array_equal(_wait_case(13, (True, False), 4.5), [0, 0, 0, 0, 0, 10, 0, 0, 0, 0])
+    # Far below the best (40 nats), B is still forced before the budget ends: boosted above the best.
+    got = [_wait_case(n, (True, False), -35.0)[5] for n in range(60)]
+    assert got[0] == 0 and got[-1] > 40
+    # A keyword under way is finished at twice the boost wherever it stands.
+    x = np.full((1, 10), -50.0, np.float32)
+    x[0, 0] = 5.0
+    kw = np.array([[[3, 4]]], np.int32)
+    got = jax.jit(apply_keyword_boost)(x, kw, np.array([[1]], np.int32), np.zeros((1, 1), bool), 10.0,
+                                       num_new=0, max_new=60, **BY_HAND)
+    assert np.asarray(got)[0, 4] == pytest.approx(-50 + 20 + 4 * (1 / 54) / (59 / 60))  # 2 * boost + growth
+
+
+def test_keyword_wait_per_row_parameters():
+    """[B] parameters (one value per row, as a batch of requests has) equal each row's scalar call."""
+    x = scores("normal", B=2)
+    match, done = np.zeros((2, 4), np.int32), np.zeros((2, 4), bool)
+    per_row = dict(num_new=np.array([3, 40]), max_new=np.array([60, 50]), window=np.array([0.5, np.inf]),
+                   ramp=np.array([4.0, 0.0]), lead=np.array([0.5, np.inf]))
+    got = np.asarray(jax.jit(apply_keyword_boost)(x, KW_BKL, match, done, np.array([10.0, 3.0]), **per_row))
+    for b in range(2):
+        one = {k: v[b] for k, v in per_row.items()}
+        want = jax.jit(apply_keyword_boost)(x[b:b + 1], KW_BKL[b:b + 1], match[b:b + 1], done[b:b + 1],
+                                            [10.0, 3.0][b], **one)
+        np.testing.assert_array_equal(got[b], np.asarray(want)[0])
+
+
+class PieceTokenizer:
+    """Token i decodes to PIECES[i]; encode knows only "a"."""
+
+    PIECES = ["a", " dog", "s", "。", "中", " ", "_x", "9", "", "-"]
+
+    def __len__(self):
+        return len(self.PIECES)
+
+    def encode(self, text):
+        return [self.PIECES.index(text)]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+def test_glue_ids_are_the_tokens_that_continue_a_word():
+    # "a" + piece: a letter, digit or "_" right after "a" continues it; a space, punctuation, nothing or a
+    # character of an unspaced script (中: a keyword there is a substring) does not.
+    assert glue_ids(PieceTokenizer()) == (0, 2, 6, 7)
+
+
+def test_hold_blocks_eos_while_keywords_are_missing_and_glue_after_one():
+    x = np.zeros((2, 10), np.float32)
+    kw = np.array([[[3], [5]], [[3], [5]]], np.int32)
+    eos, glue = np.zeros(10, bool), np.zeros(10, bool)
+    eos[9], glue[[6, 7]] = True, True
+    done = np.array([[True, False], [True, True]])  # row 0 still misses keyword [5]; row 1 has both
+    ended = np.array([True, False])
+    kw_args = dict(num_new=5, max_new=60, **BY_HAND, eos_mask_V=eos, ended_B=ended, glue_mask_V=glue)
+    got = np.asarray(jax.jit(apply_keyword_boost)(x, kw, np.zeros((2, 2), np.int32), done, 10.0, hold=1.0,
+                                                  **kw_args))
+    assert np.isneginf(got[0, [6, 7, 9]]).all()  # row 0: EOS (a keyword missing) and glue (one just ended)
+    assert np.isfinite(got[1]).all()  # row 1: nothing missing, nothing just ended
+    # hold 0 (or boost 0): nothing blocked.
+    for hold, boost in ((0.0, 10.0), (1.0, 0.0)):
+        got = np.asarray(jax.jit(apply_keyword_boost)(x, kw, np.zeros((2, 2), np.int32), done, boost, hold=hold,
+                                                      **kw_args))
+        assert np.isfinite(got).all()
+
+
+def test_keyword_guidance_settings():
+    assert keyword_guidance(None) == keyword_guidance(False) == {"window": np.inf, "ramp": 0.0, "lead": np.inf,
+                                                                 "hold": 0.0}
+    assert keyword_guidance(True) == WAIT
+    assert keyword_guidance({"window": 3}) == {**WAIT, "window": 3.0}
+    for bad, match in (({"windw": 1}, "keyword_wait must be true, false or a mapping"),
+                       ("yes", "keyword_wait must be true"), ({"ramp": float("inf")}, "ramp must be a number"),
+                       ({"lead": -1}, "lead must be a number >= 0"), ({"window": True}, "window must be")):
+        with pytest.raises(GPT2JaxError, match=match):
+            keyword_guidance(bad)
 
 
 def occurs(seq, kw):

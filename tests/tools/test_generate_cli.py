@@ -89,8 +89,13 @@ def test_keyword_boost(model_dir, capsys):
     out = capsys.readouterr().out
     tok = load_tokenizer(model_dir)
     want = expected_texts(model_dir, tok.format_prompt("foxes", "dog jax"), max_new_tokens=12, keyword_boost=100.0,
-                          keywords=[keyword_token_ids(tok, ["dog", "jax"])])
+                          keyword_wait=True, keywords=[keyword_token_ids(tok, ["dog", "jax"])])
     assert out == want[0] + "\n" and "dog" in out and "jax" in out
+    # --no-keyword-wait: every keyword boosted from the first token on.
+    cli.main(args + ["--no-keyword-wait"])
+    at_once = expected_texts(model_dir, tok.format_prompt("foxes", "dog jax"), max_new_tokens=12,
+                             keyword_boost=100.0, keywords=[keyword_token_ids(tok, ["dog", "jax"])])
+    assert capsys.readouterr().out == at_once[0] + "\n"
     cli.main(args[:-2])
     assert capsys.readouterr().out == expected_texts(model_dir, tok.format_prompt("foxes", "dog jax"),
                                                      max_new_tokens=12)[0] + "\n"

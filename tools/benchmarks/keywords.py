@@ -1,9 +1,15 @@
 """``tools/bench.py keywords --run RUN_DIR``: does a trained model use its keywords, and what guidance costs.
 
 Over every held-out row of the run (its own validation split, prompts as trained), one JSON line per
-sampling setting (the run's `sample` section, with the repetition penalty over the prompt or not, and
-keyword_boost 0 / 3 / 10): keyword coverage, swapped coverage, distinct-1/2, the repeated-4-gram share, and
-the model's own perplexity of what it wrote (teacher-forced, without guidance). Then one teacher-forced
+sampling setting (the run's `sample` section, with the repetition penalty over the prompt or not, unguided at
+its natural length and held to about the guided texts' length, keyword_boost 3 / 10 from the first token on,
+and 10 waiting for a natural place): keyword coverage, swapped coverage, distinct-1/2, the repeated-4-gram
+share, the keywords' placement (first position as a fraction of the text, the share first written in its
+first 10%, the longest run of keywords in a row, rows with a run of 3 or more) beside the same figures for the
+rows' own texts cut to each text's length (reference_*), and the model's own perplexity of what it wrote
+(sample.fluency: teacher-forced, without guidance), with guidance as a ratio to the unguided lines'. With
+--long, the same over the second corpus: held-out rows whose text holds at least LONG_TOKENS tokens, written
+with as many new tokens as the context leaves (about 100). Then one teacher-forced
 "copy" line: the mean log-probability of the text tokens that write a keyword, with the row's own keywords in
 the prompt against another row's (the row half the split away); their difference, in nats, is how much the
 model copies from its prompt, a continuous measure that moves before coverage does.
@@ -22,7 +28,8 @@ import time
 import numpy as np
 
 from gpt2_jax.data import batches as data
-from gpt2_jax.train.held_out import prompt_ids, sample_metrics, write_texts
+from gpt2_jax.train.held_out import sample_metrics, write_tokens
+from gpt2_jax.sample.fluency import perplexity
 from gpt2_jax.sample.keywords import mean_coverage
 from gpt2_jax.text import keyword_occurs, keyword_token_ids
 from gpt2_jax.checkpoints.pretrained import load_pretrained
@@ -30,8 +37,15 @@ from gpt2_jax.train.config import load_train_config
 from gpt2_jax.train.run_data import prepare_data
 
 LENGTHS = ("1", "2", "3+")  # keyword length classes, in tokens
-SETTINGS = ({"penalize_prompt": True}, {"penalize_prompt": False},
-            {"penalize_prompt": False, "keyword_boost": 3.0}, {"penalize_prompt": False, "keyword_boost": 10.0})
+SETTINGS = ({"penalize_prompt": True, "keyword_boost": 0.0}, {"penalize_prompt": False, "keyword_boost": 0.0},
+            {"penalize_prompt": False, "keyword_boost": 0.0, "same_length": True},
+            {"penalize_prompt": False, "keyword_boost": 3.0, "keyword_wait": False},
+            {"penalize_prompt": False, "keyword_boost": 10.0, "keyword_wait": False},
+            {"penalize_prompt": False, "keyword_boost": 10.0, "keyword_wait": True})
+# same_length: unguided, but no EOS before this share of the new tokens: guidance that holds EOS until its
+# keywords are written makes texts about as long, and a longer text is less likely under the model.
+SAME_LENGTH = 0.9
+LONG_TOKENS = 100  # the second corpus: held-out rows whose text has at least this many tokens
 
 
 def _log_probs(model, ids: list[int]) -> np.ndarray:
@@ -41,16 +55,6 @@ def _log_probs(model, ids: list[int]) -> np.ndarray:
     top = logits.max(-1, keepdims=True)
     lse = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
     return logits[np.arange(len(ids) - 1), a[0, 1:]] - lse[:-1]
-
-
-def _perplexity(model, tokenizer, written, max_length: int) -> float:
-    nll, count = 0.0, 0
-    for row, text in written:
-        prompt = prompt_ids(tokenizer, row, max_length)
-        ids = (prompt + tokenizer.encode(text) + [tokenizer.eos_id])[:model.config.n_positions]
-        nll -= float(_log_probs(model, ids)[len(prompt) - 1:].sum())
-        count += len(ids) - len(prompt)
-    return float(np.exp(nll / max(count, 1)))
 
 
 def _copy_probe(model, tokenizer, rows, max_length: int) -> dict:
@@ -101,20 +105,53 @@ def reference_line(tokenizer, rows, new_tokens: int) -> dict:
             "keywords_by_tokens": {k: round(classes.count(k) / max(len(classes), 1), 3) for k in LENGTHS}}
 
 
-def bench(run: str) -> None:
+def long_rows(rows, tokenizer, min_tokens: int) -> list:
+    """The rows whose text holds at least `min_tokens` tokens: the second corpus, of long texts."""
+    return [r for r in rows if len(tokenizer.encode(r.text)) >= min_tokens]
+
+
+def setting_line(model, tok, rows, cfg, setting: dict, new_tokens: int, unguided: dict) -> dict:
+    """One sampling setting over `rows`: keyword metrics with placement (and the rows' texts, cut to each
+    text's length, as reference), coverage by keyword length, and fluency (the model's perplexity of the texts,
+    without guidance; perplexity_ratio against unguided["natural"], perplexity_ratio_same_length against
+    unguided["same_length"], where present)."""
+    setting = dict(setting)
+    least = round(SAME_LENGTH * new_tokens) if setting.pop("same_length", False) else 0
+    run_cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **setting))
+    t0 = time.time()
+    out = write_tokens(model, tok, rows, run_cfg, warn=lambda _: None, max_new_tokens=new_tokens,
+                       min_new_tokens=least)
+    seconds = time.time() - t0
+    written = [(r, tok.decode(ids, skip_special_tokens=True)) for r, _, ids in out]
+    m = {k: round(v, 3) for k, v in sample_metrics(written).items()}
+    ppl = perplexity(model, [p for _, p, _ in out], [ids for _, _, ids in out])
+    line = {**m, "coverage_by_tokens": coverage_by_length(tok, written), "perplexity": round(ppl, 1),
+            "mean_new_tokens": round(float(np.mean([len(ids) for _, _, ids in out])), 1),
+            "seconds": round(seconds, 1)}
+    if setting.get("keyword_boost"):
+        for key, base in (("perplexity_ratio", "natural"), ("perplexity_ratio_same_length", "same_length")):
+            if unguided.get(base):
+                line[key] = round(ppl / unguided[base], 2)
+    return line
+
+
+def bench(run: str, long: bool = False, settings=SETTINGS) -> None:
     cfg = load_train_config(f"{run}/config.yaml")
     run_data = prepare_data(cfg, 0, 1)
     model, tok, rows = load_pretrained(run), run_data.tokenizer, list(run_data.val_rows)
-    for setting in SETTINGS:
-        run_cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **setting))
-        t0 = time.time()
-        written = write_texts(model, tok, rows, run_cfg, warn=lambda _: None)
-        m = {k: round(v, 3) for k, v in sample_metrics(written).items()}
-        print(json.dumps({"bench": "keywords", "run": run, "rows": len(written), **setting, **m,
-                          "coverage_by_tokens": coverage_by_length(tok, written),
-                          "perplexity": round(_perplexity(model, tok, written, cfg.data.max_length), 1),
-                          "seconds": round(time.time() - t0, 1)}), flush=True)
-    print(json.dumps({"bench": "keywords", "run": run, "what": "reference",
-                      **reference_line(tok, rows, cfg.sample.max_new_tokens)}), flush=True)
-    print(json.dumps({"bench": "keywords", "run": run, "what": "copy",
-                      **_copy_probe(model, tok, rows, cfg.data.max_length)}), flush=True)
+    new_tokens, corpus = cfg.sample.max_new_tokens, "held-out"
+    if long:  # texts of at least LONG_TOKENS tokens, written with what the context leaves (about 100 tokens)
+        rows, new_tokens, corpus = long_rows(rows, tok, LONG_TOKENS), model.config.n_positions, "held-out long"
+    unguided: dict[str, float] = {}
+    for setting in settings:
+        line = setting_line(model, tok, rows, cfg, setting, new_tokens, unguided)
+        if not setting.get("keyword_boost") and not setting.get("penalize_prompt", True):
+            unguided["same_length" if setting.get("same_length") else "natural"] = line["perplexity"]
+        print(json.dumps({"bench": "keywords", "run": run, "corpus": corpus, "rows": len(rows), **setting, **line}),
+              flush=True)
+    print(json.dumps({"bench": "keywords", "run": run, "corpus": corpus, "what": "reference",
+                      **reference_line(tok, rows, min(new_tokens, cfg.sample.max_new_tokens if not long
+                                                       else LONG_TOKENS))}), flush=True)
+    if not long:
+        print(json.dumps({"bench": "keywords", "run": run, "what": "copy",
+                          **_copy_probe(model, tok, rows, cfg.data.max_length)}), flush=True)
