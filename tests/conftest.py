@@ -142,3 +142,7 @@ def transformers5_python() -> str:
             with open(stamp, "w") as f:
                 f.write(wanted)
     return python
+
+
+# The server's tests' fixtures (tests/serve/, tests/tools/test_serve.py): here, so each is made once a session.
+from serve_fixtures import client, hf_greedy, hf_model, model_dir, server, tokenizer  # noqa: E402,F401

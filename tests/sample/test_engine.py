@@ -111,6 +111,26 @@ def test_keyword_guidance_equals_generate(model, eos, engine):
         assert got == want
 
 
+def test_keyword_wait_equals_generate(model, eos):
+    """Guidance that waits (window, pace, hold, no glue after a keyword) gives generate's tokens in the engine,
+    greedy and seeded, beside a request without it."""
+    glue = tuple(range(20, 60))
+    engine = Engine(model, slots=3, eos_ids=[eos], pad_id=0, glue_ids=glue)
+    prompts = prompts_of([6, 11, 3], seed=5)
+    keywords = [((10, 11), (40,), (70,)), ((7,),), ((3, 4, 5), (90, 91), (200,))]
+    waits = [True, {"window": 3.0, "ramp": 4.0}, None]
+    kwargs = [dict(), dict(do_sample=True, seed=7, top_k=20), dict()]
+    want = [new_tokens(generate(model, [list(p)], max_new_tokens=16, eos_token_id=eos, pad_token_id=0,
+                                keywords=[[list(k) for k in kw]], keyword_boost=5.0, keyword_wait=w,
+                                glue_ids=glue, **kw_args)[:, len(p):], eos)[0]
+            for p, kw, w, kw_args in zip(prompts, keywords, waits, kwargs)]
+    got = run_all(engine, [Request(p, 16, keywords=kw, keyword_boost=5.0, keyword_wait=w, **kw_args)
+                           for p, kw, w, kw_args in zip(prompts, keywords, waits, kwargs)])
+    assert got == want
+    plain = run_all(engine, [Request(p, 16, keywords=kw, keyword_boost=5.0) for p, kw in zip(prompts, keywords)])
+    assert plain[0] != got[0]  # the wait changes what is written
+
+
 @pytest.mark.slow
 def test_new_mix_of_requests_does_not_recompile(model, eos, engine):
     """Settings, seeds, keywords, lengths within a bucket: the compiled programs stay as they are."""

@@ -17,8 +17,7 @@ import pytest
 from gpt2_jax.runtime import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "serve"))
-from serve_fixtures import free_port, save_tiny_model  # noqa: E402  (the server tests' tiny model)
+from serve_fixtures import free_port, save_tiny_model  # the server tests' tiny model
 
 spec = importlib.util.spec_from_file_location("serve_cli", ROOT / "tools" / "serve.py")
 cli = importlib.util.module_from_spec(spec)

@@ -1,16 +1,19 @@
-"""Helpers of the server's tests, shared with tests/tools/test_serve.py: a tiny random GPT-2 with a byte-level BPE
+"""The server's tests' helpers and fixtures (tests/conftest.py imports the fixtures, so each is made once a session): a tiny random GPT-2 with a byte-level BPE
 tokenizer ([BOS] [SEP] [EOS] [PAD]) saved as a Hugging Face directory; a real uvicorn server in a thread on a free
 127.0.0.1 port."""
 import socket
 import threading
 import time
 
+import openai
+import pytest
 import torch
 import transformers
 import uvicorn
 
 from gpt2_jax.serve.app import create_app
-from gpt2_jax.tokenizer import train_bpe
+from gpt2_jax.serve.server import load_service
+from gpt2_jax.tokenizer import load_tokenizer, train_bpe
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "a title about foxes and dogs", "keywords make prompts",
           "sampling from a language model", "jax compiles one loop", "ünïcödé wörds and 漢字 too"] * 20
@@ -59,3 +62,48 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(60)
         assert not self.thread.is_alive()
+
+
+# --- fixtures: a real uvicorn server over the real engine and a tiny model; the model in transformers, the reference
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("serve") / "model")
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    """The same model in transformers: the reference for texts and log-probabilities."""
+    return transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(hf_model, tokenizer):
+    """transformers' greedy continuation of token ids, cut before EOS: (tokens, ended by EOS)."""
+
+    def run(ids, max_new_tokens: int) -> tuple[list[int], bool]:
+        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_id,
+                                pad_token_id=tokenizer.pad_id)[0, len(ids):].tolist()
+        eos = tokenizer.eos_id in out
+        return (out[:out.index(tokenizer.eos_id)] if eos else out), eos
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    """The official OpenAI client pointed at the server."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def server(model_dir):
+    """A server of 4 slots and a queue of 64 over the tiny model, shared by the tests (one compile)."""
+    with ServerThread(load_service(model_dir, name="tiny", slots=4, max_queue=64)) as s:
+        yield s
