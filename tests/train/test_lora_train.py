@@ -23,7 +23,7 @@ def lora_single():
 
 @pytest.mark.parametrize("extra, base_trainable", [
     ([], set()),
-    (["freeze.trainable=head"], {"transformer/wte/embedding"}),
+    pytest.param(["freeze.trainable=head"], {"transformer/wte/embedding"}, marks=pytest.mark.slow),
 ])
 def test_only_adapters_train_and_the_base_stays_bit_identical(extra, base_trainable):
     _, start, end, state = run([*LORA, *extra])
